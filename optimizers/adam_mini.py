@@ -1,0 +1,420 @@
+"""Adam-mini that stays exact when DeepSpeed (ZeRO 0-3, bf16, CPU offload) shards the parameters.
+
+Like the official package, each trainable parameter is its own param group (carrying its
+`name`). DeepSpeed then presents the optimizer, per group, either the parameter itself or
+one flat 1-D fp32 tensor: the whole parameter (fp16 ZeRO-0), or this rank's slice
+`[rank * L, (rank + 1) * L)` of the flattened, end-padded parameter (ZeRO-1/2 and bf16
+partition each group evenly; ZeRO-3 partitions each parameter). The presented length L
+tells which: L equal to the parameter's numel is the whole of it. So the optimizer needs
+no call beyond `deepspeed.initialize(model=..., optimizer=Adam_mini(...))`.
+
+A block cut by a shard boundary has its sum of squared gradients added up across the
+data-parallel ranks (one all-reduce per `step()` call, over those blocks only), so every
+rank holding part of it computes the same `v`. Padding never enters a block.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import kernels
+from .partition import BlockLayout, Geometry, PartitionReport, geometry_from_model, partition
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "reference")
+
+
+@dataclass
+class _Work:
+    """One presented tensor's share of a step: which elements of which parameter it holds."""
+
+    layout: BlockLayout
+    param: torch.Tensor          # flat view of the presented tensor's valid elements
+    grad: torch.Tensor           # flat, same length
+    state: dict
+    group: dict
+    start: int                   # first element of the parameter held here
+    straddle_blocks: list        # global block ids cut by a shard boundary (same on every rank)
+    process_group: object = None
+    first_sq: float = math.nan   # cross-rank sum of squares of the first / last block, if cut
+    last_sq: float = math.nan
+
+    @property
+    def block_offset(self) -> int:
+        return self.start % self.layout.block_numel
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return self.layout.blocks_touched(self.start, self.start + self.param.numel())
+
+
+def shard_bounds(numel: int, world_size: int, rank: int, zero_stage: int) -> tuple[int, int]:
+    """Elements [start, end) of a parameter that DeepSpeed gives `rank` (one parameter per group).
+
+    ZeRO-1/2 (and the bf16 optimizer) pad the group to a multiple of 2 * world_size and split
+    it evenly; ZeRO-3 pads each parameter to a multiple of world_size. Stage 0 does not shard.
+    """
+    if zero_stage == 0 or world_size == 1:
+        return 0, numel
+    alignment = 2 * world_size if zero_stage in (1, 2) else world_size
+    slice_numel = -(-numel // alignment) * alignment // world_size
+    start = min(rank * slice_numel, numel)
+    return start, min(start + slice_numel, numel)
+
+
+def _straddle_blocks(layout: BlockLayout, slice_numel: int, world_size: int) -> list:
+    """Blocks of `layout` cut by a boundary between consecutive ranks' slices."""
+    blocks = set()
+    for k in range(1, world_size):
+        boundary = k * slice_numel
+        if boundary < layout.numel and boundary % layout.block_numel:
+            blocks.add(boundary // layout.block_numel)
+    return sorted(blocks)
+
+
+class Adam_mini(torch.optim.Optimizer):
+    """Adam with one second-moment value per Hessian block (arXiv 2406.16793).
+
+    Drop-in for the official `adam_mini.Adam_mini` constructor. `dim`, `n_heads`,
+    `n_kv_heads` and `head_dim` describe the attention geometry (see `from_model` to read
+    them off a Hugging Face model); they may be left out for models without attention.
+
+    Args:
+        named_parameters: `model.named_parameters()`; frozen parameters are left out and
+            tied weights count once.
+        lr, betas, eps, weight_decay: as in `torch.optim.AdamW` (decoupled weight decay,
+            never applied to norms and biases).
+        process_group: the data-parallel group DeepSpeed shards over, when it is not the
+            world group. ZeRO-3 parameters carry their own (`ds_process_group`).
+        implementation: "fused" (C kernel, CPU fp32/fp64), "foreach" (vectorised torch,
+            any device), "reference" (plain single-tensor math), or "auto": fused where it
+            applies, else foreach.
+        model_sharding, verbose: accepted for compatibility with the official constructor.
+
+    Raises:
+        ValueError: an invalid hyperparameter or geometry, naming the argument and value.
+    """
+
+    def __init__(self, named_parameters: Iterable, lr=1e-3, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, dim: Optional[int] = None,
+                 n_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, process_group=None, implementation: str = "auto",
+                 model_sharding: Optional[bool] = None, verbose: bool = False):
+        lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
+        if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value or math.isnan(lr_value):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas}; expected two values")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"Invalid implementation: {implementation!r}; use one of {IMPLEMENTATIONS}")
+        self.geometry = Geometry.create(dim, n_heads, n_kv_heads, head_dim)
+        self.process_group = process_group
+        self.implementation = implementation
+
+        named = list(named_parameters)
+        if named and not (isinstance(named[0], tuple) and len(named[0]) == 2):
+            raise ValueError("Adam_mini needs named parameters: pass model.named_parameters(), "
+                             f"got an iterable of {type(named[0]).__name__}")
+        layouts_and_params = partition(named, self.geometry)
+        if not layouts_and_params:
+            raise ValueError("Adam_mini got no trainable parameters")
+        self._layouts = {layout.name: layout for layout, _ in layouts_and_params}
+        self._original_params = {layout.name: param for layout, param in layouts_and_params}
+        self.partition_report = PartitionReport([layout for layout, _ in layouts_and_params])
+        if self.partition_report.fallbacks:
+            warnings.warn("Adam-mini: no partition rule matched these parameters, each gets one block "
+                          f"for the whole tensor: {', '.join(self.partition_report.fallbacks)}", stacklevel=2)
+        if verbose:
+            logger.info("Adam-mini partition:\n%s", self.partition_report)
+
+        groups = [{"params": [param], "name": layout.name, "rule": layout.rule,
+                   "block_numel": layout.block_numel,
+                   "weight_decay": weight_decay if layout.weight_decay else 0.0}
+                  for layout, param in layouts_and_params]
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                   **kwargs) -> "Adam_mini":
+        """Builds the optimizer with the geometry read from `model.config` (see `geometry_from_model`)."""
+        geometry = geometry_from_model(model)
+        geometry.update(kwargs)
+        return cls(model.named_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **geometry)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("betas", (0.9, 0.999))
+            group.setdefault("eps", 1e-8)
+        self.__dict__.setdefault("implementation", "auto")
+        self.__dict__.setdefault("process_group", None)
+
+    # ---- where a presented tensor sits in its parameter -------------------------------------
+
+    def _locate(self, group: dict, tensor: torch.Tensor) -> _Work:
+        """Works out which elements of which parameter `tensor` holds, and its state.
+
+        Raises:
+            RuntimeError: the presented slice does not fit the data-parallel world size, or
+                the saved state was made for a different slice (another world size).
+        """
+        layout = self._layouts[group["name"]]
+        original = self._original_params[group["name"]]
+        numel = layout.numel
+        if tensor is original or tensor.numel() == numel:
+            start, slice_numel, world_size, process_group = 0, numel, 1, None
+        else:
+            process_group = getattr(original, "ds_process_group", None) or self.process_group
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(f"Adam-mini: parameter {layout.name!r} ({numel} elements) was presented as a "
+                                   f"shard of {tensor.numel()} elements, but torch.distributed is not initialized")
+            world_size = dist.get_world_size(process_group)
+            rank = dist.get_rank(process_group)
+            slice_numel = tensor.numel()
+            if slice_numel * world_size < numel or slice_numel > -(-numel // world_size) + 2:
+                raise RuntimeError(
+                    f"Adam-mini: parameter {layout.name!r} ({numel} elements) was presented as a shard of "
+                    f"{slice_numel} elements, which does not split it over {world_size} ranks; pass the "
+                    "data-parallel group DeepSpeed shards over as process_group=")
+            start = min(rank * slice_numel, numel)
+        valid = min(slice_numel, numel - start)
+        grad = tensor.grad
+        flat_param = tensor.view(-1)[:valid]
+        flat_grad = grad.reshape(-1)[:valid]
+        state = self.state[tensor]
+        first_block, last_block = layout.blocks_touched(start, start + valid)
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(tensor) if valid == tensor.numel() and start == 0 \
+                else torch.zeros(valid, dtype=tensor.dtype, device=tensor.device)
+            state["block_sq_avg"] = torch.zeros(last_block - first_block, dtype=tensor.dtype, device=tensor.device)
+            state["shard_start"] = start
+        elif (state.get("shard_start", 0) != start or state["exp_avg"].numel() != valid
+              or state["block_sq_avg"].numel() != last_block - first_block):
+            raise RuntimeError(
+                f"Adam-mini: saved state of {layout.name!r} covers elements from {state.get('shard_start', 0)} "
+                f"({state['exp_avg'].numel()} elements, {state['block_sq_avg'].numel()} blocks) but this rank now "
+                f"holds {valid} elements from {start}: the checkpoint was written at another data-parallel world "
+                "size. Resume with the world size it was saved at, or start the optimizer afresh.")
+        straddles = _straddle_blocks(layout, slice_numel, world_size) if world_size > 1 else []
+        return _Work(layout, flat_param, flat_grad, state, group, start, straddles, process_group)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [self._locate(group, tensor) for group in self.param_groups
+                for tensor in group["params"] if tensor.grad is not None]
+        self._reduce_straddling_blocks(work)
+        for item in work:
+            item.state["step"] += 1
+        use_reference = self.implementation == "reference"
+        fused = [w for w in work if self._use_fused(w)] if not use_reference else []
+        fused_ids = {id(w) for w in fused}
+        rest = [w for w in work if id(w) not in fused_ids]
+        for item in fused:
+            self._fused_update(item)
+        if use_reference:
+            for item in rest:
+                self._reference_update(item)
+        elif rest:
+            self._foreach_update(rest)
+        return loss
+
+    def _use_fused(self, item: _Work) -> bool:
+        if self.implementation not in ("auto", "fused") or not kernels.supports(item.param):
+            return False
+        if item.grad.dtype != item.param.dtype or not (item.param.is_contiguous() and item.grad.is_contiguous()):
+            return False
+        available = kernels.load() is not None
+        if not available and self.implementation == "fused":
+            raise RuntimeError("Adam-mini: implementation='fused' but the CPU kernel could not be built")
+        return available
+
+    def _reduce_straddling_blocks(self, work: list) -> None:
+        """Sums, across ranks, the squared gradients of blocks cut by a shard boundary.
+
+        Every rank lists the same cut blocks in the same order, puts in its own partial sums
+        (zero for blocks it does not hold) and joins one all-reduce per process group.
+        """
+        by_group = {}
+        for item in work:
+            if item.straddle_blocks:
+                by_group.setdefault(id(item.process_group), (item.process_group, []))[1].append(item)
+        for process_group, items in by_group.values():
+            sizes = [len(item.straddle_blocks) for item in items]
+            device = items[0].param.device
+            backend = dist.get_backend(process_group)
+            if "nccl" in str(backend) and device.type == "cpu":  # ZeRO-Offload: NCCL takes GPU tensors only
+                device = torch.device("cuda", torch.cuda.current_device())
+            partial = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+            offset = 0
+            for item, size in zip(items, sizes):
+                for block, sq in self._edge_block_sums(item):
+                    if block in item.straddle_blocks:
+                        partial[offset + item.straddle_blocks.index(block)] = sq
+                offset += size
+            dist.all_reduce(partial, group=process_group)
+            totals = partial.tolist()
+            offset = 0
+            for item, size in zip(items, sizes):
+                first_block, last_block = item.blocks
+                for index, block in enumerate(item.straddle_blocks):
+                    if block == first_block:
+                        item.first_sq = totals[offset + index]
+                    if block == last_block - 1:
+                        item.last_sq = totals[offset + index]
+                offset += size
+
+    @staticmethod
+    def _edge_block_sums(item: _Work) -> list:
+        """Local sums of squares of the first and last block touched (their held parts only)."""
+        first_block, last_block = item.blocks
+        if last_block == first_block:
+            return []
+        block_numel = item.layout.block_numel
+        grad = item.grad.double()
+        head = min(grad.numel(), block_numel - item.block_offset)
+        sums = [(first_block, float(grad[:head].square().sum()))]
+        if last_block - 1 > first_block:
+            tail = (item.start + grad.numel()) - (last_block - 1) * block_numel
+            sums.append((last_block - 1, float(grad[grad.numel() - tail:].square().sum())))
+        return sums
+
+    @staticmethod
+    def _hyper(item: _Work) -> dict:
+        group, step = item.group, item.state["step"]
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], lr=lr, weight_decay=group["weight_decay"],
+                    bias_correction1=1 - beta1 ** step, bias_correction2_sqrt=math.sqrt(1 - beta2 ** step))
+
+    def _fused_update(self, item: _Work) -> None:
+        kernels.fused_update(item.param, item.grad, item.state["exp_avg"], item.state["block_sq_avg"],
+                             item.block_offset, item.layout.block_numel, item.first_sq, item.last_sq,
+                             **self._hyper(item))
+
+    def _reference_update(self, item: _Work) -> None:
+        """Plain single-tensor Adam-mini: every block padded out to full size, no shortcuts."""
+        h = self._hyper(item)
+        block_numel, offset = item.layout.block_numel, item.block_offset
+        exp_avg, block_sq_avg = item.state["exp_avg"].view(-1), item.state["block_sq_avg"]
+        n, num_blocks = item.grad.numel(), block_sq_avg.numel()
+        padded = item.grad.new_zeros(num_blocks * block_numel)
+        padded[offset:offset + n] = item.grad * item.grad
+        block_sq = padded.view(num_blocks, block_numel).sum(dim=1)
+        if not math.isnan(item.first_sq):
+            block_sq[0] = item.first_sq
+        if not math.isnan(item.last_sq):
+            block_sq[-1] = item.last_sq
+        block_sq_avg.mul_(h["beta2"]).add_(block_sq / block_numel, alpha=1 - h["beta2"])
+        exp_avg.lerp_(item.grad, 1 - h["beta1"])
+        denom = (block_sq_avg.sqrt() / h["bias_correction2_sqrt"]).add_(h["eps"])
+        item.param.mul_(1 - h["lr"] * h["weight_decay"])
+        item.param.addcdiv_(exp_avg, denom.repeat_interleave(block_numel)[offset:offset + n],
+                            value=-h["lr"] / h["bias_correction1"])
+
+    def _foreach_update(self, items: list) -> None:
+        """Vectorised update: foreach over tensors for m and decay, block views for the rest."""
+        exp_avgs = [item.state["exp_avg"].view(-1) for item in items]
+        grads = [item.grad for item in items]
+        by_beta1 = {}
+        for index, item in enumerate(items):
+            by_beta1.setdefault(item.group["betas"][0], []).append(index)
+        for beta1, indices in by_beta1.items():
+            torch._foreach_lerp_([exp_avgs[i] for i in indices], [grads[i] for i in indices], 1 - beta1)
+        for item, exp_avg in zip(items, exp_avgs):
+            h = self._hyper(item)
+            block_sq = self._block_sums(item)
+            block_sq_avg = item.state["block_sq_avg"]
+            block_sq_avg.mul_(h["beta2"]).add_(block_sq.div_(item.layout.block_numel), alpha=1 - h["beta2"])
+            scale = (block_sq_avg.sqrt() / h["bias_correction2_sqrt"]).add_(h["eps"]).reciprocal_()
+            scale.mul_(-h["lr"] / h["bias_correction1"])
+            if h["weight_decay"]:
+                item.param.mul_(1 - h["lr"] * h["weight_decay"])
+            for segment, (lo, hi), (first, last) in self._segments(item):
+                p, m = item.param[lo:hi], exp_avg[lo:hi]
+                if segment == "body":
+                    p.view(last - first, -1).addcmul_(m.view(last - first, -1), scale[first:last].unsqueeze(1))
+                else:
+                    p.add_(m * scale[first])
+
+    @staticmethod
+    def _segments(item: _Work):
+        """Splits the held elements into a cut first block, whole blocks, and a cut last block.
+
+        Yields (kind, element range, local block range).
+        """
+        block_numel, n = item.layout.block_numel, item.grad.numel()
+        head = min(n, (block_numel - item.block_offset) % block_numel)
+        whole = (n - head) // block_numel
+        block = 0
+        if head:
+            yield "edge", (0, head), (0, 1)
+            block = 1
+        if whole:
+            yield "body", (head, head + whole * block_numel), (block, block + whole)
+            block += whole
+        if head + whole * block_numel < n:
+            yield "edge", (head + whole * block_numel, n), (block, block + 1)
+
+    def _block_sums(self, item: _Work) -> torch.Tensor:
+        block_sq = item.grad.new_zeros(item.state["block_sq_avg"].numel())
+        for segment, (lo, hi), (first, last) in self._segments(item):
+            if segment == "body":
+                rows = item.grad[lo:hi].view(last - first, -1)
+                block_sq[first:last] = torch.linalg.vector_norm(rows, dim=1).square_()
+            else:
+                block_sq[first] = item.grad[lo:hi].square().sum()
+        if not math.isnan(item.first_sq):
+            block_sq[0] = item.first_sq
+        if not math.isnan(item.last_sq):
+            block_sq[-1] = item.last_sq
+        return block_sq
+
+    # ---- memory accounting -----------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds now."""
+        return sum(value.numel() * value.element_size() for state in self.state.values()
+                   for value in state.values() if isinstance(value, torch.Tensor))
+
+    def planned_state_numel(self, world_size: int = 1, rank: int = 0, zero_stage: int = 0) -> tuple[int, int]:
+        """(m elements, v elements) `rank` will hold under ZeRO `zero_stage` at `world_size`.
+
+        Uses the same slice arithmetic and `BlockLayout.state_numel` that size the real state.
+        """
+        m_total = v_total = 0
+        for layout in self._layouts.values():
+            start, end = shard_bounds(layout.numel, world_size, rank, zero_stage)
+            m_numel, v_numel = layout.state_numel(start, end)
+            m_total += m_numel
+            v_total += v_numel
+        return m_total, v_total
+
+    def planned_state_bytes(self, world_size: int = 1, rank: int = 0, zero_stage: int = 0,
+                            bytes_per_element: int = 4) -> int:
+        """Bytes of state `rank` will hold (fp32 master state by default)."""
+        return sum(self.planned_state_numel(world_size, rank, zero_stage)) * bytes_per_element
+
+
+__all__ = ["Adam_mini", "shard_bounds", "geometry_from_model"]
