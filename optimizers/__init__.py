@@ -4,8 +4,8 @@
     optimizer = Adam_mini.from_model(model, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 """
-from .adam_mini import Adam_mini, shard_bounds
+from .adam_mini import Adam_mini, ShardMismatchError, shard_bounds
 from .partition import BlockLayout, Geometry, PartitionReport, classify, geometry_from_model
 
-__all__ = ["Adam_mini", "BlockLayout", "Geometry", "PartitionReport", "classify", "geometry_from_model",
+__all__ = ["Adam_mini", "ShardMismatchError", "BlockLayout", "Geometry", "PartitionReport", "classify", "geometry_from_model",
            "shard_bounds"]

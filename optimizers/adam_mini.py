@@ -43,6 +43,7 @@ class _Work:
     start: int                   # first element of the parameter held here
     straddle_blocks: list        # global block ids cut by a shard boundary (same on every rank)
     process_group: object = None
+    sharded: bool = False        # a slice of the parameter, not all of it
     first_sq: float = math.nan   # cross-rank sum of squares of the first / last block, if cut
     last_sq: float = math.nan
 
@@ -77,6 +78,14 @@ def _straddle_blocks(layout: BlockLayout, slice_numel: int, world_size: int) -> 
         if boundary < layout.numel and boundary % layout.block_numel:
             blocks.add(boundary // layout.block_numel)
     return sorted(blocks)
+
+
+class ShardMismatchError(RuntimeError):
+    """Optimizer state was saved for a different slice of a parameter (another world size)."""
+
+    def __init__(self, message: str, sharded: bool = True):
+        super().__init__(message)
+        self.sharded = sharded
 
 
 class Adam_mini(torch.optim.Optimizer):
@@ -147,6 +156,7 @@ class Adam_mini(torch.optim.Optimizer):
                   for layout, param in layouts_and_params]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
+        self._verified_groups = set()
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -163,6 +173,11 @@ class Adam_mini(torch.optim.Optimizer):
             group.setdefault("eps", 1e-8)
         self.__dict__.setdefault("implementation", "auto")
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_verified_groups", set())
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._verified_groups = set()  # loaded state must be checked against this rank's slices
 
     # ---- where a presented tensor sits in its parameter -------------------------------------
 
@@ -170,8 +185,8 @@ class Adam_mini(torch.optim.Optimizer):
         """Works out which elements of which parameter `tensor` holds, and its state.
 
         Raises:
-            RuntimeError: the presented slice does not fit the data-parallel world size, or
-                the saved state was made for a different slice (another world size).
+            RuntimeError: the presented slice does not fit the data-parallel world size.
+            ShardMismatchError: the saved state was made for a different slice (another world size).
         """
         layout = self._layouts[group["name"]]
         original = self._original_params[group["name"]]
@@ -206,13 +221,15 @@ class Adam_mini(torch.optim.Optimizer):
             state["shard_start"] = start
         elif (state.get("shard_start", 0) != start or state["exp_avg"].numel() != valid
               or state["block_sq_avg"].numel() != last_block - first_block):
-            raise RuntimeError(
+            raise ShardMismatchError(
                 f"Adam-mini: saved state of {layout.name!r} covers elements from {state.get('shard_start', 0)} "
                 f"({state['exp_avg'].numel()} elements, {state['block_sq_avg'].numel()} blocks) but this rank now "
                 f"holds {valid} elements from {start}: the checkpoint was written at another data-parallel world "
-                "size. Resume with the world size it was saved at, or start the optimizer afresh.")
+                "size. Resume with the world size it was saved at, or start the optimizer afresh.",
+                sharded=world_size > 1)
         straddles = _straddle_blocks(layout, slice_numel, world_size) if world_size > 1 else []
-        return _Work(layout, flat_param, flat_grad, state, group, start, straddles, process_group)
+        return _Work(layout, flat_param, flat_grad, state, group, start, straddles, process_group,
+                     sharded=world_size > 1)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -222,8 +239,17 @@ class Adam_mini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._locate(group, tensor) for group in self.param_groups
-                for tensor in group["params"] if tensor.grad is not None]
+        work, mismatch, names = [], None, set()
+        for group in self.param_groups:
+            for tensor in group["params"]:
+                if tensor.grad is None:
+                    continue
+                names.add(group["name"])
+                try:
+                    work.append(self._locate(group, tensor))
+                except ShardMismatchError as error:
+                    mismatch = mismatch or error
+        self._agree_on_state(work, mismatch, names)
         self._reduce_straddling_blocks(work)
         for item in work:
             item.state["step"] += 1
@@ -239,6 +265,27 @@ class Adam_mini(torch.optim.Optimizer):
         elif rest:
             self._foreach_update(rest)
         return loss
+
+    def _agree_on_state(self, work: list, mismatch: Optional[ShardMismatchError], names: set) -> None:
+        """Raises on every rank if any rank holds state for another slice, before anything changes.
+
+        Checked on the first step of each group after construction or loading, so that a rank
+        whose own state happens to fit never waits alone in the block all-reduce.
+        """
+        unverified = names - self._verified_groups
+        sharded = any(item.sharded for item in work) or (mismatch is not None and mismatch.sharded)
+        if unverified and sharded and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1.0 if mismatch else 0.0], device=work[0].param.device if work else "cpu")
+            if "nccl" in str(dist.get_backend(self.process_group)) and flag.device.type == "cpu":
+                flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+            if flag.item() and mismatch is None:
+                mismatch = ShardMismatchError(
+                    "Adam-mini: another rank holds optimizer state saved at another data-parallel world size; "
+                    "resume with the world size the checkpoint was saved at, or start the optimizer afresh.")
+        if mismatch is not None:
+            raise mismatch
+        self._verified_groups |= unverified
 
     def _use_fused(self, item: _Work) -> bool:
         if self.implementation not in ("auto", "fused") or not kernels.supports(item.param):
@@ -417,4 +464,4 @@ class Adam_mini(torch.optim.Optimizer):
         return sum(self.planned_state_numel(world_size, rank, zero_stage)) * bytes_per_element
 
 
-__all__ = ["Adam_mini", "shard_bounds", "geometry_from_model"]
+__all__ = ["Adam_mini", "ShardMismatchError", "shard_bounds", "geometry_from_model"]

@@ -1,0 +1,40 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def launch_ranks(world_size: int, args: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Starts `world_size` real DeepSpeed ranks on CPU with the deepspeed launcher."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
+               "--master_port", str(free_port()), *map(str, args)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-6000:]
+        pytest.fail(f"{world_size}-rank launch failed (exit {result.returncode}):\n{tail}")
+    return result
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

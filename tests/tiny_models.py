@@ -1,0 +1,31 @@
+"""Tiny models built in code for the tests; nothing is downloaded."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def straddling_llama_config(**overrides) -> LlamaConfig:
+    """Hidden 96, 3 heads, 1 KV head, vocab 203: heads, rows and embedding rows all straddle
+    ZeRO shard boundaries at 2 and 3 ranks; MLP biases cover the per-element rule (not attention biases:
+    a key bias has zero true gradient, so per-element Adam would normalise rounding noise)."""
+    values = dict(vocab_size=203, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
+                  attention_bias=False, mlp_bias=True, tie_word_embeddings=False)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(straddling_llama_config(**overrides)).to(dtype)
+    # Random (not zero) biases so the bias path sees real values from the first step.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return model
+
+
+def token_batches(steps: int, world_size: int, micro_batch: int, seq_len: int = 12, vocab: int = 203, seed: int = 1):
+    """Per step, one (world_size * micro_batch, seq_len) batch; rank r takes rows r*mb:(r+1)*mb."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (world_size * micro_batch, seq_len), generator=generator) for _ in range(steps)]
