@@ -338,13 +338,12 @@ class Adam_mini(torch.optim.Optimizer):
         first_block, last_block = item.blocks
         if last_block == first_block:
             return []
-        block_numel = item.layout.block_numel
-        grad = item.grad.double()
+        block_numel, grad = item.layout.block_numel, item.grad
         head = min(grad.numel(), block_numel - item.block_offset)
-        sums = [(first_block, float(grad[:head].square().sum()))]
+        sums = [(first_block, float(grad[:head].double().square().sum()))]
         if last_block - 1 > first_block:
             tail = (item.start + grad.numel()) - (last_block - 1) * block_numel
-            sums.append((last_block - 1, float(grad[grad.numel() - tail:].square().sum())))
+            sums.append((last_block - 1, float(grad[grad.numel() - tail:].double().square().sum())))
         return sums
 
     @staticmethod
