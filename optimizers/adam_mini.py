@@ -253,16 +253,17 @@ class Adam_mini(torch.optim.Optimizer):
         self._reduce_straddling_blocks(work)
         for item in work:
             item.state["step"] += 1
-        use_reference = self.implementation == "reference"
-        fused = [w for w in work if self._use_fused(w)] if not use_reference else []
-        fused_ids = {id(w) for w in fused}
-        rest = [w for w in work if id(w) not in fused_ids]
-        for item in fused:
-            self._fused_update(item)
-        if use_reference:
-            for item in rest:
+        if self.implementation == "reference":
+            for item in work:
                 self._reference_update(item)
-        elif rest:
+            return loss
+        rest = []
+        for item in work:
+            if self._use_fused(item):
+                self._fused_update(item)
+            else:
+                rest.append(item)
+        if rest:
             self._foreach_update(rest)
         return loss
 
