@@ -29,3 +29,32 @@ def token_batches(steps: int, world_size: int, micro_batch: int, seq_len: int = 
     """Per step, one (world_size * micro_batch, seq_len) batch; rank r takes rows r*mb:(r+1)*mb."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (world_size * micro_batch, seq_len), generator=generator) for _ in range(steps)]
+
+
+TINY_WORDS = ("the cat sat on a mat dog ran to park red blue green big small one two three four five "
+              "yes no good bad human assistant answer question what is").split()
+
+
+def tiny_tokenizer(pad: bool = True):
+    """A word-level fast tokenizer over TINY_WORDS plus <pad>/<unk>/<bos>/<eos>, built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"] if pad else ["<unk>", "<bos>", "<eos>"]
+    vocab = {token: index for index, token in enumerate(specials + list(TINY_WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = dict(unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    if pad:
+        kwargs["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def save_tiny_model_dir(directory, seed: int = 0, **overrides):
+    """A tiny Llama and its tokenizer saved as a local Hugging Face directory."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

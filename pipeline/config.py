@@ -1,0 +1,338 @@
+"""Typed run configuration: YAML, then `key.sub=value` overrides, validated before any heavy work.
+
+Each concern is one dataclass section (model, data, optim, engine, training, logging,
+checkpoint), defined here once; a stage nests them in its own config class and may add
+a section of its own. Every problem is reported at once, each naming the field, the
+value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; `problems` lists each as its own sentence."""
+
+    def __init__(self, problems: list, source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA through peft; `enabled: false` trains every parameter."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Only modules whose names contain this (e.g. "model.layers.") are adapted; empty: all.
+    layers_pattern: str = ""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A local Hugging Face directory, or None with `config` set to build a fresh model.
+    path: Optional[str] = None
+    # A model config as a dict (`model_type` plus its fields), for tiny models and dry runs.
+    config: Optional[dict] = None
+    tokenizer_path: Optional[str] = None  # defaults to `path`
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: Optional[str] = None        # a JSON / JSONL / Parquet file, a directory of them, or a dataset name
+    eval_path: Optional[str] = None   # held-out file; without it `eval_fraction` of `path` is split off
+    eval_fraction: float = 0.05
+    format: str = "sft"               # sft | pairwise | prompt | chat
+    max_length: int = 512             # prompt + response tokens
+    max_prompt_length: int = 256
+    truncation: str = "skip"          # over-long rows: skip | truncate (prompt cut on the left, response on the right)
+    strict: bool = False              # bad rows raise (with the row number) instead of being skipped
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = "adam_mini"           # adam_mini | adamw
+    lr: float = 1e-5
+    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"         # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0         # cosine and linear decay to lr * min_lr_ratio
+    gradient_clipping: float = 1.0    # always passed to DeepSpeed explicitly; 0 disables
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"           # fp32 | bf16 | fp16
+    offload_optimizer: bool = False   # ZeRO 1-3: optimizer state and step on the CPU
+    offload_param: bool = False       # ZeRO-3 only
+    micro_batch_size: int = 1         # per rank
+    gradient_accumulation_steps: int = 1
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None   # optimizer steps; stops before `epochs` if reached
+    eval_every_steps: Optional[int] = None
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    resume: bool = False              # continue from the newest complete checkpoint in output_dir
+    keep_last: int = 2
+    overwrite: bool = False           # allow starting afresh in an output_dir that holds a run
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The sections every stage has; stages subclass it and add their own."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def problems(self) -> list:
+        """Every inconsistency in the config, each naming the field, the value and the fix."""
+        return common_problems(self)
+
+
+CHOICES = {
+    "data.format": ("sft", "pairwise", "prompt", "chat"),
+    "data.truncation": ("skip", "truncate"),
+    "optim.name": ("adam_mini", "adamw"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+}
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def common_problems(config: RunConfig) -> list:
+    problems = []
+    for field, choices in CHOICES.items():
+        value = _get(config, field)
+        if value not in choices:
+            problems.append(f"`{field}` is {value!r}; use one of {', '.join(choices)}")
+    engine, optim, data = config.engine, config.optim, config.data
+    if engine.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"`engine.zero_stage` is {engine.zero_stage}; use 0, 1, 2 or 3")
+    if engine.offload_optimizer and engine.zero_stage == 0:
+        problems.append("`engine.offload_optimizer` is true with `engine.zero_stage` 0; offload needs ZeRO 1, 2 or 3")
+    if engine.offload_param and engine.zero_stage != 3:
+        problems.append(f"`engine.offload_param` is true with `engine.zero_stage` {engine.zero_stage}; "
+                        "parameter offload needs ZeRO-3")
+    positive = {"engine.micro_batch_size": engine.micro_batch_size,
+                "engine.gradient_accumulation_steps": engine.gradient_accumulation_steps,
+                "data.max_length": data.max_length, "data.max_prompt_length": data.max_prompt_length,
+                "training.epochs": config.training.epochs, "logging.every_steps": config.logging.every_steps,
+                "checkpoint.keep_last": config.checkpoint.keep_last, "model.lora.r": config.model.lora.r}
+    for field in ("training.max_steps", "training.eval_every_steps", "checkpoint.every_steps"):
+        if _get(config, field) is not None:
+            positive[field] = _get(config, field)
+    for field, value in positive.items():
+        if value <= 0:
+            problems.append(f"`{field}` is {value}; it must be a positive integer")
+    if optim.lr <= 0:
+        problems.append(f"`optim.lr` is {optim.lr}; it must be positive (e.g. 1e-5)")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        problems.append(f"`optim.betas` is {optim.betas}; give two values in [0, 1), e.g. [0.9, 0.95]")
+    for field, value in (("optim.eps", optim.eps), ("optim.weight_decay", optim.weight_decay),
+                         ("optim.warmup_steps", optim.warmup_steps),
+                         ("optim.gradient_clipping", optim.gradient_clipping)):
+        if value < 0:
+            problems.append(f"`{field}` is {value}; it must not be negative")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        problems.append(f"`optim.min_lr_ratio` is {optim.min_lr_ratio}; use a value in [0, 1]")
+    if not 0 < data.eval_fraction < 1:
+        problems.append(f"`data.eval_fraction` is {data.eval_fraction}; use a value in (0, 1)")
+    if data.max_prompt_length >= data.max_length:
+        problems.append(f"`data.max_prompt_length` ({data.max_prompt_length}) must be below `data.max_length` "
+                        f"({data.max_length}) to leave room for a response")
+    if config.model.path is None and config.model.config is None:
+        problems.append("`model.path` is not set; give a local Hugging Face model directory "
+                        "(or `model.config` to build a model from a config)")
+    if config.model.path is not None and config.model.config is not None:
+        problems.append("`model.path` and `model.config` are both set; give one of them")
+    lora = config.model.lora
+    default_lora = LoraConfig()
+    if not lora.enabled:
+        changed = [f.name for f in dataclasses.fields(LoraConfig)
+                   if f.name != "enabled" and getattr(lora, f.name) != getattr(default_lora, f.name)]
+        if changed:
+            problems.append(f"`model.lora.{changed[0]}` is set but `model.lora.enabled` is false; "
+                            "set `model.lora.enabled: true` for LoRA or remove the LoRA settings")
+    if config.data.path is None:
+        problems.append("`data.path` is not set; give a JSON / JSONL / Parquet file or a dataset name")
+    return problems
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp, field: str, problems: list):
+    """Checks (and gently coerces) one value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], field, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"`{field}` is {value!r}; expected a section (a mapping of keys)")
+            return tp()
+        return _build(tp, value, field + ".", problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    problems.append(f"`{field}` is {value!r}; expected {_type_name(tp)}")
+    return None
+
+
+def _build(cls, values: dict, prefix: str, problems: list):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"unknown key `{prefix}{key}`{hint}")
+            continue
+        converted = _convert(value, hints[key], prefix + key, problems)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} is not of the form key.sub=value"], "command line")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _merge(values: dict, path: list, value) -> None:
+    node = values
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = ()):
+    """Reads `path` (YAML), applies `key.sub=value` overrides, checks types and consistency.
+
+    Raises:
+        ConfigError: naming the file and every problem found (unknown keys with a
+            did-you-mean, wrong types, out-of-range values, inconsistent combinations).
+    """
+    source = str(path) if path else "config"
+    values = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError([f"config file not found: {file}"], source)
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"YAML syntax error{where}: {getattr(error, 'problem', error)}"], source) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError([f"cannot read the config: {error}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(["the file must hold a mapping of sections, not a "
+                               f"{type(loaded).__name__}"], source)
+        values = loaded or {}
+    for override in overrides:
+        _merge(values, *parse_override(override))
+    problems = []
+    config = _build(cls, values, "", problems)
+    # Fields that failed to parse kept their defaults; don't also judge those defaults.
+    reported = {problem.split("`")[1] for problem in problems if "`" in problem}
+    problems += [problem for problem in config.problems()
+                 if "`" not in problem or problem.split("`")[1] not in reported]
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path) -> None:
+    """Writes the resolved config, as YAML a later run can read back."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
