@@ -5,7 +5,8 @@
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 """
 from .adam_mini import Adam_mini, ShardMismatchError, shard_bounds
-from .partition import BlockLayout, Geometry, PartitionReport, classify, geometry_from_model
+from .partition import (BlockLayout, Geometry, PartitionReport, applies_weight_decay, classify,
+                        geometry_from_model)
 
-__all__ = ["Adam_mini", "ShardMismatchError", "BlockLayout", "Geometry", "PartitionReport", "classify", "geometry_from_model",
-           "shard_bounds"]
+__all__ = ["Adam_mini", "BlockLayout", "Geometry", "PartitionReport", "ShardMismatchError", "applies_weight_decay",
+           "classify", "geometry_from_model", "shard_bounds"]

@@ -164,6 +164,13 @@ def _is_norm(components: Sequence[str]) -> bool:
     return any("norm" in c or _LAYER_NORM_COMPONENT.match(c) for c in components)
 
 
+def applies_weight_decay(name: str) -> bool:
+    """Whether decoupled weight decay applies: never to norms and biases (any optimizer)."""
+    components = name.lower().split(".")
+    is_bias = components[-1] == "bias" or components[-1].endswith("_bias")
+    return not (is_bias or _is_norm(components))
+
+
 def classify(name: str, shape: Sequence[int], geometry: Optional[Geometry]) -> BlockLayout:
     """Chooses the block rule for one parameter.
 
@@ -174,7 +181,7 @@ def classify(name: str, shape: Sequence[int], geometry: Optional[Geometry]) -> B
     numel = math.prod(shape)
     components = name.lower().split(".")
     is_bias = components[-1] == "bias" or components[-1].endswith("_bias")
-    decays = not (is_bias or _is_norm(components))
+    decays = applies_weight_decay(name)
     two_dim = len(shape) == 2
 
     def layout(rule, block_numel, fallback=False):

@@ -86,6 +86,8 @@ class EngineConfig:
     offload_param: bool = False       # ZeRO-3 only
     micro_batch_size: int = 1         # per rank
     gradient_accumulation_steps: int = 1
+    # Samples per optimizer step over all ranks; when set, accumulation is derived from it.
+    global_batch_size: Optional[int] = None
 
 
 @dataclasses.dataclass

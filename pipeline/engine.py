@@ -1,0 +1,209 @@
+"""The DeepSpeed engine factory every stage uses.
+
+`create_engine` turns a run config and a model into a training engine with Adam-mini
+(or AdamW) injected, its LR schedule and an explicit DeepSpeed config; `create_frozen_engine`
+wraps a model that only runs forward (reference policy, reward model). Batch arithmetic
+lives in `batch_plan` and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+from typing import Optional
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from optimizers import Adam_mini, applies_weight_decay, geometry_from_model  # noqa: E402
+from .config import RunConfig  # noqa: E402
+
+
+class EngineConfigError(ValueError):
+    """A combination the engine cannot run here, named with its fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int            # samples per rank per forward pass
+    gradient_accumulation_steps: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+
+def batch_plan(config: RunConfig, world_size: int) -> BatchPlan:
+    """The one place batch sizes are combined.
+
+    Raises:
+        EngineConfigError: `engine.global_batch_size` is not a multiple of micro-batch x world size,
+            or disagrees with an explicitly set `engine.gradient_accumulation_steps`.
+    """
+    engine = config.engine
+    accumulation = engine.gradient_accumulation_steps
+    if engine.global_batch_size is not None:
+        per_step = engine.micro_batch_size * world_size
+        if engine.global_batch_size % per_step:
+            raise EngineConfigError(
+                f"`engine.global_batch_size` {engine.global_batch_size} is not a multiple of "
+                f"`engine.micro_batch_size` {engine.micro_batch_size} x {world_size} rank(s) = {per_step}")
+        derived = engine.global_batch_size // per_step
+        if accumulation not in (1, derived):
+            raise EngineConfigError(
+                f"`engine.gradient_accumulation_steps` {accumulation} disagrees with `engine.global_batch_size` "
+                f"{engine.global_batch_size} (which needs {derived} on {world_size} rank(s)); set only one")
+        accumulation = derived
+    return BatchPlan(engine.micro_batch_size, accumulation, world_size)
+
+
+def init_distributed() -> int:
+    """Joins the launcher's process group (or makes a one-rank one); returns the world size."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m stages.x`: a world of one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_world_size()
+
+
+def _precision_section(precision: str) -> dict:
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}
+    return {}
+
+
+def check_device(config: RunConfig) -> None:
+    """Refuses what this machine cannot run, before any model is built.
+
+    Raises:
+        EngineConfigError: fp16 without CUDA.
+    """
+    if config.engine.precision == "fp16" and not torch.cuda.is_available():
+        raise EngineConfigError("`engine.precision` is fp16, which DeepSpeed does not support on CPU; use fp32 or bf16")
+
+
+def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
+    """The DeepSpeed config for a training engine; every setting that matters is explicit."""
+    engine, optim = config.engine, config.optim
+    zero = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds_config = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "train_batch_size": plan.global_batch_size,
+        "gradient_clipping": optim.gradient_clipping,  # DeepSpeed 0.19 would otherwise clip at 1.0
+        "zero_optimization": zero,
+        # Our optimizers are client optimizers: ZeRO must be told to accept them, and with
+        # offload must not swap in its own CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds_config.update(_precision_section(engine.precision))
+    return ds_config
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam-mini with geometry read from the model, or AdamW; norms and biases never decay."""
+    optim = config.optim
+    if optim.name == "adam_mini":
+        return Adam_mini(model.named_parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                         weight_decay=optim.weight_decay, **geometry_from_model(model))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if applies_weight_decay(name) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps)
+
+
+def lr_multiplier(step: int, config: RunConfig, total_steps: int) -> float:
+    """Learning-rate factor after `step` optimizer steps: linear warm-up, then the decay."""
+    optim = config.optim
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    if optim.scheduler == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.scheduler == "cosine" else 1 - progress
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, config: RunConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, total_steps))
+
+
+@dataclasses.dataclass
+class TrainingEngine:
+    engine: object                  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer  # ours, as built (DeepSpeed may wrap it)
+    scheduler: object
+    plan: BatchPlan
+    ds_config: dict
+
+
+def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -> TrainingEngine:
+    """Builds optimizer, schedule and DeepSpeed config, and calls `deepspeed.initialize`.
+
+    Raises:
+        EngineConfigError: a batch or device combination that cannot run (see batch_plan, check_device).
+    """
+    check_device(config)
+    world_size = init_distributed()
+    plan = batch_plan(config, world_size)
+    ds_config = build_ds_config(config, plan)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
+
+
+def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stage: Optional[int] = None,
+                         offload: bool = False):
+    """A forward-only engine (reference policy, reward model): no optimizer, no gradients.
+
+    `zero_stage=3` shards the weights over the ranks; `offload` keeps them in CPU memory.
+
+    Raises:
+        EngineConfigError: offload without ZeRO-3.
+    """
+    stage = config.engine.zero_stage if zero_stage is None else zero_stage
+    if offload and stage != 3:
+        raise EngineConfigError(f"offloading a frozen model needs ZeRO-3, got zero stage {stage}")
+    check_device(config)
+    world_size = init_distributed()
+    model.requires_grad_(False)
+    zero = {"stage": stage if stage == 3 else 0}  # without an optimizer only ZeRO-3 shards anything
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds_config = {"train_micro_batch_size_per_gpu": config.engine.micro_batch_size,
+                 "train_batch_size": config.engine.micro_batch_size * world_size,
+                 "gradient_accumulation_steps": 1,
+                 "gradient_clipping": 0.0, "zero_optimization": zero, "steps_per_print": 10**9}
+    ds_config.update(_precision_section(config.engine.precision))
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

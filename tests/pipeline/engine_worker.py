@@ -1,0 +1,106 @@
+"""The engine factory under real DeepSpeed ranks: training engines at ZeRO-2 and 3, frozen ZeRO-3.
+
+Launched by test_engine.py; rank 0 writes the figures to --out.
+"""
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
+from pipeline.engine import build_optimizer, build_scheduler, create_engine, create_frozen_engine, init_distributed
+from tests.tiny_models import tiny_llama, token_batches
+from deepspeed.utils import safe_get_full_fp32_param
+
+STEPS, MICRO, ACCUMULATION = 6, 2, 2
+
+
+def run_config(stage: int) -> RunConfig:
+    return RunConfig(output_dir="unused", model=ModelConfig(config={"model_type": "llama"}),
+                     data=DataConfig(path="unused"),
+                     optim=OptimConfig(lr=1e-3, warmup_steps=2, scheduler="cosine", weight_decay=0.1,
+                                       gradient_clipping=1.0, min_lr_ratio=0.1),
+                     engine=EngineConfig(zero_stage=stage, micro_batch_size=MICRO,
+                                         gradient_accumulation_steps=ACCUMULATION))
+
+
+def micro_batches(batches, step, world_size):
+    """(accumulation, world_size) grid of micro-batches for one optimizer step."""
+    rows = batches[step].split(MICRO)
+    return [rows[a * world_size:(a + 1) * world_size] for a in range(ACCUMULATION)]
+
+
+def reference(config, batches, world_size):
+    model = tiny_llama()
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(optimizer, config, STEPS)
+    snapshots = []
+    for step in range(STEPS):
+        for per_rank in micro_batches(batches, step, world_size):
+            loss = sum(model(input_ids=b, labels=b).loss for b in per_rank) / (world_size * ACCUMULATION)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.gradient_clipping)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return snapshots
+
+
+def train_case(stage, batches, rank, world_size):
+    config = run_config(stage)
+    expected = reference(config, batches, world_size)
+    built = create_engine(config, tiny_llama(), total_steps=STEPS)
+    engine = built.engine
+    deltas, lrs, losses = [], [], []
+    for step in range(STEPS):
+        lrs.append(engine.get_lr()[0])
+        for per_rank in micro_batches(batches, step, world_size):
+            loss = engine(input_ids=per_rank[rank], labels=per_rank[rank]).loss
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+        params = {n: safe_get_full_fp32_param(p).detach() for n, p in engine.module.named_parameters()}
+        deltas.append(max((params[n] - expected[step][n]).abs().max().item() for n in params))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {"max_delta_per_step": deltas, "lrs": lrs, "losses": losses,
+            "optimizer_is_ours": inner is built.optimizer, "optimizer_type": type(inner).__name__,
+            "rule_counts": built.optimizer.partition_report.as_dict()["rule_counts"],
+            "global_batch_size": built.plan.global_batch_size, "ds_config": built.ds_config}
+
+
+def frozen_case(batches, offload):
+    config = run_config(3)
+    plain = tiny_llama(seed=5)
+    ids = batches[0][:MICRO]
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+    engine = create_frozen_engine(config, tiny_llama(seed=5), zero_stage=3, offload=offload)
+    with torch.no_grad():
+        logits = engine(input_ids=ids).logits
+    trainable = sum(p.requires_grad for p in engine.module.parameters())
+    local_numel = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+    return {"max_delta": (logits - expected).abs().max().item(), "trainable": trainable,
+            "local_numel": local_numel, "full_numel": sum(p.numel() for p in plain.parameters())}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    world_size = init_distributed()
+    rank = dist.get_rank()
+    batches = token_batches(STEPS, world_size * ACCUMULATION, MICRO)
+    results = {f"zero{stage}": train_case(stage, batches, rank, world_size) for stage in (2, 3)}
+    results["frozen_zero3"] = frozen_case(batches, offload=False)
+    results["frozen_zero3_offload"] = frozen_case(batches, offload=True)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
