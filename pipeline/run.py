@@ -1,0 +1,103 @@
+"""What every stage does before and around its loop: the command line, the run directory,
+and turning known user errors into a short message and exit code 2.
+
+    python -m stages.sft --config configs/tiny/sft_full.yaml engine.zero_stage=3 [--debug]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import ConfigError, load_config, save_config
+
+logger = logging.getLogger(__name__)
+EXIT_USER_ERROR = 2
+
+
+class RunDirError(ValueError):
+    """The output directory holds a run that this one would overwrite."""
+
+
+def user_errors() -> tuple:
+    """Exceptions that describe bad input, reported without a traceback unless --debug."""
+    from .engine import EngineConfigError  # imported late: it imports deepspeed
+    errors = [ConfigError, RunDirError, EngineConfigError, FileNotFoundError]
+    for module, name in (("pipeline.data", "DataError"), ("pipeline.models", "ModelLoadError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied after the file")
+    return parser.parse_args(argv)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def prepare_run_dir(config) -> Path:
+    """Creates `output_dir`, refusing to start a fresh run over an existing one.
+
+    A directory holding `metrics.jsonl` or `checkpoints/` is a run: it is continued only with
+    `checkpoint.resume=true` and replaced only with `checkpoint.overwrite=true`.
+
+    Raises:
+        RunDirError: naming the directory and both ways forward.
+    """
+    output_dir = Path(config.output_dir)
+    existing = [name for name in ("metrics.jsonl", "checkpoints", "final") if (output_dir / name).exists()]
+    if existing and not (config.checkpoint.resume or config.checkpoint.overwrite):
+        raise RunDirError(f"`output_dir` {output_dir} already holds a run ({', '.join(existing)}); "
+                          "continue it with checkpoint.resume=true, start afresh with checkpoint.overwrite=true, "
+                          "or choose another output_dir")
+    if existing and config.checkpoint.overwrite and not config.checkpoint.resume and rank() == 0:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        save_config(config, output_dir / "config.yaml")
+    return output_dir
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initial weights; data order is set by the sampler."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+    """Loads the config, prepares the run directory and runs `stage(config)`.
+
+    Returns the process exit code: 0, or EXIT_USER_ERROR after printing a one-paragraph
+    message for bad input (the traceback only with --debug).
+    """
+    args = parse_args(argv, description)
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_class, args.config, args.overrides)
+        prepare_run_dir(config)
+        seed_everything(config.seed)
+        stage(config)
+    except user_errors() as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
