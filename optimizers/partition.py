@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 EMBEDDING_NAMES = frozenset({"embed_tokens", "embed", "embd", "wte", "word_embeddings", "tok_embeddings"})
-OUTPUT_NAMES = frozenset({"lm_head", "output", "final_layer"})
+OUTPUT_NAMES = frozenset({"lm_head", "output", "final_layer", "v_head", "score"})  # score: HF reward heads
 QUERY_KEY_NAMES = frozenset({"q_proj", "k_proj", "wq", "wk", "query", "key"})
 VALUE_NAMES = frozenset({"v_proj", "wv", "value"})
 ATTENTION_OUTPUT_NAMES = frozenset({"o_proj", "wo", "out_proj"})

@@ -1,0 +1,277 @@
+"""pipeline.models on tiny Llamas built and saved in the test; nothing is downloaded."""
+import json
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers.utils import is_flash_attn_2_available
+
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.models import (ModelLoadError, RewardModel, apply_lora, count_parameters, last_token_index,
+                             load_causal_lm, load_tokenizer, save_model)
+from tests.tiny_models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
+
+TINY_CONFIG = {"model_type": "llama", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def vocab_size():
+    return len(tiny_tokenizer())
+
+
+def real_tokens(vocab_size, shape, seed=0):
+    # Ids 4 and up: clear of the special tokens, so pads and real tokens never coincide.
+    return torch.randint(4, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def set_lora_b_nonzero(model, seed=0):
+    # peft starts lora_B at zero, which would make every adapter comparison trivially true.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def checkpointing_on(model):
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def test_load_saved_dir_reproduces_logits_exactly(tmp_path):
+    reference = tiny_llama(seed=3)
+    reference.save_pretrained(tmp_path)
+    loaded = load_causal_lm(ModelConfig(path=str(tmp_path)))
+    input_ids = real_tokens(203, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, reference(input_ids).logits)
+    assert all(p.dtype == torch.bfloat16 for p in
+               load_causal_lm(ModelConfig(path=str(tmp_path)), dtype=torch.bfloat16).parameters())
+
+
+def test_build_from_config_dict():
+    model = load_causal_lm(ModelConfig(config=dict(TINY_CONFIG)))
+    assert isinstance(model, LlamaForCausalLM)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_key_value_heads) == (64, 2, 2)
+    assert model(torch.zeros(1, 5, dtype=torch.long)).logits.shape == (1, 5, 50)
+
+
+def test_config_dict_without_model_type_names_the_field():
+    config = {key: value for key, value in TINY_CONFIG.items() if key != "model_type"}
+    with pytest.raises(ModelLoadError, match=r"`model.config` has no `model_type`"):
+        load_causal_lm(ModelConfig(config=config))
+
+
+def test_meta_device_allocates_no_storage(model_dir):
+    from_dir = load_causal_lm(ModelConfig(path=str(model_dir)), device="meta")
+    from_config = load_causal_lm(ModelConfig(config=dict(TINY_CONFIG)), device="meta")
+    reward = RewardModel.from_causal_lm(ModelConfig(config=dict(TINY_CONFIG)), device="meta")
+    for model in (from_dir, from_config, reward):
+        assert all(p.is_meta for p in model.parameters())
+    # The dry run sees the real architecture: same parameter count as the loaded model.
+    assert count_parameters(from_dir) == count_parameters(load_causal_lm(ModelConfig(path=str(model_dir))))
+
+
+def test_missing_path_and_missing_config_json_name_model_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ModelLoadError, match=rf"`model.path` {missing} does not exist"):
+        load_causal_lm(ModelConfig(path=str(missing)))
+    with pytest.raises(ModelLoadError, match=rf"`model.path` {tmp_path} holds no model \(no config.json\)"):
+        load_causal_lm(ModelConfig(path=str(tmp_path)))
+    tiny_llama().config.save_pretrained(tmp_path)  # a config but no weights
+    with pytest.raises(ModelLoadError, match=r"`model.path` .* holds no weights"):
+        load_causal_lm(ModelConfig(path=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match=r"`model.path` is not set"):
+        load_causal_lm(ModelConfig())
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, caplog):
+    tiny_tokenizer(pad=False).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        tokenizer = load_tokenizer(ModelConfig(config=dict(TINY_CONFIG), tokenizer_path=str(tmp_path)))
+    assert tokenizer.pad_token == "<eos>" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert "no pad token" in caplog.text
+    batch = tokenizer(["the cat", "the cat sat"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_tokenizer_errors_name_the_field(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"`model.tokenizer_path` is not set"):
+        load_tokenizer(ModelConfig(config=dict(TINY_CONFIG)))
+    with pytest.raises(ModelLoadError, match=r"`model.tokenizer_path` .* does not exist"):
+        load_tokenizer(ModelConfig(path=str(tmp_path), tokenizer_path=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelLoadError, match=rf"`model.path` {tmp_path} holds no loadable tokenizer"):
+        load_tokenizer(ModelConfig(path=str(tmp_path)))
+
+
+def test_gradient_checkpointing_is_on_and_gives_the_same_gradients(model_dir, vocab_size, tmp_path):
+    plain = load_causal_lm(ModelConfig(path=str(model_dir)))
+    checkpointed = load_causal_lm(ModelConfig(path=str(model_dir), gradient_checkpointing=True))
+    assert not checkpointing_on(plain) and checkpointing_on(checkpointed)
+    assert checkpointed.config.use_cache is False
+    input_ids = real_tokens(vocab_size, (2, 8))
+    for model in (plain, checkpointed):
+        model.train()
+        model(input_ids, labels=input_ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
+    # The export is for inference: cache on in the file, the training model left as it was.
+    save_model(checkpointed, None, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
+    assert checkpointed.config.use_cache is False
+
+
+@pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn is usable here, so there is no fallback")
+def test_flash_attention_falls_back_to_sdpa(model_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        model = load_causal_lm(ModelConfig(path=str(model_dir), attn_implementation="flash_attention_2"))
+    assert model.config._attn_implementation == "sdpa"
+    assert "flash_attention_2" in caplog.text
+
+
+# --- LoRA and export -----------------------------------------------------------------------------
+
+def test_lora_trains_only_adapters(model_dir):
+    base = load_causal_lm(ModelConfig(path=str(model_dir)))
+    base_total, _ = count_parameters(base)
+    model = apply_lora(base, LoraConfig(enabled=True, r=4))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
+    # 2 layers x (q, k, v, o), each with lora_A and lora_B.
+    assert len(trainable) == 2 * 4 * 2
+    total, trainable_numel = count_parameters(model)
+    assert total - trainable_numel == base_total
+    assert trainable_numel == sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+
+
+def test_lora_layers_pattern_restricts_adapters(model_dir):
+    model = apply_lora(load_causal_lm(ModelConfig(path=str(model_dir))),
+                       LoraConfig(enabled=True, layers_pattern="layers.1."))
+    adapted = sorted(name for name, module in model.named_modules() if hasattr(module, "lora_A")
+                     and name.endswith("_proj"))
+    assert adapted == sorted(f"base_model.model.model.layers.1.self_attn.{p}_proj" for p in "qkvo")
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    no_such_layer = LoraConfig(enabled=True, layers_pattern="layers.7.")
+    with pytest.raises(ModelLoadError, match=r"`model.lora.target_modules` .* no module containing 'layers.7.'"):
+        apply_lora(load_causal_lm(ModelConfig(path=str(model_dir))), no_such_layer)
+
+
+def test_save_model_writes_loadable_adapter_and_merged_model(model_dir, vocab_size, tmp_path):
+    model = apply_lora(load_causal_lm(ModelConfig(path=str(model_dir))), LoraConfig(enabled=True))
+    set_lora_b_nonzero(model)
+    input_ids = real_tokens(vocab_size, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        base_logits = load_causal_lm(ModelConfig(path=str(model_dir)))(input_ids).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes the output
+
+    adapter_dir, merged_dir = save_model(model, tiny_tokenizer(), tmp_path / "export")
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and (merged_dir / "model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True)
+    reloaded = PeftModel.from_pretrained(load_causal_lm(ModelConfig(path=str(model_dir))), adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, expected, rtol=0, atol=1e-5)
+        # The merge ran on a copy: the training model still has its adapters and its outputs.
+        assert torch.equal(model(input_ids=input_ids).logits, expected)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert load_tokenizer(ModelConfig(path=str(merged_dir))).get_vocab() == tiny_tokenizer().get_vocab()
+
+
+# --- reward model ---------------------------------------------------------------------------------
+
+def hand_score(reward_model, tokens):
+    """Score of one unpadded row from the backbone's hidden state at its last token."""
+    with torch.no_grad():
+        hidden = reward_model.backbone(input_ids=tokens[None]).last_hidden_state[0, -1]  # (H,)
+        return hidden @ reward_model.v_head.weight[0]
+
+
+def test_reward_score_is_taken_at_last_real_token_for_both_paddings(model_dir, vocab_size):
+    reward_model = RewardModel.from_causal_lm(ModelConfig(path=str(model_dir))).eval()
+    pad = tiny_tokenizer().pad_token_id
+    tokens = real_tokens(vocab_size, (5,))
+    short = tokens[:3]
+    rows = [torch.cat([tokens, torch.full((3,), pad)]),             # right-padded
+            torch.cat([torch.full((3,), pad), tokens]),             # left-padded
+            torch.cat([short, torch.full((5,), pad)])]              # shorter row, right-padded
+    input_ids = torch.stack(rows)
+    attention_mask = (input_ids != pad).long()
+    assert last_token_index(attention_mask).tolist() == [4, 7, 2]
+    with torch.no_grad():
+        scores = reward_model(input_ids, attention_mask)
+    assert scores.shape == (3,)
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores[0], hand_score(reward_model, tokens), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores[2], hand_score(reward_model, short), rtol=0, atol=1e-5)
+    assert (scores[0] - scores[2]).abs() > 1e-4  # different sequences, different scores
+
+    other_pads = input_ids.masked_fill(attention_mask == 0, 7)  # a real word id in every pad slot
+    changed_last = input_ids.clone()
+    changed_last[0, 4] = 4 if tokens[4] != 4 else 5
+    with torch.no_grad():
+        torch.testing.assert_close(reward_model(other_pads, attention_mask), scores, rtol=0, atol=1e-6)
+        assert (reward_model(changed_last, attention_mask)[0] - scores[0]).abs() > 1e-4
+
+
+def test_reward_model_save_load_round_trip(model_dir, vocab_size, tmp_path):
+    reward_model = RewardModel.from_causal_lm(ModelConfig(path=str(model_dir)))
+    assert reward_model.config.hidden_size == 96 and reward_model.v_head.weight.shape == (1, 96)
+    assert not hasattr(reward_model.backbone, "lm_head")
+    input_ids = real_tokens(vocab_size, (3, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 4:] = 0
+    reward_model.save_pretrained(tmp_path / "rm")
+    marker = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert marker["format"] == "reward_model" and marker["hidden_size"] == 96
+    reloaded = RewardModel.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids, attention_mask), reward_model(input_ids, attention_mask))
+    with pytest.raises(ModelLoadError, match=r"`reward.path` .* holds no reward model \(no reward_model.json\)"):
+        RewardModel.from_pretrained(model_dir, field="reward.path")
+
+
+def test_reward_model_with_lora_trains_adapters_and_v_head_and_exports(model_dir, vocab_size, tmp_path):
+    model = apply_lora(RewardModel.from_causal_lm(ModelConfig(path=str(model_dir))), LoraConfig(enabled=True))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("v_head" in name for name in trainable)
+    assert all("lora_" in name or "v_head" in name for name in trainable)
+    set_lora_b_nonzero(model)
+    input_ids = real_tokens(vocab_size, (2, 6))
+    attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask)
+    _, merged_dir = save_model(model, None, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(RewardModel.from_pretrained(merged_dir)(input_ids, attention_mask), expected,
+                                   rtol=0, atol=1e-5)
+
+
+# --- parameter counts -----------------------------------------------------------------------------
+
+def test_count_parameters_counts_tied_embeddings_once():
+    untied = tiny_llama(tie_word_embeddings=False)
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    vocab, hidden = tied.lm_head.weight.shape
+    assert count_parameters(tied)[0] == count_parameters(untied)[0] - vocab * hidden
+    tied.model.embed_tokens.weight.requires_grad_(False)
+    assert count_parameters(tied)[1] == count_parameters(tied)[0] - vocab * hidden
+
+
+def test_count_parameters_uses_full_size_of_zero3_partitions():
+    layer = torch.nn.Linear(8, 4, bias=False)
+    # What ZeRO-3 leaves on a rank that holds none of a tensor: empty data, full size in ds_numel.
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_numel = 32
+    assert count_parameters(layer) == (32, 32)
