@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -67,7 +68,10 @@ def prepare_run_dir(config) -> Path:
                           "continue it with checkpoint.resume=true, start afresh with checkpoint.overwrite=true, "
                           "or choose another output_dir")
     if existing and config.checkpoint.overwrite and not config.checkpoint.resume and rank() == 0:
+        # Asked for explicitly: an old run's checkpoints left behind would be picked up by a later resume.
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for name in ("checkpoints", "final", "tensorboard"):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
         save_config(config, output_dir / "config.yaml")

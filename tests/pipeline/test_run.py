@@ -28,8 +28,10 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
     assert (output_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'  # untouched
     prepare_run_dir(run_config(tmp_path, resume=True))
     assert (output_dir / "metrics.jsonl").exists()
+    (output_dir / "checkpoints" / "step_9").mkdir(parents=True)
     prepare_run_dir(run_config(tmp_path, overwrite=True))
     assert not (output_dir / "metrics.jsonl").exists()
+    assert not (output_dir / "checkpoints").exists()  # a later resume must not find the old run's steps
 
 
 def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path):

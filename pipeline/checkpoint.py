@@ -1,0 +1,180 @@
+"""DeepSpeed checkpoints holding everything a run needs to continue exactly where it stopped.
+
+One checkpoint is `output_dir/checkpoints/step_<N>/`:
+
+    DeepSpeed's files     model, ZeRO optimizer shards, scheduler (`engine.save_checkpoint`)
+    rng_rank<r>.pt        each rank's python / numpy / torch (and CUDA) RNG states
+    trainer_state.json    {"step": N, the data position (epoch, batch index), stage extras}
+    COMPLETE              written by rank 0 last, once every rank has finished writing
+
+A directory without COMPLETE was cut off mid-write and is never loaded. All ranks must see
+the same `output_dir` (a shared filesystem), as DeepSpeed's own checkpoints require.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def rng_file(checkpoint: Path, rank: int) -> Path:
+    return Path(checkpoint) / f"rng_rank{rank}.pt"
+
+
+# ---- RNG state ----------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    """This process's python, numpy, torch CPU and (if present) CUDA RNG states, in types
+    that `torch.load(..., weights_only=True)` accepts (numpy's array becomes a list)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": str(name), "keys": keys.tolist(), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Puts back what `capture_rng_state` returned. CUDA states are restored for the
+    devices this process sees (a saved state for a device that is not here is skipped)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ---- finding and pruning ------------------------------------------------------------------------
+
+def _scan(output_dir) -> tuple:
+    """(complete, incomplete): lists of (step, path) under `output_dir/checkpoints`."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    complete, incomplete = [], []
+    if not root.is_dir():
+        return complete, incomplete
+    for child in root.iterdir():
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and child.is_dir():
+            entry = (int(match.group(1)), child)
+            (complete if (child / COMPLETE_MARKER).is_file() else incomplete).append(entry)
+    return sorted(complete), sorted(incomplete)
+
+
+def latest_checkpoint(output_dir) -> Optional[Path]:
+    """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    complete, _ = _scan(output_dir)
+    return complete[-1][1] if complete else None
+
+
+def _remove(checkpoint: Path) -> None:
+    # The marker goes first, so a reader never takes a half-deleted directory for a checkpoint.
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint)
+
+
+def prune_checkpoints(output_dir, keep_last: int, protect: Optional[Path] = None) -> list:
+    """Deletes complete checkpoints beyond the newest `keep_last` (never `protect`) and
+    incomplete directories older than the newest complete checkpoint. Returns what it deleted.
+
+    Incomplete directories newer than that are left alone: they are never loaded, and a save
+    at their step replaces them.
+    """
+    complete, incomplete = _scan(output_dir)
+    if not complete:
+        return []
+    protect = Path(protect).resolve() if protect is not None else None
+    doomed = [path for _, path in complete[:-keep_last] if path.resolve() != protect]
+    newest_step = complete[-1][0]
+    doomed += [path for step, path in incomplete if step < newest_step]
+    for path in doomed:
+        _remove(path)
+    return doomed
+
+
+# ---- save and load ------------------------------------------------------------------------------
+
+def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Writes `output_dir/checkpoints/step_<step>/` (see the module docstring); every rank calls it.
+
+    `trainer_state` is what the stage needs to continue (epoch, batch index, extras); it is
+    written, with "step", to trainer_state.json and also handed to DeepSpeed as client_state.
+    Afterwards rank 0 prunes old checkpoints (`prune_checkpoints`). Returns the directory.
+
+    Raises:
+        ValueError: `keep_last` < 1, or `trainer_state` holds a "step" other than `step`.
+        TypeError: `trainer_state` is not JSON-serialisable (raised before anything is written).
+        RuntimeError: the engine saves asynchronously, so COMPLETE could precede the files.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last is {keep_last}; keep at least 1 checkpoint")
+    if trainer_state.get("step", step) != step:
+        raise ValueError(f'trainer_state["step"] is {trainer_state["step"]} but the checkpoint is for step {step}')
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is not None and checkpoint_engine.is_decoupled():
+        raise RuntimeError("DeepSpeed's decoupled (asynchronous) checkpoint engine is not supported: the "
+                           "COMPLETE marker would be written before the files are")
+    state = {"step": step, **trainer_state}
+    state_text = json.dumps(state, indent=1)
+    rank = dist.get_rank()
+    checkpoint = Path(output_dir) / CHECKPOINTS_DIR / f"step_{step}"
+    if rank == 0 and checkpoint.exists():
+        # Left by a run cut off at this step: its files (perhaps from another world size)
+        # must not mix with the new ones.
+        _remove(checkpoint)
+    dist.barrier()
+    engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, client_state={"trainer_state": state})
+    torch.save(capture_rng_state(), rng_file(checkpoint, rank))
+    if rank == 0:
+        (checkpoint / TRAINER_STATE_FILE).write_text(state_text + "\n", encoding="utf-8")
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        (checkpoint / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+    dist.barrier()  # no rank returns before the checkpoint counts as complete
+    if rank == 0:
+        prune_checkpoints(output_dir, keep_last, protect=checkpoint)
+    return checkpoint
+
+
+def load_checkpoint(engine, checkpoint: Path) -> dict:
+    """Loads DeepSpeed's state into `engine`, restores this rank's RNG states and returns
+    the trainer state (with "step"); every rank calls it.
+
+    Raises:
+        RuntimeError: the checkpoint has no COMPLETE marker, was written by a different
+            number of ranks, or DeepSpeed could not load it.
+    """
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        raise RuntimeError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} marker: it was cut off "
+                           "while being written); use latest_checkpoint() to find one")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    saved_ranks = len(list(checkpoint.glob("rng_rank*.pt")))
+    if saved_ranks != world_size:
+        raise RuntimeError(f"{checkpoint} was written by {saved_ranks} ranks but this run has {world_size}; resume "
+                           "with the same number of ranks (ZeRO shards and each rank's data depend on it)")
+    load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint} (engine.load_checkpoint returned "
+                           "no path; its log above says why)")
+    restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
