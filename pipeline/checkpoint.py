@@ -178,3 +178,26 @@ def load_checkpoint(engine, checkpoint: Path) -> dict:
                            "no path; its log above says why)")
     restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def export_final(engine, tokenizer, output_dir) -> list:
+    """The run's Hugging Face export in `output_dir/final` (safetensors; LoRA: adapter and merged).
+
+    Collective: every rank must call it. Under ZeRO-3 the weights are gathered for the
+    export, so each rank briefly holds the whole model. Returns the paths rank 0 wrote.
+    """
+    from deepspeed import zero
+
+    from .models import save_model
+
+    directory = Path(output_dir) / "final"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    module = engine.module
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    written = []
+    with zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
+        if rank == 0:
+            written = save_model(module, tokenizer, directory)
+    if dist.is_initialized():
+        dist.barrier()
+    return written

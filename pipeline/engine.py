@@ -8,9 +8,11 @@ lives in `batch_plan` and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import socket
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -178,6 +180,9 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     scheduler = build_scheduler(optimizer, config, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if dist.get_rank() == 0 and Path(config.output_dir).is_dir():
+        # The run records exactly what DeepSpeed was given, flags we set for it included.
+        (Path(config.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
 
 

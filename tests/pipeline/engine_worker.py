@@ -4,13 +4,18 @@ Launched by test_engine.py; rank 0 writes the figures to --out.
 """
 import argparse
 import json
+import os
+import tempfile
 
 import torch
 import torch.distributed as dist
 
+from transformers import AutoModelForCausalLM
+
+from pipeline.checkpoint import export_final
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
 from pipeline.engine import build_optimizer, build_scheduler, create_engine, create_frozen_engine, init_distributed
-from tests.tiny_models import tiny_llama, token_batches
+from tests.tiny_models import tiny_llama, tiny_tokenizer, token_batches
 from deepspeed.utils import safe_get_full_fp32_param
 
 STEPS, MICRO, ACCUMULATION = 6, 2, 2
@@ -50,6 +55,9 @@ def reference(config, batches, world_size):
 
 def train_case(stage, batches, rank, world_size):
     config = run_config(stage)
+    shared = [tempfile.mkdtemp()]
+    dist.broadcast_object_list(shared)  # one run directory for all ranks
+    config.output_dir = shared[0]
     expected = reference(config, batches, world_size)
     built = create_engine(config, tiny_llama(), total_steps=STEPS)
     engine = built.engine
@@ -64,10 +72,27 @@ def train_case(stage, batches, rank, world_size):
         params = {n: safe_get_full_fp32_param(p).detach() for n, p in engine.module.named_parameters()}
         deltas.append(max((params[n] - expected[step][n]).abs().max().item() for n in params))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    export = export_case(engine, built.optimizer, params) if stage == 3 else {}
     return {"max_delta_per_step": deltas, "lrs": lrs, "losses": losses,
             "optimizer_is_ours": inner is built.optimizer, "optimizer_type": type(inner).__name__,
             "rule_counts": built.optimizer.partition_report.as_dict()["rule_counts"],
-            "global_batch_size": built.plan.global_batch_size, "ds_config": built.ds_config}
+            "global_batch_size": built.plan.global_batch_size, "ds_config": built.ds_config,
+            "recorded_ds_config": json.loads(open(os.path.join(config.output_dir, "ds_config.json")).read()),
+            **export}
+
+
+def export_case(engine, optimizer, params):
+    """The ZeRO-3 final export reloads as a plain Hugging Face model with the trained weights."""
+    directory = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+    shared = [directory]
+    dist.broadcast_object_list(shared)
+    export_final(engine, tiny_tokenizer(), shared[0])
+    if dist.get_rank() != 0:
+        return {}
+    reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(shared[0], "final"))
+    files = sorted(os.listdir(os.path.join(shared[0], "final")))
+    delta = max((p - params[n]).abs().max().item() for n, p in reloaded.named_parameters())
+    return {"export_max_delta": delta, "export_files": files}
 
 
 def frozen_case(batches, offload):

@@ -109,10 +109,15 @@ def test_factory_engine_matches_unsharded_training_on_two_ranks(two_ranks, stage
     assert result["rule_counts"] == {"element": 6, "lora": 0, "head": 4, "row": 12, "tensor": 5}
     assert result["global_batch_size"] == 2 * 2 * 2  # micro 2 x accumulation 2 x 2 ranks
     assert result["ds_config"]["zero_optimization"]["stage"] == stage
+    assert result["recorded_ds_config"] == result["ds_config"]  # the run directory records what DeepSpeed got
+    assert result["recorded_ds_config"]["zero_allow_untested_optimizer"] is True
     # Accumulation, clipping at 1.0 and the warm-up + cosine schedule all match a plain loop.
     assert max(result["max_delta_per_step"]) <= 1e-6
     expected_lrs = [1e-3 * lr_multiplier(step, _engine_worker_config(), 6) for step in range(6)]
     assert result["lrs"] == pytest.approx(expected_lrs, rel=1e-9)
+    if stage == 3:  # the final export gathers the shards into a loadable safetensors model
+        assert result["export_max_delta"] == 0.0
+        assert "model.safetensors" in result["export_files"] and "tokenizer.json" in result["export_files"]
 
 
 def _engine_worker_config():
