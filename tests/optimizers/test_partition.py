@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3Config, Gemma3TextConfig, LlamaForCausalLM
 
 from optimizers import Adam_mini, classify, geometry_from_model
 from optimizers.partition import Geometry

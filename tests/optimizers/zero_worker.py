@@ -5,16 +5,15 @@ Every configuration trains the same tiny model on the same batches; each rank al
 the unsharded optimizer in-process as the reference. Rank 0 writes the figures to --out.
 """
 import argparse
-import json
 import os
 import traceback
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
 
 from optimizers import Adam_mini
+from tests.rank_tools import full_fp32_params, max_delta, write_results
 from tests.tiny_models import tiny_llama, token_batches
 
 LR, BETAS, WEIGHT_DECAY, STEPS, MICRO_BATCH = 1e-3, (0.9, 0.95), 0.1, 10, 2
@@ -50,18 +49,6 @@ def reference_trajectory(batches, world_size):
         optimizer.zero_grad()
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return snapshots
-
-
-def full_fp32_params(engine):
-    params = {}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
-        params[name] = (full if full is not None else param).detach().float().clone()
-    return params
-
-
-def max_delta(a, b):
-    return max((a[name] - b[name]).abs().max().item() for name in b)
 
 
 def train(engine, batches, rank, steps):
@@ -179,10 +166,7 @@ def main():
         results["load_other_world_size"] = run_load_other_world_size(args.foreign_checkpoint, batches, rank)
         results["load_state_dict_other_world_size"] = run_load_state_dict_other_world_size(
             args.foreign_checkpoint, batches, rank)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Rank 0 writes the figures to --out.
 """
 import argparse
 import gc
-import json
 import random
 from pathlib import Path
 
@@ -19,11 +18,11 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
 from torch.optim.lr_scheduler import LambdaLR
 
 from optimizers import Adam_mini
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.rank_tools import full_fp32_params, max_delta, write_results
 from tests.tiny_models import tiny_llama
 
 STEPS, MICRO_BATCH, LR, VOCAB, KEEP_LAST = 6, 2, 1e-3, 203, 2
@@ -72,18 +71,6 @@ def train(engine, steps, output_dir: Path, save_at=()):
         engine.step()
         if step in save_at:
             save_checkpoint(engine, output_dir, step, {"epoch": 0, "batch_index": step}, keep_last=KEEP_LAST)
-
-
-def full_fp32_params(engine) -> dict:
-    params = {}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
-        params[name] = (full if full is not None else param).detach().float().clone()
-    return params
-
-
-def max_delta(a: dict, b: dict) -> float:
-    return max((a[name] - b[name]).abs().max().item() for name in b)
 
 
 def rng_draws() -> dict:
@@ -141,10 +128,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     results = {f"zero{stage}": run_stage(stage, Path(args.output_dir) / f"zero{stage}", rank) for stage in (2, 3)}
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

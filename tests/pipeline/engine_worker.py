@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from pipeline.checkpoint import export_final
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
 from pipeline.engine import build_optimizer, build_scheduler, create_engine, create_frozen_engine, init_distributed
+from tests.rank_tools import full_fp32_params, write_results
 from tests.tiny_models import tiny_llama, tiny_tokenizer, token_batches
-from deepspeed.utils import safe_get_full_fp32_param
 
 STEPS, MICRO, ACCUMULATION = 6, 2, 2
 
@@ -69,7 +69,7 @@ def train_case(stage, batches, rank, world_size):
             engine.backward(loss)
             engine.step()
         losses.append(loss.item())
-        params = {n: safe_get_full_fp32_param(p).detach() for n, p in engine.module.named_parameters()}
+        params = full_fp32_params(engine)
         deltas.append(max((params[n] - expected[step][n]).abs().max().item() for n in params))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     export = export_case(engine, built.optimizer, params) if stage == 3 else {}
@@ -121,10 +121,7 @@ def main():
     results = {f"zero{stage}": train_case(stage, batches, rank, world_size) for stage in (2, 3)}
     results["frozen_zero3"] = frozen_case(batches, offload=False)
     results["frozen_zero3_offload"] = frozen_case(batches, offload=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

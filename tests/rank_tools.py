@@ -1,0 +1,26 @@
+"""Helpers for the worker scripts that tests start under real DeepSpeed ranks."""
+import json
+
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+
+def full_fp32_params(engine) -> dict:
+    """Every parameter's full fp32 master copy (collective under ZeRO-3: call on all ranks)."""
+    params = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        params[name] = (full if full is not None else param).detach().float().clone()
+    return params
+
+
+def max_delta(a: dict, b: dict) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in b)
+
+
+def write_results(path, results: dict) -> None:
+    """Rank 0 writes the figures the test asserts on; all ranks wait so none exits early."""
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
