@@ -1,0 +1,171 @@
+"""The supervised training loop SFT and reward-model training share.
+
+A stage supplies what differs (how a batch becomes a loss and metrics, how evaluation
+sums up); this loop owns what must be identical everywhere: the sampler and data
+position, gradient accumulation, logging, evaluation cadence, checkpoints, resume and
+the final export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .engine import BatchPlan, TrainingEngine
+from .metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
+
+logger = logging.getLogger(__name__)
+
+# step_fn(engine, batch) -> (loss, metrics to average, tokens processed)
+StepFn = Callable[[object, dict], tuple]
+# eval_fn(engine, loader) -> metrics, already reduced over ranks
+EvalFn = Callable[[object, DataLoader], dict]
+
+
+@dataclasses.dataclass
+class Position:
+    step: int = 0          # optimizer steps taken
+    epoch: int = 0
+    micro_batch: int = 0   # micro-batches of `epoch` already consumed on each rank
+
+
+def optimizer_steps_per_epoch(num_rows: int, plan: BatchPlan) -> int:
+    return num_rows // (plan.micro_batch_size * plan.world_size) // plan.gradient_accumulation_steps
+
+
+def total_optimizer_steps(config, num_rows: int, plan: BatchPlan) -> int:
+    """Steps the run will take: all epochs, cut at `training.max_steps`.
+
+    Raises:
+        ValueError: the data is too small for one optimizer step.
+    """
+    per_epoch = optimizer_steps_per_epoch(num_rows, plan)
+    if per_epoch == 0:
+        raise ValueError(f"`data.path` {config.data.path}: {num_rows} training rows are fewer than one optimizer "
+                         f"step needs ({plan.global_batch_size} = micro-batch x accumulation x ranks)")
+    total = per_epoch * config.training.epochs
+    return min(total, config.training.max_steps) if config.training.max_steps else total
+
+
+def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Position) -> DataLoader:
+    """This rank's micro-batches for `position.epoch`, from `position.micro_batch` on.
+
+    Order depends only on (seed, epoch), so a resumed run sees exactly the batches the
+    uninterrupted one would have.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = DistributedSampler(dataset, num_replicas=plan.world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(position.epoch)
+    indices = list(sampler)[position.micro_batch * plan.micro_batch_size:]
+    return DataLoader(Subset(dataset, indices), batch_size=plan.micro_batch_size, collate_fn=collate,
+                      drop_last=True)
+
+
+def eval_loader(dataset, collate, plan: BatchPlan) -> DataLoader:
+    """This rank's share of the eval set (every row once over all ranks, padded to equal counts)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = DistributedSampler(dataset, num_replicas=plan.world_size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=plan.micro_batch_size, sampler=sampler, collate_fn=collate)
+
+
+def mean_over_ranks(values: dict) -> dict:
+    """Averages each metric over the data-parallel ranks (same keys on every rank)."""
+    if not values or not dist.is_initialized():
+        return values
+    names = sorted(values)
+    tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {name: value / dist.get_world_size() for name, value in zip(names, tensor.tolist())}
+
+
+def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, step_fn: StepFn,
+                   eval_fn: EvalFn, tokenizer) -> dict:
+    """Trains to the planned step count; returns the last evaluation's metrics."""
+    engine, plan = built.engine, built.plan
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    total_steps = total_optimizer_steps(config, len(train_set), plan)
+    position = Position()
+    checkpoint = latest_checkpoint(config.output_dir) if config.checkpoint.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(engine, checkpoint)
+        position = Position(state["step"], state["epoch"], state["micro_batch"])
+        logger.info("resumed from %s (step %d)", checkpoint, position.step)
+    metrics_logger = MetricsLogger(config.output_dir, rank=rank, tensorboard=config.logging.tensorboard,
+                                   resume_step=position.step if checkpoint is not None else None)
+    evaluation = eval_loader(eval_set, collate, plan)
+    if position.step == 0:
+        metrics_logger.log(eval_fn(engine, evaluation), step=0)
+    bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
+    meter, window, tokens = ThroughputMeter(), [], 0
+    last_eval = {}
+    meter.start()
+    while position.step < total_steps:
+        for batch in train_loader(train_set, collate, plan, config.seed, position):
+            engine.train()
+            if not window:
+                lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
+            loss, metrics, batch_tokens = step_fn(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            position.micro_batch += 1
+            window.append({"loss": loss.item(), **metrics})
+            tokens += batch_tokens
+            if position.micro_batch % plan.gradient_accumulation_steps:
+                continue
+            position.step += 1
+            logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]})
+            timing = meter.stop(tokens * plan.world_size)
+            logged.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                          tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
+                          peak_memory_bytes=peak_memory_bytes())
+            if position.step == 1:  # optimizer state exists from the first step on
+                logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
+            if position.step % config.logging.every_steps == 0 or position.step == total_steps:
+                metrics_logger.log(logged, step=position.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
+            window, tokens = [], 0
+            every_eval = config.training.eval_every_steps
+            if (every_eval and position.step % every_eval == 0) or position.step == total_steps:
+                last_eval = eval_fn(engine, evaluation)
+                metrics_logger.log(last_eval, step=position.step)
+            every_checkpoint = config.checkpoint.every_steps
+            if every_checkpoint and position.step % every_checkpoint == 0 and position.step < total_steps:
+                save_checkpoint(engine, config.output_dir, position.step, dataclasses.asdict(position),
+                                config.checkpoint.keep_last)
+            meter.start()
+            if position.step >= total_steps:
+                break
+        else:
+            position.epoch, position.micro_batch = position.epoch + 1, 0
+    bar.close()
+    metrics_logger.close()
+    export_final(engine, tokenizer, config.output_dir)
+    return last_eval
+
+
+def held_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this rank holds (Adam-mini counts its own; others: every state tensor)."""
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value))
+
+
+def token_weighted_mean(total: float, count: float) -> float:
+    """Sums (over ranks) of a token-weighted total and its count, as a mean."""
+    values = torch.tensor([total, count], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return (values[0] / values[1]).item() if values[1] > 0 else math.nan
+
+
+__all__ = ["Position", "run_supervised", "total_optimizer_steps", "train_loader", "eval_loader", "mean_over_ranks",
+           "token_weighted_mean", "optimizer_steps_per_epoch"]

@@ -1,0 +1,77 @@
+"""Pairwise reward-model training: backbone + scalar head, loss -logsigmoid(r_chosen - r_rejected).
+
+    python -m stages.reward --config configs/tiny/reward.yaml [key.sub=value ...]
+"""
+import dataclasses
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import RunConfig
+from pipeline.data import collate_pairwise, prepare_dataset
+from pipeline.engine import batch_plan, create_engine, init_distributed
+from pipeline.loop import mean_over_ranks, run_supervised, total_optimizer_steps
+from pipeline.models import RewardModel, apply_lora, load_tokenizer
+from pipeline.run import main
+
+
+@dataclasses.dataclass
+class RewardConfig(RunConfig):
+    def problems(self) -> list:
+        problems = super().problems()
+        if self.data.format != "pairwise":
+            problems.append(f"`data.format` is {self.data.format!r}; reward training needs pairwise data")
+        return problems
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss: mean of -log sigmoid(r_chosen - r_rejected); both (B,)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def split_scores(engine, batch: dict) -> tuple:
+    """The collator stacks B chosen rows then B rejected rows: one forward scores both."""
+    scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
+    return scores.float().chunk(2)
+
+
+def reward_step(engine, batch: dict) -> tuple:
+    chosen, rejected = split_scores(engine, batch)
+    metrics = {"accuracy": (chosen > rejected).float().mean().item(),
+               "chosen_score": chosen.mean().item(), "rejected_score": rejected.mean().item()}
+    return pairwise_loss(chosen, rejected), metrics, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def evaluate(engine, loader) -> dict:
+    """Held-out pairwise accuracy, loss and mean scores, averaged over every rank's pairs."""
+    engine.eval()
+    sums = {"accuracy": 0.0, "loss": 0.0, "chosen_score": 0.0, "rejected_score": 0.0}
+    pairs = 0
+    for batch in loader:
+        chosen, rejected = split_scores(engine, batch)
+        sums["accuracy"] += (chosen > rejected).float().sum().item()
+        sums["loss"] += pairwise_loss(chosen, rejected).item() * len(chosen)
+        sums["chosen_score"] += chosen.sum().item()
+        sums["rejected_score"] += rejected.sum().item()
+        pairs += len(chosen)
+    totals = mean_over_ranks({**sums, "pairs": pairs})
+    return {f"eval/{name}": value / totals["pairs"] for name, value in totals.items() if name != "pairs"}
+
+
+def run(config: RewardConfig) -> dict:
+    tokenizer = load_tokenizer(config.model)
+    train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
+    print(report.summary())
+    model = RewardModel.from_causal_lm(config.model)
+    if config.model.lora.enabled:
+        model = apply_lora(model, config.model.lora)
+    plan = batch_plan(config, init_distributed())
+    built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
+    collate = lambda rows: collate_pairwise(rows, tokenizer.pad_token_id)  # noqa: E731
+    return run_supervised(config, built, train_set, eval_set, collate, reward_step, evaluate, tokenizer)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, RewardConfig, description=__doc__.splitlines()[0]))

@@ -1,0 +1,64 @@
+"""Supervised fine-tuning, full-parameter or LoRA (`model.lora.enabled`), loss on response tokens only.
+
+    python -m stages.sft --config configs/tiny/sft_full.yaml [key.sub=value ...]
+    deepspeed --num_gpus 2 --module stages.sft --config configs/llama2-7b/sft_full.yaml
+"""
+import dataclasses
+import math
+import sys
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.data import collate_sft, prepare_dataset
+from pipeline.engine import batch_plan, create_engine, init_distributed
+from pipeline.loop import run_supervised, token_weighted_mean, total_optimizer_steps
+from pipeline.models import apply_lora, load_causal_lm, load_tokenizer
+from pipeline.run import main
+
+
+@dataclasses.dataclass
+class SFTConfig(RunConfig):
+    def problems(self) -> list:
+        problems = super().problems()
+        if self.data.format not in ("sft", "chat"):
+            problems.append(f"`data.format` is {self.data.format!r}; SFT trains on sft or chat data")
+        return problems
+
+
+def sft_step(engine, batch: dict) -> tuple:
+    """Mean cross-entropy over the response tokens of one micro-batch."""
+    output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return output.loss, {}, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def evaluate(engine, loader) -> dict:
+    """Token-weighted eval loss and perplexity over the held-out rows of every rank."""
+    engine.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"]).loss
+        # HF shifts labels by one: the first label never counts.
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total, count = total + loss.item() * tokens, count + tokens
+    loss = token_weighted_mean(total, count)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def run(config: SFTConfig) -> dict:
+    tokenizer = load_tokenizer(config.model)
+    train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
+    print(report.summary())
+    model = load_causal_lm(config.model)
+    if config.model.lora.enabled:
+        model = apply_lora(model, config.model.lora)
+    plan = batch_plan(config, init_distributed())
+    built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
+    collate = lambda rows: collate_sft(rows, tokenizer.pad_token_id)  # noqa: E731
+    return run_supervised(config, built, train_set, eval_set, collate, sft_step, evaluate, tokenizer)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, SFTConfig, description=__doc__.splitlines()[0]))
