@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist

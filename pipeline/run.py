@@ -43,6 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> a
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, build the model on the meta device and print the memory plan; no training")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for in a dry run")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied after the file")
     return parser.parse_args(argv)
@@ -85,6 +88,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def dry_run_plan(config, world_size: int) -> str:
+    """The model on the meta device (only config.json is read) and this run's per-rank memory:
+    parameters and gradients, and the optimizer state of Adam-mini next to AdamW's."""
+    from optimizers import Adam_mini, geometry_from_model
+
+    from .models import apply_lora, count_parameters, load_causal_lm
+
+    model = load_causal_lm(config.model, device="meta")
+    if config.model.lora.enabled:
+        model = apply_lora(model, config.model.lora)
+    total, trainable = count_parameters(model)
+    stage = config.engine.zero_stage
+    adam_mini = Adam_mini(model.named_parameters(), **geometry_from_model(model))
+    # Both optimizers keep fp32 state; AdamW two values per element of this rank's slice.
+    mini_bytes = max(adam_mini.planned_state_bytes(world_size, rank, stage) for rank in range(world_size))
+    slice_numel, _ = adam_mini.planned_state_numel(world_size, 0, stage)
+    adamw_bytes = 2 * 4 * slice_numel
+    bytes_per_param = 2 if config.engine.precision in ("bf16", "fp16") else 4
+    shard = world_size if stage == 3 else 1
+    gib = 2**30
+    chosen = "adam_mini" if config.optim.name == "adam_mini" else "adamw"
+    lines = [f"dry run: {config.model.path or 'model.config'} on the meta device, ZeRO-{stage}, "
+             f"{world_size} rank(s), {config.engine.precision}",
+             f"  parameters            {total:>16,}",
+             f"  trainable parameters  {trainable:>16,}",
+             f"  weights per rank      {total * bytes_per_param / shard / gib:>12.2f} GiB",
+             "  optimizer state per rank (fp32):",
+             f"    adam_mini           {mini_bytes / gib:>12.2f} GiB{'  <- chosen' if chosen == 'adam_mini' else ''}",
+             f"    adamw               {adamw_bytes / gib:>12.2f} GiB{'  <- chosen' if chosen == 'adamw' else ''}",
+             f"    adam_mini / adamw   {mini_bytes / adamw_bytes:>12.3f}"]
+    return "\n".join(lines)
+
+
 def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
     """Loads the config, prepares the run directory and runs `stage(config)`.
 
@@ -96,6 +132,9 @@ def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, de
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_class, args.config, args.overrides)
+        if args.dry_run:
+            print(dry_run_plan(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+            return 0
         prepare_run_dir(config)
         seed_everything(config.seed)
         stage(config)

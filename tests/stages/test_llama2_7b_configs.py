@@ -1,0 +1,50 @@
+"""The Llama-2-7B configs validate and dry-run here: the model on the meta device from its
+config.json alone (no weights), and a memory plan with Adam-mini next to AdamW."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, rank_env
+
+pytestmark = pytest.mark.slow
+ARCHITECTURE_ONLY = REPO_ROOT / "tests" / "data" / "llama-2-7b"  # the public config.json, nothing else
+CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward"}
+
+
+def dry_run(name: str) -> str:
+    command = [sys.executable, "-m", CONFIGS[name], "--config", f"configs/llama2-7b/{name}.yaml", "--dry-run",
+               "--world-size", "2", f"model.path={ARCHITECTURE_ONLY}"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_dry_runs_with_a_plan(name):
+    plan = dry_run(name)
+    total = int(re.search(r"  parameters\s+([\d,]+)", plan).group(1).replace(",", ""))
+    trainable = int(re.search(r"trainable parameters\s+([\d,]+)", plan).group(1).replace(",", ""))
+    ratio = float(re.search(r"adam_mini / adamw\s+([\d.]+)", plan).group(1))
+    if name == "sft_lora":
+        # Rank-128 adapters on 7 projections of 32 layers: 128 x (4 x 8192 + 3 x 15104) each layer.
+        lora = 32 * 128 * (4 * 8192 + 3 * 15104)
+        assert (total, trainable) == (6_738_415_616 + lora, lora)
+        assert 0.5 < ratio <= 0.51  # one value per 128-wide lora_B row
+    else:
+        assert total == trainable == 6_738_415_616
+        assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
+    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name == "sft_full")
+
+
+def test_configs_carry_the_reference_settings():
+    import yaml
+    settings = {name: yaml.safe_load(Path(REPO_ROOT, "configs/llama2-7b", f"{name}.yaml").read_text())
+                for name in CONFIGS}
+    assert (settings["sft_full"]["optim"]["lr"], settings["sft_full"]["engine"]["micro_batch_size"]) == (2e-6, 20)
+    assert settings["sft_lora"]["model"]["lora"]["r"] == 128
+    assert settings["sft_lora"]["engine"]["gradient_accumulation_steps"] == 2
+    assert (settings["reward"]["optim"]["lr"], settings["reward"]["engine"]["micro_batch_size"]) == (2e-5, 10)
+    assert all(s["engine"]["precision"] == "bf16" and s["engine"]["zero_stage"] == 2 for s in settings.values())

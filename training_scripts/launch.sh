@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Shared launcher for the stage scripts:
+#   bash training_scripts/launch.sh MODULE CONFIG [key.sub=value ...]
+# NUM_GPUS: ranks on this machine (default 1); HOSTFILE: a DeepSpeed hostfile for several
+# machines (then NUM_GPUS is ignored). Without CUDA, DeepSpeed runs on the CPU.
+set -euo pipefail
+if [ "$#" -lt 2 ]; then
+    echo "usage: $0 MODULE CONFIG [key.sub=value ...]" >&2
+    exit 2
+fi
+module="$1"
+config="$2"
+shift 2
+cd "$(dirname "$0")/.."
+if [ -n "${PYTHON:-}" ]; then python="$PYTHON"
+elif [ -x .venv/bin/python ]; then python=.venv/bin/python
+else python=python3
+fi
+if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+launcher=("$python" -m deepspeed.launcher.runner)
+if [ -n "${HOSTFILE:-}" ]; then
+    launcher+=(--hostfile "$HOSTFILE")
+else
+    launcher+=(--num_gpus "${NUM_GPUS:-1}")
+fi
+exec "${launcher[@]}" --module "$module" --config "$config" "$@"
