@@ -51,6 +51,10 @@ def run(config: SFTConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     print(report.summary())
+    if config.model.config is not None:  # a fresh model: its vocabulary is the tokenizer's
+        for key, value in (("vocab_size", len(tokenizer)), ("pad_token_id", tokenizer.pad_token_id),
+                           ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+            config.model.config.setdefault(key, value)
     model = load_causal_lm(config.model)
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
