@@ -18,6 +18,11 @@ else python=python3
 fi
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     export DS_ACCELERATOR=cpu
+    # Ranks share the cores: more threads than cores makes every rank wait on the others.
+    if [ -z "${OMP_NUM_THREADS:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+        threads=$(( $(nproc) / ${NUM_GPUS:-1} ))
+        export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
+    fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 launcher=("$python" -m deepspeed.launcher.runner)
