@@ -57,7 +57,8 @@ def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Positio
     """This rank's micro-batches for `position.epoch`, from `position.micro_batch` on.
 
     Order depends only on (seed, epoch), so a resumed run sees exactly the batches the
-    uninterrupted one would have.
+    uninterrupted one would have. Loaders get their own generator: otherwise each one draws a
+    seed from torch's global RNG when it starts, at another point of the stream after a resume.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = DistributedSampler(dataset, num_replicas=plan.world_size, rank=rank, shuffle=True, seed=seed,
@@ -65,22 +66,46 @@ def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Positio
     sampler.set_epoch(position.epoch)
     indices = list(sampler)[position.micro_batch * plan.micro_batch_size:]
     return DataLoader(Subset(dataset, indices), batch_size=plan.micro_batch_size, collate_fn=collate,
-                      drop_last=True)
+                      drop_last=True, generator=torch.Generator())
 
 
 def eval_loader(dataset, collate, plan: BatchPlan) -> DataLoader:
     """This rank's share of the eval set (every row once over all ranks, padded to equal counts)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = DistributedSampler(dataset, num_replicas=plan.world_size, rank=rank, shuffle=False)
-    return DataLoader(dataset, batch_size=plan.micro_batch_size, sampler=sampler, collate_fn=collate)
+    return DataLoader(dataset, batch_size=plan.micro_batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator())
 
 
-def mean_over_ranks(values: dict) -> dict:
-    """Averages each metric over the data-parallel ranks (same keys on every rank)."""
+def to_device(batch: dict, device) -> dict:
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+
+
+def optimizer_step(engine) -> float:
+    """`engine.step()`, returning the global gradient norm before clipping (nan off the accumulation boundary).
+
+    DeepSpeed records the norm under ZeRO 1-3 and bf16/fp16, but not for fp32 at ZeRO-0; there it is
+    taken here from the gradients, which the engine's backward has already averaged over the ranks.
+    """
+    own_norm = math.nan
+    if (engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0
+            and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
+        grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
+        own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    recorded = engine.get_global_grad_norm()
+    return float(recorded) if recorded is not None else own_norm
+
+
+def mean_over_ranks(values: dict, device=None) -> dict:
+    """Averages each metric over the data-parallel ranks (same keys on every rank).
+
+    `device` is where the backend can reduce (the engine's device: NCCL takes no CPU tensors).
+    """
     if not values or not dist.is_initialized():
         return values
     names = sorted(values)
-    tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64)
+    tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return {name: value / dist.get_world_size() for name, value in zip(names, tensor.tolist())}
 
@@ -111,18 +136,19 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
             engine.train()
             if not window:
                 lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-            loss, metrics, batch_tokens = step_fn(engine, batch)
+            loss, metrics, batch_tokens = step_fn(engine, to_device(batch, engine.device))
             engine.backward(loss)
-            engine.step()
+            grad_norm = optimizer_step(engine)
             position.micro_batch += 1
             window.append({"loss": loss.item(), **metrics})
             tokens += batch_tokens
             if position.micro_batch % plan.gradient_accumulation_steps:
                 continue
             position.step += 1
-            logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]})
+            logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]},
+                                     engine.device)
             timing = meter.stop(tokens * plan.world_size)
-            logged.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            logged.update(lr=lr, grad_norm=grad_norm,
                           tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
                           peak_memory_bytes=peak_memory_bytes())
             if position.step == 1:  # optimizer state exists from the first step on
@@ -159,13 +185,13 @@ def held_state_bytes(optimizer) -> int:
                for value in state.values() if torch.is_tensor(value))
 
 
-def token_weighted_mean(total: float, count: float) -> float:
+def token_weighted_mean(total: float, count: float, device=None) -> float:
     """Sums (over ranks) of a token-weighted total and its count, as a mean."""
-    values = torch.tensor([total, count], dtype=torch.float64)
+    values = torch.tensor([total, count], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(values)
     return (values[0] / values[1]).item() if values[1] > 0 else math.nan
 
 
 __all__ = ["Position", "run_supervised", "total_optimizer_steps", "train_loader", "eval_loader", "mean_over_ranks",
-           "token_weighted_mean", "optimizer_steps_per_epoch"]
+           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes"]

@@ -65,7 +65,7 @@ def prepare_run_dir(config) -> Path:
         RunDirError: naming the directory and both ways forward.
     """
     output_dir = Path(config.output_dir)
-    existing = [name for name in ("metrics.jsonl", "checkpoints", "final") if (output_dir / name).exists()]
+    existing = [name for name in ("metrics.jsonl", "checkpoints", "final", "best") if (output_dir / name).exists()]
     if existing and not (config.checkpoint.resume or config.checkpoint.overwrite):
         raise RunDirError(f"`output_dir` {output_dir} already holds a run ({', '.join(existing)}); "
                           "continue it with checkpoint.resume=true, start afresh with checkpoint.overwrite=true, "
@@ -73,7 +73,7 @@ def prepare_run_dir(config) -> Path:
     if existing and config.checkpoint.overwrite and not config.checkpoint.resume and rank() == 0:
         # Asked for explicitly: an old run's checkpoints left behind would be picked up by a later resume.
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        for name in ("checkpoints", "final", "tensorboard"):
+        for name in ("checkpoints", "final", "best", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank() == 0:

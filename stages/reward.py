@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipeline.config import RunConfig
 from pipeline.data import collate_pairwise, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed
-from pipeline.loop import mean_over_ranks, run_supervised, total_optimizer_steps
+from pipeline.loop import mean_over_ranks, run_supervised, to_device, total_optimizer_steps
 from pipeline.models import RewardModel, apply_lora, load_tokenizer
 from pipeline.run import main
 
@@ -50,13 +50,13 @@ def evaluate(engine, loader) -> dict:
     sums = {"accuracy": 0.0, "loss": 0.0, "chosen_score": 0.0, "rejected_score": 0.0}
     pairs = 0
     for batch in loader:
-        chosen, rejected = split_scores(engine, batch)
+        chosen, rejected = split_scores(engine, to_device(batch, engine.device))
         sums["accuracy"] += (chosen > rejected).float().sum().item()
         sums["loss"] += pairwise_loss(chosen, rejected).item() * len(chosen)
         sums["chosen_score"] += chosen.sum().item()
         sums["rejected_score"] += rejected.sum().item()
         pairs += len(chosen)
-    totals = mean_over_ranks({**sums, "pairs": pairs})
+    totals = mean_over_ranks({**sums, "pairs": pairs}, engine.device)
     return {f"eval/{name}": value / totals["pairs"] for name, value in totals.items() if name != "pairs"}
 
 

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.data import collate_sft, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed
-from pipeline.loop import run_supervised, token_weighted_mean, total_optimizer_steps
+from pipeline.loop import run_supervised, to_device, token_weighted_mean, total_optimizer_steps
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer
 from pipeline.run import main
 
@@ -38,12 +38,13 @@ def evaluate(engine, loader) -> dict:
     engine.eval()
     total, count = 0.0, 0
     for batch in loader:
+        batch = to_device(batch, engine.device)
         loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["labels"]).loss
         # HF shifts labels by one: the first label never counts.
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total, count = total + loss.item() * tokens, count + tokens
-    loss = token_weighted_mean(total, count)
+    loss = token_weighted_mean(total, count, engine.device)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 

@@ -1,0 +1,568 @@
+"""ReMax: REINFORCE with the greedy response's reward as the baseline (Li et al. 2023), no critic.
+
+    python -m stages.remax --config configs/tiny/remax.yaml [key.sub=value ...]
+    deepspeed --num_gpus 2 --module stages.remax --config configs/llama2-7b/remax.yaml
+
+Per prompt x the actor samples a response y and decodes a greedy one y_hat; the frozen reward
+model scores both. The advantage r(x, y) - r(x, y_hat) (clipped) is credited at y's last token,
+every token of y pays kl_ctl * (log pi(y_t) - log pi_ref(y_t)) against the frozen reference
+policy, and the loss is the token mean of -return_t * log pi(y_t). One optimizer step per batch.
+
+A response runs up to and including its first eos (an immediate eos is a one-token response)
+or to `remax.max_new_tokens`; tokens generated after the eos are padding everywhere.
+Log-probabilities are the model's own (temperature 1), as in the ReMax reference code, so the
+KL is against the policy itself rather than its tempered sampling distribution.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+from trl.models.utils import add_hooks, remove_hooks
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config import ModelConfig, RunConfig
+from pipeline.data import collate_prompts, prepare_dataset
+from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
+from pipeline.loop import Position, eval_loader, optimizer_step, to_device, total_optimizer_steps, train_loader
+from pipeline.metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
+from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
+from pipeline.run import main
+
+logger = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+GOLD_REWARDS = ("demo",)
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RemaxSection:
+    reward_model_path: Optional[str] = None   # a RewardModel directory (stages.reward's export)
+    ref_model_path: Optional[str] = None      # frozen reference policy; defaults to the actor's starting weights
+    eval_prompts_path: Optional[str] = None   # held-out prompts; else `data.eval_path` or a split of `data.path`
+    kl_ctl: float = 0.1
+    gamma: float = 1.0
+    clip_advantage: Optional[float] = 5.0     # the reference code clips the advantage to +-5; null: no clipping
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    eval_every_steps: Optional[int] = None    # also evaluated at step 0 and at the end
+    # Frozen models have no optimizer state or gradients: only ZeRO-3 (weight sharding) saves memory.
+    ref_zero_stage: int = 0
+    ref_offload: bool = False
+    reward_zero_stage: int = 0
+    reward_offload: bool = False
+    gold_reward: Optional[str] = None         # a programmatic true reward to log next to the model's: "demo"
+
+
+@dataclasses.dataclass
+class RemaxConfig(RunConfig):
+    remax: RemaxSection = dataclasses.field(default_factory=RemaxSection)
+
+    def problems(self) -> list:
+        problems = super().problems()
+        remax = self.remax
+        if self.data.format != "prompt":
+            problems.append(f"`data.format` is {self.data.format!r}; ReMax generates from prompts: use prompt")
+        if remax.reward_model_path is None:
+            problems.append("`remax.reward_model_path` is not set; give the directory of a trained reward model "
+                            "(the export of stages.reward)")
+        if remax.kl_ctl < 0:
+            problems.append(f"`remax.kl_ctl` is {remax.kl_ctl}; it must not be negative (0 turns the KL penalty off)")
+        if not 0 <= remax.gamma <= 1:
+            problems.append(f"`remax.gamma` is {remax.gamma}; use a value in [0, 1]")
+        if remax.clip_advantage is not None and remax.clip_advantage <= 0:
+            problems.append(f"`remax.clip_advantage` is {remax.clip_advantage}; use a positive bound or null")
+        if remax.temperature <= 0:
+            problems.append(f"`remax.temperature` is {remax.temperature}; it must be positive")
+        if not 0 < remax.top_p <= 1:
+            problems.append(f"`remax.top_p` is {remax.top_p}; use a value in (0, 1]")
+        if remax.max_new_tokens <= 0:
+            problems.append(f"`remax.max_new_tokens` is {remax.max_new_tokens}; it must be a positive integer")
+        elif self.data.max_prompt_length + remax.max_new_tokens > self.data.max_length:
+            problems.append(f"`data.max_prompt_length` {self.data.max_prompt_length} + `remax.max_new_tokens` "
+                            f"{remax.max_new_tokens} exceeds `data.max_length` {self.data.max_length}; raise "
+                            "`data.max_length` or shorten one of them")
+        if remax.eval_every_steps is not None and remax.eval_every_steps <= 0:
+            problems.append(f"`remax.eval_every_steps` is {remax.eval_every_steps}; it must be a positive integer")
+        if (remax.eval_every_steps and self.training.eval_every_steps
+                and remax.eval_every_steps != self.training.eval_every_steps):
+            problems.append(f"`remax.eval_every_steps` {remax.eval_every_steps} and `training.eval_every_steps` "
+                            f"{self.training.eval_every_steps} disagree; set only one")
+        if (remax.eval_prompts_path and self.data.eval_path
+                and remax.eval_prompts_path != self.data.eval_path):
+            problems.append(f"`remax.eval_prompts_path` {remax.eval_prompts_path} and `data.eval_path` "
+                            f"{self.data.eval_path} disagree; set only one")
+        for name in ("ref", "reward"):
+            stage, offload = getattr(remax, f"{name}_zero_stage"), getattr(remax, f"{name}_offload")
+            if stage not in (0, 3):
+                problems.append(f"`remax.{name}_zero_stage` is {stage}; use 0 (a full copy per rank) or 3 (sharded): "
+                                "a frozen model has no optimizer state or gradients for ZeRO 1 or 2 to shard")
+            if offload and stage != 3:
+                problems.append(f"`remax.{name}_offload` is true with `remax.{name}_zero_stage` {stage}; "
+                                "offloading needs ZeRO-3")
+        if remax.gold_reward is not None and remax.gold_reward not in GOLD_REWARDS:
+            problems.append(f"`remax.gold_reward` is {remax.gold_reward!r}; use one of {', '.join(GOLD_REWARDS)} "
+                            "or leave it unset")
+        return problems
+
+    @property
+    def eval_every_steps(self) -> Optional[int]:
+        return self.remax.eval_every_steps or self.training.eval_every_steps
+
+
+# ---- the loss, as pure functions ----------------------------------------------------------------
+
+def response_mask(sequences: torch.Tensor, prompt_length: int, eos_token_id: Optional[int],
+                  pad_token_id: Optional[int]) -> torch.Tensor:
+    """Which generated tokens belong to each response: all of them up to and including the first eos.
+
+    sequences: (B, P + T) prompts left-padded to P, then the generated tokens, as `generate` returns them.
+    Returns (B, T) long 0/1. A row that stops at eos at once keeps that eos (one token); a row that
+    reaches the length limit keeps all T. Without an eos id a response ends before its first pad token
+    (generate pads finished rows with it); the pad id is not used otherwise, since a model may well
+    sample the pad token (often the eos token) as a real token.
+
+    Raises:
+        ValueError: when both ids are None.
+    """
+    if eos_token_id is None and pad_token_id is None:
+        raise ValueError("response_mask needs an eos or a pad token id to find where responses end")
+    responses = sequences[:, prompt_length:]  # (B, T)
+    is_stop = (responses == (eos_token_id if eos_token_id is not None else pad_token_id)).long()
+    stops_before = is_stop.cumsum(-1) - is_stop  # stop tokens strictly before each position
+    mask = stops_before == 0
+    if eos_token_id is None:
+        mask &= is_stop == 0
+    return mask.long()
+
+
+def remax_advantage(sample_reward: torch.Tensor, greedy_reward: torch.Tensor,
+                    clip: Optional[float]) -> torch.Tensor:
+    """r(x, y) - r(x, y_hat), clipped to [-clip, clip] (no clipping when clip is None).
+
+    sample_reward, greedy_reward: (B,). Returns (B,).
+    """
+    advantage = sample_reward - greedy_reward
+    return advantage if clip is None else advantage.clamp(-clip, clip)
+
+
+def kl_penalized_rewards(actor_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                         advantage: torch.Tensor, kl_ctl: float) -> torch.Tensor:
+    """Per-token rewards: -kl_ctl * (log pi(y_t) - log pi_ref(y_t)) on every response token, plus the
+    advantage on each row's last response token.
+
+    actor_logprobs, ref_logprobs, mask: (B, T), mask 1 on a prefix of each row; advantage: (B,).
+    Returns (B, T), zero outside the mask (a row without response tokens gets nothing).
+    """
+    mask = mask.to(actor_logprobs.dtype)
+    rewards = -kl_ctl * (actor_logprobs - ref_logprobs) * mask  # (B, T)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    last = last_token_index(mask)  # (B,)
+    return rewards.index_put((rows, last), advantage.to(rewards.dtype) * mask[rows, last], accumulate=True)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over each row's response tokens.
+
+    rewards, mask: (B, T). Returns (B, T), zero outside the mask.
+    """
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def reinforce_loss(logprobs: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token mean of -G_t * log pi(y_t) over the response tokens; the returns are constants.
+
+    logprobs, returns, mask: (B, T). Returns a scalar (0 when the mask is empty).
+    """
+    mask = mask.to(logprobs.dtype)
+    return -(returns.detach() * logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- models and their passes --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Models:
+    actor: object        # training DeepSpeed engine
+    reference: object    # frozen engine: the policy the KL is measured against
+    reward: object       # frozen engine around a RewardModel
+    tokenizer: object
+    gold_reward: Optional[Callable]  # (prompts, responses) -> list of floats, or None
+
+
+def build_models(config: RemaxConfig, tokenizer, total_steps: int):
+    """(Models, the actor's TrainingEngine): actor from `model`, reference and reward model frozen.
+
+    Raises:
+        ModelLoadError: naming `model.path`, `remax.ref_model_path` or `remax.reward_model_path`.
+        EngineConfigError: as create_engine / create_frozen_engine.
+    """
+    remax = config.remax
+    # Frozen models run in the engine's precision; the actor keeps fp32 master weights.
+    frozen_dtype = torch.bfloat16 if config.engine.precision == "bf16" else torch.float32
+    # The frozen models load first: a wrong path fails before minutes of loading the actor.
+    reward = RewardModel.from_pretrained(remax.reward_model_path, dtype=frozen_dtype,
+                                         attn_implementation=config.model.attn_implementation,
+                                         trust_remote_code=config.model.trust_remote_code,
+                                         field="remax.reward_model_path")
+    reference = None
+    if remax.ref_model_path is not None:
+        reference = load_causal_lm(ModelConfig(path=remax.ref_model_path,
+                                               attn_implementation=config.model.attn_implementation,
+                                               trust_remote_code=config.model.trust_remote_code),
+                                   dtype=frozen_dtype)
+    actor = load_causal_lm(config.model)
+    if reference is None:
+        # The starting policy, before any adapter or step. DeepSpeed casts it to the engine's precision
+        # as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq buffer).
+        reference = copy.deepcopy(actor)
+    if config.model.lora.enabled:
+        actor = apply_lora(actor, config.model.lora)
+    built = create_engine(config, actor, total_steps)
+    models = Models(actor=built.engine,
+                    reference=create_frozen_engine(config, reference, zero_stage=remax.ref_zero_stage,
+                                                   offload=remax.ref_offload),
+                    reward=create_frozen_engine(config, reward, zero_stage=remax.reward_zero_stage,
+                                                offload=remax.reward_offload),
+                    tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward))
+    return models, built
+
+
+def load_gold_reward(name: Optional[str]) -> Optional[Callable]:
+    """The programmatic reward named by `remax.gold_reward`, or None (also when its module is absent)."""
+    if name is None:
+        return None
+    try:
+        from pipeline.demo_task import gold_reward_batch
+    except ImportError as error:
+        logger.warning("`remax.gold_reward` is %r but pipeline.demo_task cannot be imported (%s); "
+                       "gold_reward is not logged", name, error)
+        return None
+    return gold_reward_batch
+
+
+def generation_configs(remax: RemaxSection, tokenizer) -> tuple:
+    """(sampling, greedy) GenerationConfigs; every setting that matters is explicit, so a model's own
+    generation_config (top_k 50, repetition penalties) does not change the policy being trained."""
+    common = dict(max_new_tokens=remax.max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0)
+    sample = GenerationConfig(do_sample=True, temperature=remax.temperature, top_p=remax.top_p, top_k=0, **common)
+    greedy = GenerationConfig(do_sample=False, **common)
+    return sample, greedy
+
+
+@contextlib.contextmanager
+def weights_for_generation(engine):
+    """The actor's module, ready for `generate`. Under ZeRO-3 the full weights are gathered once and
+    DeepSpeed's hooks removed for the duration (as TRL does): one all-gather instead of one per
+    generated token, and ranks whose responses end sooner need not keep stepping with the others.
+    Each rank briefly holds the whole actor."""
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module
+        return
+    from deepspeed import zero  # imported here, after pipeline.engine has picked the accelerator
+
+    with zero.GatheredParameters(list(engine.module.parameters())):
+        remove_hooks(engine)
+        try:
+            yield engine.module
+        finally:
+            add_hooks(engine)
+
+
+def with_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Model inputs with positions counted over real tokens, as `generate` counts them under left padding."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                      with_entropy: bool = False) -> tuple:
+    """Log-probabilities (and entropies) of the last `response_length` tokens of `sequences`.
+
+    sequences, attention_mask: (B, P + T). Returns ((B, T) log-probs, (B, T) entropies or None).
+    """
+    # Only the positions that predict response tokens go through the LM head.
+    logits = model(**with_positions(sequences, attention_mask), use_cache=False,
+                   logits_to_keep=response_length + 1).logits[:, :-1].float()  # (B, T, V)
+    logprobs = selective_log_softmax(logits, sequences[:, -response_length:])
+    return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+@dataclasses.dataclass
+class Responses:
+    """Responses to B prompts left-padded to P, generated up to T tokens."""
+
+    sequences: torch.Tensor       # (B, P + T) prompt then response
+    attention_mask: torch.Tensor  # (B, P + T) 1 on the real prompt and response tokens
+    mask: torch.Tensor            # (B, T) response tokens (up to and including the first eos)
+    reward: torch.Tensor          # (B,) reward model score
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    def texts(self, tokenizer) -> list:
+        responses = self.sequences[:, -self.mask.shape[1]:]  # (B, T)
+        return [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
+                for row, keep in zip(responses, self.mask)]
+
+
+def generate_responses(module, batch: dict, generation_config, tokenizer) -> tuple:
+    """(sequences (B, P + T), attention mask (B, P + T), response mask (B, T)) for one prompt batch."""
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    sequences = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
+                                synced_gpus=False)
+    mask = response_mask(sequences, prompt_ids.shape[1], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sequences, torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1), mask
+
+
+def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> Responses:
+    """Responses with their reward. Tokens after the first eos are masked out, so the score is read
+    at the eos (or at the last token of a response cut by the length limit)."""
+    return Responses(sequences, attention_mask, mask,
+                     reward=reward_model(input_ids=sequences, attention_mask=attention_mask).float())
+
+
+@dataclasses.dataclass
+class Rollout:
+    sampled: Responses
+    greedy: Responses
+    actor_logprobs: torch.Tensor  # (B, T) of the sampled response, no grad
+    ref_logprobs: torch.Tensor    # (B, T)
+    entropy: torch.Tensor         # (B, T) the actor's token entropy along the sampled response
+
+
+@torch.no_grad()
+def rollout(models: Models, batch: dict, sample_config, greedy_config) -> Rollout:
+    """Samples and greedily decodes one response per prompt, scores both, and takes the actor's and
+    the reference's log-probs of the sampled one. Collective under ZeRO-3: every rank calls it."""
+    models.actor.eval()
+    with weights_for_generation(models.actor) as actor:
+        sampled = generate_responses(actor, batch, sample_config, models.tokenizer)
+        greedy = generate_responses(actor, batch, greedy_config, models.tokenizer)
+    sampled, greedy = scored(models.reward, *sampled), scored(models.reward, *greedy)
+    response_length = sampled.mask.shape[1]
+    actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
+                                                response_length, with_entropy=True)
+    ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, response_length)
+    return Rollout(sampled, greedy, actor_logprobs, ref_logprobs, entropy)
+
+
+def sequence_kl(experience: Rollout) -> torch.Tensor:
+    """(B,) summed log pi - log pi_ref over each sampled response: the usual sample estimate of KL(pi || pi_ref)."""
+    return ((experience.actor_logprobs - experience.ref_logprobs) * experience.sampled.mask).sum(-1)
+
+
+# ---- one step, evaluation, the best checkpoint --------------------------------------------------
+
+def remax_step(models: Models, batch: dict, remax: RemaxSection, generation: tuple) -> tuple:
+    """Rollout, then the REINFORCE loss with grad for one micro-batch.
+
+    Returns (loss, sums over this micro-batch's sequences for the step's metrics, see `step_metrics`).
+    """
+    experience = rollout(models, batch, *generation)
+    sampled, greedy = experience.sampled, experience.greedy
+    advantage = remax_advantage(sampled.reward, greedy.reward, remax.clip_advantage)  # (B,)
+    rewards = kl_penalized_rewards(experience.actor_logprobs, experience.ref_logprobs, sampled.mask, advantage,
+                                   remax.kl_ctl)  # (B, T)
+    returns = discounted_returns(rewards, sampled.mask, remax.gamma)
+    models.actor.train()
+    logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, sampled.mask.shape[1])
+    loss = reinforce_loss(logprobs, returns, sampled.mask)
+    mask = sampled.mask.float()
+    # advantage_mean and advantage_std describe the advantage as trained on: after clipping.
+    sums = {"sequences": len(advantage), "reward": sampled.reward.sum(), "baseline_reward": greedy.reward.sum(),
+            "advantage": advantage.sum(), "advantage_squared": advantage.square().sum(),
+            "wins": (sampled.reward > greedy.reward).sum(), "kl": sequence_kl(experience).sum(),
+            "response_length": sampled.lengths.sum(), "entropy": (experience.entropy * mask).sum(),
+            "response_tokens": mask.sum(), "tokens": sampled.attention_mask.sum(), "loss": loss.detach(),
+            "micro_batches": 1}
+    if models.gold_reward is not None:
+        sums["gold_reward"] = sum(models.gold_reward(batch["prompt"], sampled.texts(models.tokenizer)))
+    return loss, sums
+
+
+def add_sums(total: dict, sums: dict) -> dict:
+    return {name: total.get(name, 0.0) + float(value) for name, value in sums.items()}
+
+
+def sum_over_ranks(sums: dict, device) -> dict:
+    """Adds each value over the ranks (same keys on every rank); on `device`, which NCCL needs."""
+    names = sorted(sums)
+    values = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(names, values.tolist()))
+
+
+def step_metrics(total: dict) -> dict:
+    """Per-step metrics from `remax_step` sums added over micro-batches and ranks."""
+    n = total["sequences"]
+    advantage_mean = total["advantage"] / n
+    metrics = {"reward": total["reward"] / n, "baseline_reward": total["baseline_reward"] / n,
+               "advantage_mean": advantage_mean,
+               "advantage_std": math.sqrt(max(total["advantage_squared"] / n - advantage_mean ** 2, 0.0)),
+               "win_rate_vs_greedy": total["wins"] / n, "kl": total["kl"] / n,
+               "response_length": total["response_length"] / n,
+               "entropy": total["entropy"] / max(total["response_tokens"], 1.0),
+               "loss": total["loss"] / total["micro_batches"]}
+    if "gold_reward" in total:
+        metrics["gold_reward"] = total["gold_reward"] / n
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(models: Models, loader, generation: tuple, device) -> dict:
+    """Held-out prompts: greedy reward (`eval/reward`, the number the best checkpoint follows), sampled
+    reward, KL of the samples and greedy response length, averaged over every rank's prompts."""
+    total = {}
+    for batch in loader:
+        experience = rollout(models, to_device(batch, device), *generation)
+        sampled, greedy = experience.sampled, experience.greedy
+        sums = {"sequences": len(greedy.reward), "eval/reward": greedy.reward.sum(),
+                "eval/sampled_reward": sampled.reward.sum(), "eval/kl": sequence_kl(experience).sum(),
+                "eval/response_length": greedy.lengths.sum()}
+        if models.gold_reward is not None:
+            sums["eval/gold_reward"] = sum(models.gold_reward(batch["prompt"], greedy.texts(models.tokenizer)))
+        total = add_sums(total, sums)
+    total = sum_over_ranks(total, device)
+    count = total.pop("sequences")
+    return {name: value / count for name, value in total.items()}
+
+
+def export_best(engine, tokenizer, output_dir, best: dict) -> None:
+    """Exports the actor to `output_dir/best` with `best.json` ({best_step, best_eval_reward}).
+
+    Collective. The export is written beside it first and swapped in, so `best/` always holds one
+    complete model.
+    """
+    output_dir = Path(output_dir)
+    staging, retired, target = output_dir / ".best_staging", output_dir / ".best_retired", output_dir / BEST_DIR
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run cut off mid-export
+    dist.barrier()
+    export_final(engine, tokenizer, staging)  # writes staging/final
+    if rank == 0:
+        shutil.rmtree(retired, ignore_errors=True)
+        if target.exists():
+            target.rename(retired)
+        (staging / "final").rename(target)
+        (target / BEST_FILE).write_text(json.dumps(best, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+
+
+def collate_with_prompts(rows: list, pad_token_id: int) -> dict:
+    """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward."""
+    batch = collate_prompts(rows, pad_token_id)
+    batch["prompt"] = [row["prompt"] for row in rows]
+    return batch
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def run(config: RemaxConfig) -> dict:
+    """Trains the actor for the planned steps; returns the last evaluation's metrics."""
+    remax = config.remax
+    tokenizer = load_tokenizer(config.model)
+    data = dataclasses.replace(config.data, eval_path=remax.eval_prompts_path or config.data.eval_path)
+    train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
+    plan = batch_plan(config, init_distributed())
+    rank = dist.get_rank()
+    if rank == 0:
+        logger.info(report.summary())
+    total_steps = total_optimizer_steps(config, len(train_set), plan)
+    models, built = build_models(config, tokenizer, total_steps)
+    engine, device = built.engine, built.engine.device
+    generation = generation_configs(remax, tokenizer)
+    collate = lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id)  # noqa: E731
+
+    position, best = Position(), {"best_step": None, "best_eval_reward": None}
+    checkpoint = latest_checkpoint(config.output_dir) if config.checkpoint.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(engine, checkpoint)
+        position = Position(state["step"], state["epoch"], state["micro_batch"])
+        best = {name: state.get(name) for name in best}
+        logger.info("resumed from %s (step %d)", checkpoint, position.step)
+    metrics_logger = MetricsLogger(config.output_dir, rank=rank, tensorboard=config.logging.tensorboard,
+                                   resume_step=position.step if checkpoint is not None else None)
+    evaluation = eval_loader(eval_set, collate, plan)
+
+    def evaluate_and_keep_best() -> dict:
+        result = evaluate(models, evaluation, generation, device)
+        metrics_logger.log(result, step=position.step)
+        if best["best_eval_reward"] is None or result["eval/reward"] > best["best_eval_reward"]:
+            best.update(best_step=position.step, best_eval_reward=result["eval/reward"])
+            export_best(engine, tokenizer, config.output_dir, best)
+        return result
+
+    last_eval = evaluate_and_keep_best() if position.step == 0 else {}
+    bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
+    meter, window = ThroughputMeter(), {}
+    meter.start()
+    while position.step < total_steps:
+        for batch in train_loader(train_set, collate, plan, config.seed, position):
+            if not window:
+                lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
+            loss, sums = remax_step(models, to_device(batch, device), remax, generation)
+            engine.backward(loss)
+            norm = optimizer_step(engine)
+            position.micro_batch += 1
+            window = add_sums(window, sums)
+            if position.micro_batch % plan.gradient_accumulation_steps:
+                continue
+            position.step += 1
+            total = sum_over_ranks(window, device)
+            timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
+            logged = {**step_metrics(total), "lr": lr, "grad_norm": norm, **timing,
+                      "peak_memory_bytes": peak_memory_bytes()}
+            if position.step % config.logging.every_steps == 0 or position.step == total_steps:
+                metrics_logger.log(logged, step=position.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
+            window = {}
+            every_eval = config.eval_every_steps
+            if (every_eval and position.step % every_eval == 0) or position.step == total_steps:
+                last_eval = evaluate_and_keep_best()
+            every_checkpoint = config.checkpoint.every_steps
+            if every_checkpoint and position.step % every_checkpoint == 0 and position.step < total_steps:
+                save_checkpoint(engine, config.output_dir, position.step, {**dataclasses.asdict(position), **best},
+                                config.checkpoint.keep_last)
+            meter.start()
+            if position.step >= total_steps:
+                break
+        else:
+            position.epoch, position.micro_batch = position.epoch + 1, 0
+    bar.close()
+    metrics_logger.close()
+    export_final(engine, tokenizer, config.output_dir)
+    return last_eval
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, RemaxConfig, description=__doc__.splitlines()[0]))
