@@ -78,25 +78,23 @@ def gold_reward(prompt: str, response: str) -> float:
     Over the response's words (lower-cased runs of letters; punctuation and "<...>" special tokens
     dropped), n of them:
 
-        sentiment  = (distinct positive words - distinct negative words) / n     in [-1, 1]
+        sentiment  = (positive words - negative words) / n                      in [-1, 1]
         topic      = +0.3 if the prompt's topic word (cat, dog, ...) appears in the response
         length     = -0.25 per word short of 3 or past 8
         reward     = clip(sentiment + topic + length, -1, 2)
 
-    A response without words gets -1. Each sentiment word counts once however often it is
-    repeated, so "good good good" is not better than "good"; a policy reaches the top
-    (7/8 + 0.3 = 1.175, e.g. "cat good great happy nice fun lovely love") only with several different
-    positive words and the topic. Positive words: good great happy nice fun lovely love enjoy; negative: bad sad
+    A response without words gets -1. Sentiment is a density: every positive word counts, repeated
+    or not, which is what the preference pairs teach a reward model (they hold no repetitions to
+    tell the two apart); the top (7/8 + 0.3 = 1.175) takes eight words, all positive but the topic. Positive words: good great happy nice fun lovely love enjoy; negative: bad sad
     awful boring ugly terrible hate dislike; everything else is neutral.
     """
     response_words = words(response)
     n = len(response_words)
     if n == 0:
         return EMPTY_REWARD
-    distinct = set(response_words)
-    sentiment = (len(distinct.intersection(POSITIVE)) - len(distinct.intersection(NEGATIVE))) / n
+    sentiment = (sum(w in POSITIVE for w in response_words) - sum(w in NEGATIVE for w in response_words)) / n
     topic = prompt_topic(prompt)
-    bonus = TOPIC_BONUS if topic is not None and topic in distinct else 0.0
+    bonus = TOPIC_BONUS if topic is not None and topic in response_words else 0.0
     penalty = LENGTH_PENALTY * (max(MIN_WORDS - n, 0) + max(n - MAX_WORDS, 0))
     low, high = REWARD_RANGE
     return min(max(sentiment + bonus - penalty, low), high)

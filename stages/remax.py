@@ -68,6 +68,9 @@ class RemaxSection:
     reward_zero_stage: int = 0
     reward_offload: bool = False
     gold_reward: Optional[str] = None         # a programmatic true reward to log next to the model's: "demo"
+    # Subtracted from the reward of responses cut by max_new_tokens before their eos: a reward
+    # model never saw such text and tends to over-score it, which a policy learns to exploit.
+    missing_eos_penalty: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ class RemaxConfig(RunConfig):
                             "(the export of stages.reward)")
         if remax.kl_ctl < 0:
             problems.append(f"`remax.kl_ctl` is {remax.kl_ctl}; it must not be negative (0 turns the KL penalty off)")
+        if remax.missing_eos_penalty is not None and remax.missing_eos_penalty < 0:
+            problems.append(f"`remax.missing_eos_penalty` is {remax.missing_eos_penalty}; it must not be negative")
         if not 0 <= remax.gamma <= 1:
             problems.append(f"`remax.gamma` is {remax.gamma}; use a value in [0, 1]")
         if remax.clip_advantage is not None and remax.clip_advantage <= 0:
@@ -210,6 +215,7 @@ class Models:
     reward: object       # frozen engine around a RewardModel
     tokenizer: object
     gold_reward: Optional[Callable]  # (prompts, responses) -> list of floats, or None
+    missing_eos_penalty: Optional[float] = None
 
 
 def build_models(config: RemaxConfig, tokenizer, total_steps: int):
@@ -246,7 +252,8 @@ def build_models(config: RemaxConfig, tokenizer, total_steps: int):
                                                    offload=remax.ref_offload),
                     reward=create_frozen_engine(config, reward, zero_stage=remax.reward_zero_stage,
                                                 offload=remax.reward_offload),
-                    tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward))
+                    tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward),
+                    missing_eos_penalty=remax.missing_eos_penalty)
     return models, built
 
 
@@ -339,11 +346,22 @@ def generate_responses(module, batch: dict, generation_config, tokenizer) -> tup
     return sequences, torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1), mask
 
 
-def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> Responses:
+def missing_eos_penalized(reward: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, eos_token_id: int,
+                          penalty: Optional[float]) -> torch.Tensor:
+    """`reward` (B,) minus `penalty` where the response (B, T) under `mask` (B, T) holds no eos."""
+    if not penalty:
+        return reward
+    ended = ((responses == eos_token_id) & mask.bool()).any(dim=-1)  # (B,)
+    return reward - penalty * (~ended).to(reward.dtype)
+
+
+def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+           eos_token_id: int, missing_eos_penalty: Optional[float] = None) -> Responses:
     """Responses with their reward. Tokens after the first eos are masked out, so the score is read
-    at the eos (or at the last token of a response cut by the length limit)."""
-    return Responses(sequences, attention_mask, mask,
-                     reward=reward_model(input_ids=sequences, attention_mask=attention_mask).float())
+    at the eos (or at the last token of a response cut by the length limit, then penalised)."""
+    reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
+    reward = missing_eos_penalized(reward, sequences[:, -mask.shape[1]:], mask, eos_token_id, missing_eos_penalty)
+    return Responses(sequences, attention_mask, mask, reward=reward)
 
 
 @dataclasses.dataclass
@@ -363,7 +381,8 @@ def rollout(models: Models, batch: dict, sample_config, greedy_config) -> Rollou
     with weights_for_generation(models.actor) as actor:
         sampled = generate_responses(actor, batch, sample_config, models.tokenizer)
         greedy = generate_responses(actor, batch, greedy_config, models.tokenizer)
-    sampled, greedy = scored(models.reward, *sampled), scored(models.reward, *greedy)
+    penalty = (models.tokenizer.eos_token_id, models.missing_eos_penalty)
+    sampled, greedy = scored(models.reward, *sampled, *penalty), scored(models.reward, *greedy, *penalty)
     response_length = sampled.mask.shape[1]
     actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
                                                 response_length, with_entropy=True)

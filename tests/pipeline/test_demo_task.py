@@ -52,8 +52,8 @@ def test_gold_reward_of_empty_short_long_and_repeated_answers():
     assert gold_reward(CAT, " . <eos>") == -1.0  # no words: punctuation and special tokens do not count
     assert gold_reward(CAT, " good") == pytest.approx(1.0 - 2 * 0.25)  # two words short of three
     long_answer = " the cat is good and the cat is good and nice"  # 11 words: 3 past eight
-    assert gold_reward(CAT, long_answer) == pytest.approx(2 / 11 + 0.3 - 3 * 0.25)
-    assert gold_reward(CAT, " the cat good good good") == pytest.approx(1 / 5 + 0.3)  # repeats count once
+    assert gold_reward(CAT, long_answer) == pytest.approx(3 / 11 + 0.3 - 3 * 0.25)  # good, good, nice
+    assert gold_reward(CAT, " the cat good good good") == pytest.approx(3 / 5 + 0.3)  # every occurrence counts
     assert gold_reward(CAT, " the cat is good . <eos> <pad>") == gold_reward(CAT, " the cat is good .")
     assert gold_reward(CAT, " THE Cat is GOOD.") == gold_reward(CAT, " the cat is good .")
     assert gold_reward(CAT, " bad " * 200) == -1.0  # clipped at the bottom of the range

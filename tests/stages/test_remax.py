@@ -110,7 +110,7 @@ def test_empty_and_cut_responses_get_finite_rewards_read_at_the_eos(tiny_dirs):
     mask = response_mask(sequences, batch["input_ids"].shape[1], eos, pad)
     attention_mask = torch.cat([batch["attention_mask"], mask], dim=1)
     with torch.no_grad():
-        rewards = scored(reward_model, sequences, attention_mask, mask).reward
+        rewards = scored(reward_model, sequences, attention_mask, mask, tokenizer.eos_token_id).reward
         unpadded = tokenizer("human what is the cat assistant")["input_ids"] + [eos]
         alone = reward_model(input_ids=torch.tensor([unpadded]))
         prompt_only = reward_model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1])
@@ -244,3 +244,13 @@ def test_two_rank_zero3_run_logs_every_metric_keeps_the_best_and_resumes_exactly
                      "checkpoint.resume=true"])
     strip = lambda rows: [{k: v for k, v in row.items() if k not in TIMING} for row in rows]  # noqa: E731
     assert strip(read_metrics(resumed_dir)) == strip(metrics)
+
+
+def test_missing_eos_penalty_hits_only_responses_cut_by_the_limit():
+    from stages.remax import missing_eos_penalized
+    eos = 3
+    responses = torch.tensor([[5, eos, 0], [5, 6, 7], [eos, 0, 0]])  # ended, cut, empty (immediate eos)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    reward = torch.tensor([1.0, 2.0, 0.5])
+    assert missing_eos_penalized(reward, responses, mask, eos, 1.5).tolist() == [1.0, 0.5, 0.5]
+    assert missing_eos_penalized(reward, responses, mask, eos, None).tolist() == [1.0, 2.0, 0.5]
