@@ -54,7 +54,8 @@ EMPTY_REWARD = -1.0
 REWARD_RANGE = (-1.0, 2.0)
 # Preference pairs are kept only when the gold rewards differ by at least this much, so the
 # labels are clear-cut and a reward model can reach high held-out accuracy.
-MIN_PAIR_MARGIN = 0.3
+POSITIVE_SHARE = 0.35
+MIN_PAIR_MARGIN = 0.1  # admits pairs that differ in degree (one positive word more), not only in sign
 
 _WORD = re.compile(r"[a-z]+")
 _SPECIAL = re.compile(r"<[^<>\s]*>")  # <eos>, <pad>, ...: a decode that kept special tokens
@@ -137,10 +138,11 @@ def _adjective(rng: random.Random, mood: int) -> str:
 
 
 def sample_response(rng: random.Random, prompt: str) -> str:
-    """One answer from the SFT distribution: half positive-, half negative-leaning; the prompt's topic
-    is the subject 75% of the time (another topic 10%, "it" 15%). Starts with a space."""
+    """One answer from the SFT distribution: 35% positive-, 65% negative-leaning (a mediocre policy
+    that RL has room to improve); the prompt's topic is the subject 75% of the time (another topic
+    10%, "it" 15%). Starts with a space."""
     topic = prompt_topic(prompt) or rng.choice(TOPICS)
-    mood = rng.choice((1, -1))
+    mood = 1 if rng.random() < POSITIVE_SHARE else -1
     draw = rng.random()
     if draw < 0.75:
         subject_topic = topic
