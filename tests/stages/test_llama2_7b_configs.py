@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT, rank_env
 
 pytestmark = pytest.mark.slow
 ARCHITECTURE_ONLY = REPO_ROOT / "tests" / "data" / "llama-2-7b"  # the public config.json, nothing else
-CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward"}
+CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax"}
 
 
 def dry_run(name: str) -> str:
@@ -36,7 +36,7 @@ def test_config_dry_runs_with_a_plan(name):
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
-    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name == "sft_full")
+    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax"))
 
 
 def test_configs_carry_the_reference_settings():
@@ -48,3 +48,6 @@ def test_configs_carry_the_reference_settings():
     assert settings["sft_lora"]["engine"]["gradient_accumulation_steps"] == 2
     assert (settings["reward"]["optim"]["lr"], settings["reward"]["engine"]["micro_batch_size"]) == (2e-5, 10)
     assert all(s["engine"]["precision"] == "bf16" and s["engine"]["zero_stage"] == 2 for s in settings.values())
+    remax = settings["remax"]
+    assert (remax["optim"]["lr"], remax["engine"]["micro_batch_size"], remax["remax"]["kl_ctl"]) == (2e-7, 12, 0.1)
+    assert remax["remax"]["ref_offload"] and remax["remax"]["reward_offload"]
