@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -158,14 +158,10 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
             window, tokens = [], 0
-            every_eval = config.training.eval_every_steps
-            if (every_eval and position.step % every_eval == 0) or position.step == total_steps:
+            if evaluation_due(position.step, config.training.eval_every_steps, total_steps):
                 last_eval = eval_fn(engine, evaluation)
                 metrics_logger.log(last_eval, step=position.step)
-            every_checkpoint = config.checkpoint.every_steps
-            if every_checkpoint and position.step % every_checkpoint == 0 and position.step < total_steps:
-                save_checkpoint(engine, config.output_dir, position.step, dataclasses.asdict(position),
-                                config.checkpoint.keep_last)
+            checkpoint_if_due(engine, config, position, total_steps)
             meter.start()
             if position.step >= total_steps:
                 break
@@ -175,6 +171,22 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
     metrics_logger.close()
     export_final(engine, tokenizer, config.output_dir)
     return last_eval
+
+
+def evaluation_due(step: int, every: Optional[int], total_steps: int) -> bool:
+    """Evaluate every `every` steps and always after the last one."""
+    return bool(every and step % every == 0) or step == total_steps
+
+
+def checkpoint_if_due(engine, config, position: Position, total_steps: int, extra: Optional[dict] = None) -> None:
+    """Saves every `checkpoint.every_steps` (not after the last step: the final export covers it).
+
+    `extra` joins the data position in the trainer state (e.g. ReMax's best eval reward).
+    """
+    every = config.checkpoint.every_steps
+    if every and position.step % every == 0 and position.step < total_steps:
+        save_checkpoint(engine, config.output_dir, position.step, {**dataclasses.asdict(position), **(extra or {})},
+                        config.checkpoint.keep_last)
 
 
 def held_state_bytes(optimizer) -> int:
@@ -194,4 +206,4 @@ def token_weighted_mean(total: float, count: float, device=None) -> float:
 
 
 __all__ = ["Position", "run_supervised", "total_optimizer_steps", "train_loader", "eval_loader", "mean_over_ranks",
-           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes"]
+           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes", "evaluation_due", "checkpoint_if_due"]

@@ -32,11 +32,12 @@ from transformers import GenerationConfig
 from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.data import collate_prompts, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
-from pipeline.loop import Position, eval_loader, optimizer_step, to_device, total_optimizer_steps, train_loader
+from pipeline.loop import (Position, checkpoint_if_due, eval_loader, evaluation_due, optimizer_step, to_device,
+                           total_optimizer_steps, train_loader)
 from pipeline.metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
 from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
 from pipeline.run import main
@@ -565,13 +566,9 @@ def run(config: RemaxConfig) -> dict:
             bar.update(1)
             bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
             window = {}
-            every_eval = config.eval_every_steps
-            if (every_eval and position.step % every_eval == 0) or position.step == total_steps:
+            if evaluation_due(position.step, config.eval_every_steps, total_steps):
                 last_eval = evaluate_and_keep_best()
-            every_checkpoint = config.checkpoint.every_steps
-            if every_checkpoint and position.step % every_checkpoint == 0 and position.step < total_steps:
-                save_checkpoint(engine, config.output_dir, position.step, {**dataclasses.asdict(position), **best},
-                                config.checkpoint.keep_last)
+            checkpoint_if_due(engine, config, position, total_steps, best)
             meter.start()
             if position.step >= total_steps:
                 break
