@@ -293,8 +293,11 @@ def _merge(values: dict, path: list, value) -> None:
     node[path[-1]] = value
 
 
-def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = ()):
+def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = (), *, other_sections: bool = False):
     """Reads `path` (YAML), applies `key.sub=value` overrides, checks types and consistency.
+
+    `other_sections=True` drops top-level sections `cls` does not have (a stage's own section,
+    for tools that read only the shared ones, such as the memory planner).
 
     Raises:
         ConfigError: naming the file and every problem found (unknown keys with a
@@ -320,6 +323,9 @@ def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = ()
         values = loaded or {}
     for override in overrides:
         _merge(values, *parse_override(override))
+    if other_sections:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
     problems = []
     config = _build(cls, values, "", problems)
     # Fields that failed to parse kept their defaults; don't also judge those defaults.
