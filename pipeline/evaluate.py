@@ -157,10 +157,12 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, problems = {}, []
-    for run_dir in run_dirs:
-        name = Path(run_dir).resolve().name
-        if name in runs:  # two runs with one directory name: keep them apart in the legend
-            name = str(run_dir)
+    paths = [Path(run_dir).resolve() for run_dir in run_dirs]
+    # Runs are named by their directory; same-named stages of different runs (adamw/remax,
+    # adam_mini/remax) by their parent too.
+    unique = len({path.name for path in paths}) == len(paths)
+    for run_dir, path in zip(run_dirs, paths):
+        name = path.name if unique else f"{path.parent.name}/{path.name}"
         try:
             runs[name], skipped = read_metrics(run_dir)
             problems += skipped
