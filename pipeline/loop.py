@@ -69,6 +69,16 @@ def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Positio
                       drop_last=True, generator=torch.Generator())
 
 
+def micro_batches(dataset, collate, plan: BatchPlan, seed: int, position: Position):
+    """This rank's micro-batches from `position` on, epoch after epoch; the caller stops.
+
+    Advances `position` to the next epoch when one is used up (the caller counts micro-batches).
+    """
+    while True:
+        yield from train_loader(dataset, collate, plan, seed, position)
+        position.epoch, position.micro_batch = position.epoch + 1, 0
+
+
 def eval_loader(dataset, collate, plan: BatchPlan) -> DataLoader:
     """This rank's share of the eval set (every row once over all ranks, padded to equal counts)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -131,50 +141,47 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
     meter, window, tokens = ThroughputMeter(), [], 0
     last_eval = {}
     meter.start()
-    while position.step < total_steps:
-        for batch in train_loader(train_set, collate, plan, config.seed, position):
-            engine.train()
-            if not window:
-                lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-            loss, metrics, batch_tokens = step_fn(engine, to_device(batch, engine.device))
-            engine.backward(loss)
-            grad_norm = optimizer_step(engine)
-            position.micro_batch += 1
-            window.append({"loss": loss.item(), **metrics})
-            tokens += batch_tokens
-            if position.micro_batch % plan.gradient_accumulation_steps:
-                continue
-            position.step += 1
-            logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]},
-                                     engine.device)
-            timing = meter.stop(tokens * plan.world_size)
-            logged.update(lr=lr, grad_norm=grad_norm,
-                          tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
-                          peak_memory_bytes=peak_memory_bytes())
-            if position.step == 1:  # optimizer state exists from the first step on
-                logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
-            if position.step % config.logging.every_steps == 0 or position.step == total_steps:
-                metrics_logger.log(logged, step=position.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
-            window, tokens = [], 0
-            if evaluation_due(position.step, config.training.eval_every_steps, total_steps):
-                last_eval = eval_fn(engine, evaluation)
-                metrics_logger.log(last_eval, step=position.step)
-            checkpoint_if_due(engine, config, position, total_steps)
-            meter.start()
-            if position.step >= total_steps:
-                break
-        else:
-            position.epoch, position.micro_batch = position.epoch + 1, 0
+    for batch in micro_batches(train_set, collate, plan, config.seed, position):
+        if position.step >= total_steps:  # also true on entry when a resumed run is already done
+            break
+        engine.train()
+        if not window:
+            lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
+        loss, metrics, batch_tokens = step_fn(engine, to_device(batch, engine.device))
+        engine.backward(loss)
+        grad_norm = optimizer_step(engine)
+        position.micro_batch += 1
+        window.append({"loss": loss.item(), **metrics})
+        tokens += batch_tokens
+        if position.micro_batch % plan.gradient_accumulation_steps:
+            continue
+        position.step += 1
+        logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]},
+                                 engine.device)
+        timing = meter.stop(tokens * plan.world_size)
+        logged.update(lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
+                      peak_memory_bytes=peak_memory_bytes())
+        if position.step == 1:  # optimizer state exists from the first step on
+            logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
+        if is_due(position.step, config.logging.every_steps, total_steps):
+            metrics_logger.log(logged, step=position.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
+        window, tokens = [], 0
+        if is_due(position.step, config.training.eval_every_steps, total_steps):
+            last_eval = eval_fn(engine, evaluation)
+            metrics_logger.log(last_eval, step=position.step)
+        checkpoint_if_due(engine, config, position, total_steps)
+        meter.start()
     bar.close()
     metrics_logger.close()
     export_final(engine, tokenizer, config.output_dir)
     return last_eval
 
 
-def evaluation_due(step: int, every: Optional[int], total_steps: int) -> bool:
-    """Evaluate every `every` steps and always after the last one."""
+def is_due(step: int, every: Optional[int], total_steps: int) -> bool:
+    """Every `every` steps and always after the last one (logging, evaluation)."""
     return bool(every and step % every == 0) or step == total_steps
 
 
@@ -206,4 +213,4 @@ def token_weighted_mean(total: float, count: float, device=None) -> float:
 
 
 __all__ = ["Position", "run_supervised", "total_optimizer_steps", "train_loader", "eval_loader", "mean_over_ranks",
-           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes", "evaluation_due", "checkpoint_if_due"]
+           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes", "is_due", "checkpoint_if_due", "micro_batches"]

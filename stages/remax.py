@@ -36,8 +36,8 @@ from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.data import collate_prompts, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
-from pipeline.loop import (Position, checkpoint_if_due, eval_loader, evaluation_due, optimizer_step, to_device,
-                           total_optimizer_steps, train_loader)
+from pipeline.loop import (Position, checkpoint_if_due, eval_loader, is_due, micro_batches, optimizer_step,
+                           to_device, total_optimizer_steps)
 from pipeline.metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
 from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
 from pipeline.run import main
@@ -545,35 +545,32 @@ def run(config: RemaxConfig) -> dict:
     bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
     meter, window = ThroughputMeter(), {}
     meter.start()
-    while position.step < total_steps:
-        for batch in train_loader(train_set, collate, plan, config.seed, position):
-            if not window:
-                lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-            loss, sums = remax_step(models, to_device(batch, device), remax, generation)
-            engine.backward(loss)
-            norm = optimizer_step(engine)
-            position.micro_batch += 1
-            window = add_sums(window, sums)
-            if position.micro_batch % plan.gradient_accumulation_steps:
-                continue
-            position.step += 1
-            total = sum_over_ranks(window, device)
-            timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
-            logged = {**step_metrics(total), "lr": lr, "grad_norm": norm, **timing,
-                      "peak_memory_bytes": peak_memory_bytes()}
-            if position.step % config.logging.every_steps == 0 or position.step == total_steps:
-                metrics_logger.log(logged, step=position.step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
-            window = {}
-            if evaluation_due(position.step, config.eval_every_steps, total_steps):
-                last_eval = evaluate_and_keep_best()
-            checkpoint_if_due(engine, config, position, total_steps, best)
-            meter.start()
-            if position.step >= total_steps:
-                break
-        else:
-            position.epoch, position.micro_batch = position.epoch + 1, 0
+    for batch in micro_batches(train_set, collate, plan, config.seed, position):
+        if position.step >= total_steps:  # also true on entry when a resumed run is already done
+            break
+        if not window:
+            lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
+        loss, sums = remax_step(models, to_device(batch, device), remax, generation)
+        engine.backward(loss)
+        norm = optimizer_step(engine)
+        position.micro_batch += 1
+        window = add_sums(window, sums)
+        if position.micro_batch % plan.gradient_accumulation_steps:
+            continue
+        position.step += 1
+        total = sum_over_ranks(window, device)
+        timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
+        logged = {**step_metrics(total), "lr": lr, "grad_norm": norm, **timing,
+                  "peak_memory_bytes": peak_memory_bytes()}
+        if is_due(position.step, config.logging.every_steps, total_steps):
+            metrics_logger.log(logged, step=position.step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
+        window = {}
+        if is_due(position.step, config.eval_every_steps, total_steps):
+            last_eval = evaluate_and_keep_best()
+        checkpoint_if_due(engine, config, position, total_steps, best)
+        meter.start()
     bar.close()
     metrics_logger.close()
     export_final(engine, tokenizer, config.output_dir)
