@@ -29,6 +29,10 @@ TRAINER_STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue from; the message says what to do instead."""
+
+
 def rng_file(checkpoint: Path, rank: int) -> Path:
     return Path(checkpoint) / f"rng_rank{rank}.pt"
 
@@ -155,23 +159,43 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_las
     return checkpoint
 
 
+def check_resumable(output_dir, world_size: int) -> Optional[Path]:
+    """The checkpoint a resumed run will load (None: it starts from step 0), checked against this
+    run's rank count before any model is built or any file written.
+
+    Raises:
+        ResumeError: the checkpoint was written by a different number of ranks.
+    """
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        _check_rank_count(checkpoint, world_size)
+    return checkpoint
+
+
+def _check_rank_count(checkpoint: Path, world_size: int) -> None:
+    saved_ranks = len(list(Path(checkpoint).glob("rng_rank*.pt")))
+    if saved_ranks != world_size:
+        raise ResumeError(f"{checkpoint} was written by {saved_ranks} ranks but this run has {world_size}: ZeRO "
+                          "shards, Adam-mini's per-block state and each rank's data order depend on the rank count. "
+                          f"Resume with {saved_ranks} ranks (NUM_GPUS={saved_ranks}), or start a new run from its "
+                          "weights (model.path=<run>/final, or export this checkpoint) without checkpoint.resume")
+
+
 def load_checkpoint(engine, checkpoint: Path) -> dict:
     """Loads DeepSpeed's state into `engine`, restores this rank's RNG states and returns
     the trainer state (with "step"); every rank calls it.
 
     Raises:
-        RuntimeError: the checkpoint has no COMPLETE marker, was written by a different
-            number of ranks, or DeepSpeed could not load it.
+        ResumeError: the checkpoint has no COMPLETE marker or was written by a different number of
+            ranks (checked before anything is loaded).
+        RuntimeError: DeepSpeed could not load it.
     """
     checkpoint = Path(checkpoint)
     if not (checkpoint / COMPLETE_MARKER).is_file():
-        raise RuntimeError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} marker: it was cut off "
-                           "while being written); use latest_checkpoint() to find one")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    saved_ranks = len(list(checkpoint.glob("rng_rank*.pt")))
-    if saved_ranks != world_size:
-        raise RuntimeError(f"{checkpoint} was written by {saved_ranks} ranks but this run has {world_size}; resume "
-                           "with the same number of ranks (ZeRO shards and each rank's data depend on it)")
+        raise ResumeError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} marker: it was cut off "
+                          "while being written); use latest_checkpoint() to find one")
+    rank = dist.get_rank()
+    _check_rank_count(checkpoint, dist.get_world_size())
     load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint} (engine.load_checkpoint returned "

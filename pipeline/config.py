@@ -95,6 +95,8 @@ class TrainingConfig:
     epochs: int = 1
     max_steps: Optional[int] = None   # optimizer steps; stops before `epochs` if reached
     eval_every_steps: Optional[int] = None
+    # Updates skipped in a row for non-finite loss or gradients before the run stops as diverged.
+    max_consecutive_skips: int = 5
 
 
 @dataclasses.dataclass
@@ -165,7 +167,9 @@ def common_problems(config: RunConfig) -> list:
     positive = {"engine.micro_batch_size": engine.micro_batch_size,
                 "engine.gradient_accumulation_steps": engine.gradient_accumulation_steps,
                 "data.max_length": data.max_length, "data.max_prompt_length": data.max_prompt_length,
-                "training.epochs": config.training.epochs, "logging.every_steps": config.logging.every_steps,
+                "training.epochs": config.training.epochs,
+                "training.max_consecutive_skips": config.training.max_consecutive_skips,
+                "logging.every_steps": config.logging.every_steps,
                 "checkpoint.keep_last": config.checkpoint.keep_last, "model.lora.r": config.model.lora.r}
     for field in ("training.max_steps", "training.eval_every_steps", "checkpoint.every_steps"):
         if _get(config, field) is not None:
@@ -293,6 +297,16 @@ def _merge(values: dict, path: list, value) -> None:
     node[path[-1]] = value
 
 
+def _yaml_kind(value) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+
+
 def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = (), *, other_sections: bool = False):
     """Reads `path` (YAML), applies `key.sub=value` overrides, checks types and consistency.
 
@@ -307,6 +321,8 @@ def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = ()
     values = {}
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise ConfigError([f"{file} is a directory; give the YAML config file itself"], source)
         if not file.is_file():
             raise ConfigError([f"config file not found: {file}"], source)
         try:
@@ -318,8 +334,8 @@ def load_config(cls, path: Optional[str] = None, overrides: typing.Sequence = ()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError([f"cannot read the config: {error}"], source) from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(["the file must hold a mapping of sections, not a "
-                               f"{type(loaded).__name__}"], source)
+            raise ConfigError([f"the file holds {_yaml_kind(loaded)} at the top level; it must hold a mapping "
+                               "of sections (`model:`, `data:`, ...)"], source)
         values = loaded or {}
     for override in overrides:
         _merge(values, *parse_override(override))

@@ -485,32 +485,42 @@ def _split(dataset: Dataset, eval_fraction: float, seed: int) -> tuple:
     return dataset.select(train_index), dataset.select(eval_index)
 
 
-def prepare_dataset(config: DataConfig, tokenizer, seed: int) -> tuple[Dataset, Dataset, DataReport]:
-    """Loads, validates and tokenises `config.path` as `config.format`; returns (train, eval, report).
-
-    Eval is `config.eval_path`, prepared the same way (its report in `report.eval_report`), or else a
-    `seed`-determined `config.eval_fraction` of the kept rows.
+def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None) -> tuple[Dataset, DataReport]:
+    """Loads, validates and tokenises one whole file, `path` (default `config.path`), as `config.format`;
+    returns (dataset, report).
 
     Raises:
         DataError: naming the file: unreadable data (see `load_rows`), a bad row under
             `config.strict` (with its row number), a conversation without a chat template, a tokenizer
             without an eos token, or no rows left after filtering (with the report's summary).
     """
-    fmt = config.format
-    if config.path is None:
+    fmt, path = config.format, config.path if path is None else path
+    if path is None:
         raise DataError("`data.path` is not set; give a JSON / JSONL / Parquet file or a dataset name")
     if fmt not in FORMATS:
-        raise DataError(f"{config.path}: `data.format` is {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise DataError(f"{path}: `data.format` is {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt != "prompt" and tokenizer.eos_token_id is None:
-        raise DataError(f"{config.path}: the tokenizer has no eos token, which ends every {fmt} answer; "
+        raise DataError(f"{path}: the tokenizer has no eos token, which ends every {fmt} answer; "
                         "set `tokenizer.eos_token`")
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{config.path}: format 'chat' renders `messages` with the tokenizer's chat template, and "
+        raise DataError(f"{path}: format 'chat' renders `messages` with the tokenizer's chat template, and "
                         "this tokenizer has none; set `tokenizer.chat_template` (a Jinja string) or use format "
                         "'sft' with prompt/response fields")
-    dataset, report = _prepare_file(config.path, fmt, tokenizer, config)
+    return _prepare_file(path, fmt, tokenizer, config)
+
+
+def prepare_dataset(config: DataConfig, tokenizer, seed: int) -> tuple[Dataset, Dataset, DataReport]:
+    """`prepare_file` of `config.path`; returns (train, eval, report).
+
+    Eval is `config.eval_path`, prepared the same way (its report in `report.eval_report`), or else a
+    `seed`-determined `config.eval_fraction` of the kept rows.
+
+    Raises:
+        DataError: as `prepare_file`.
+    """
+    dataset, report = prepare_file(config, tokenizer)
     if config.eval_path is not None:
-        eval_dataset, report.eval_report = _prepare_file(config.eval_path, fmt, tokenizer, config)
+        eval_dataset, report.eval_report = prepare_file(config, tokenizer, config.eval_path)
         return dataset, eval_dataset, report
     train, eval_dataset = _split(dataset, config.eval_fraction, seed)
     return train, eval_dataset, report

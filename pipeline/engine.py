@@ -25,6 +25,7 @@ import torch.distributed as dist  # noqa: E402
 
 from optimizers import Adam_mini, applies_weight_decay, geometry_from_model  # noqa: E402
 from .config import RunConfig  # noqa: E402
+from .run import start_run_dir  # noqa: E402
 
 
 class EngineConfigError(ValueError):
@@ -167,7 +168,13 @@ class TrainingEngine:
 
 
 def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -> TrainingEngine:
-    """Builds optimizer, schedule and DeepSpeed config, and calls `deepspeed.initialize`.
+    """Builds optimizer, schedule and DeepSpeed config, claims `output_dir` for the run and calls
+    `deepspeed.initialize`.
+
+    The run directory is claimed here (`pipeline.run.start_run_dir`: an overwritten run's outputs
+    removed, the resolved config written) because this is the first write of every stage, after its
+    data and models have loaded: a run that fails before it leaves an earlier run untouched. The
+    stage entry (`pipeline.run.main`) has checked the directory before anything loaded.
 
     Raises:
         EngineConfigError: a batch or device combination that cannot run (see batch_plan, check_device).
@@ -178,9 +185,10 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     ds_config = build_ds_config(config, plan)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(optimizer, config, total_steps)
+    start_run_dir(config)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    if dist.get_rank() == 0 and Path(config.output_dir).is_dir():
+    if dist.get_rank() == 0:
         # The run records exactly what DeepSpeed was given, flags we set for it included.
         (Path(config.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)

@@ -1,19 +1,32 @@
-"""Reward curves and summaries of finished runs.
+"""Reward curves and summaries of finished runs, and a policy scored on held-out prompts.
 
     python -m pipeline.evaluate curves RUN_DIR [RUN_DIR ...] --out DIR [--smoothing 0.6]
+    python -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml [key=value ...] [--debug]
 
-Reads each run's `metrics.jsonl`, plots every known metric against step with the runs
+`curves` reads each run's `metrics.jsonl`, plots every known metric against step with the runs
 overlaid (raw thin, smoothed thick; legend from the run directory names), and writes one
 PNG per metric plus `summary.md`. Runs of different lengths or with missing metrics are
 handled and reported.
+
+`policy` answers each prompt greedily and by sampling, in one process without DeepSpeed, and
+reports the reward model's mean and std score of each, the mean response length, the greedy win
+rate against a baseline policy, the KL to a reference policy and optionally a gold reward; it
+writes them as JSON and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
+from typing import Optional
+
+from pipeline.config import ConfigError, load_config
+
+logger = logging.getLogger(__name__)
 
 # Plotted when present, in this order: ReMax first, then SFT and reward-model training.
 METRICS = ("eval/reward", "eval/gold_reward", "reward", "baseline_reward", "gold_reward", "eval/kl", "kl",
@@ -183,6 +196,298 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
             "summaries": summaries, "problems": problems}
 
 
+# ---- policy: a policy's responses to held-out prompts, scored ------------------------------------
+# torch, transformers and trl are imported inside these functions: importing them takes seconds,
+# which `curves` need not pay.
+
+@dataclasses.dataclass
+class PolicyEvalConfig:
+    """What `python -m pipeline.evaluate policy` scores, and how it generates."""
+
+    policy_path: Optional[str] = None           # Hugging Face directory; its tokenizer serves every model
+    reward_model_path: Optional[str] = None     # a RewardModel directory (the export of stages.reward)
+    baseline_policy_path: Optional[str] = None  # e.g. the SFT model: its greedy responses give the win rate
+    ref_model_path: Optional[str] = None        # the KL is against it; defaults to the baseline; neither: no KL
+    prompts_path: Optional[str] = None          # held-out rows {"prompt": ...}, read as `data.format: prompt`
+    output: Optional[str] = None                # the JSON file written
+    max_prompt_length: int = 256                # longer prompts are skipped (and counted)
+    max_new_tokens: int = 32
+    temperature: float = 1.0                    # sampling only: log-probs are the models' own, as in ReMax
+    top_p: float = 1.0
+    num_samples: int = 1                        # sampled responses per prompt
+    batch_size: int = 8                         # prompts per generate call
+    seed: int = 0                               # seeds the sampling: the same config gives the same numbers
+    gold_reward: Optional[str] = None           # a programmatic true reward to report too: "demo"
+    # As in ReMax: subtracted from the reward of responses cut by max_new_tokens before their eos,
+    # so the scores compare with a run's eval/reward.
+    missing_eos_penalty: Optional[float] = None
+    device: str = "auto"                        # auto (cuda where available, else cpu) | cpu | cuda
+    precision: str = "fp32"                     # fp32 | bf16
+
+    @property
+    def reference_path(self) -> Optional[str]:
+        return self.ref_model_path or self.baseline_policy_path
+
+    def problems(self) -> list:
+        """Every problem at once, each naming the field, the value and the fix; paths are checked too,
+        so a typo fails before minutes of loading."""
+        from pipeline.generation import GOLD_REWARDS
+
+        problems = []
+        for field, what in (("policy_path", "a Hugging Face policy directory"),
+                            ("reward_model_path", "a reward model directory (the export of stages.reward)"),
+                            ("prompts_path", 'a JSON / JSONL file of {"prompt": ...} rows'),
+                            ("output", "the JSON file to write, e.g. runs/eval_policy.json")):
+            if getattr(self, field) is None:
+                problems.append(f"`{field}` is not set; give {what}")
+        for field in ("max_prompt_length", "max_new_tokens", "num_samples", "batch_size"):
+            if getattr(self, field) <= 0:
+                problems.append(f"`{field}` is {getattr(self, field)}; it must be a positive integer")
+        if self.temperature <= 0:
+            problems.append(f"`temperature` is {self.temperature}; it must be positive")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"`top_p` is {self.top_p}; use a value in (0, 1]")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            problems.append(f"`missing_eos_penalty` is {self.missing_eos_penalty}; it must not be negative")
+        if self.gold_reward is not None and self.gold_reward not in GOLD_REWARDS:
+            problems.append(f"`gold_reward` is {self.gold_reward!r}; use one of {', '.join(GOLD_REWARDS)} "
+                            "or leave it unset")
+        for field, choices in (("device", ("auto", "cpu", "cuda")), ("precision", ("fp32", "bf16"))):
+            if getattr(self, field) not in choices:
+                problems.append(f"`{field}` is {getattr(self, field)!r}; use one of {', '.join(choices)}")
+        return problems + self.path_problems()
+
+    def path_problems(self) -> list:
+        """Paths that are set but hold nothing usable."""
+        from pipeline.models import ModelLoadError, check_model_dir
+
+        problems = []
+        for field in ("policy_path", "baseline_policy_path", "ref_model_path", "reward_model_path"):
+            if getattr(self, field) is not None:
+                try:
+                    check_model_dir(getattr(self, field), field)
+                except ModelLoadError as error:
+                    problems.append(str(error))
+        if self.prompts_path is not None and not Path(self.prompts_path).exists():
+            problems.append(f"`prompts_path` {self.prompts_path} does not exist")
+        return problems
+
+
+@dataclasses.dataclass
+class PolicyModels:
+    policy: object
+    reward: object                # RewardModel
+    baseline: Optional[object]    # None without `baseline_policy_path`
+    reference: Optional[object]   # None without `ref_model_path` and `baseline_policy_path`
+    tokenizer: object
+    device: object                # torch.device
+
+
+def load_policy_models(config: PolicyEvalConfig) -> PolicyModels:
+    """Policy, reward model, baseline and reference in eval mode on one device; a directory named by
+    two fields is loaded once.
+
+    Raises:
+        ModelLoadError: naming the field whose directory cannot be loaded, or whose vocabulary
+            differs from the policy's (every model reads the policy's tokens).
+    """
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import ModelLoadError, RewardModel, load_causal_lm, load_tokenizer
+
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    loaded = {}
+
+    def causal_lm(field: str):
+        path = getattr(config, field)
+        if path is None:
+            return None
+        if Path(path).resolve() not in loaded:
+            model = load_causal_lm(ModelConfig(path=path), dtype=dtype, device=str(device), field=field)
+            loaded[Path(path).resolve()] = model.eval()
+        return loaded[Path(path).resolve()]
+
+    tokenizer = load_tokenizer(ModelConfig(path=config.policy_path), field="policy_path")
+    reference_field = "ref_model_path" if config.ref_model_path is not None else "baseline_policy_path"
+    models = PolicyModels(policy=causal_lm("policy_path"),
+                          reward=RewardModel.from_pretrained(config.reward_model_path, dtype=dtype, device=str(device),
+                                                             field="reward_model_path").eval(),
+                          baseline=causal_lm("baseline_policy_path"), reference=causal_lm(reference_field),
+                          tokenizer=tokenizer, device=device)
+    vocab_size = models.policy.config.vocab_size
+    for field, model in (("reward_model_path", models.reward), ("baseline_policy_path", models.baseline),
+                         (reference_field, models.reference)):
+        if model is not None and model.config.vocab_size != vocab_size:
+            raise ModelLoadError(f"`{field}` {getattr(config, field)} has a vocabulary of {model.config.vocab_size} "
+                                 f"tokens and `policy_path` one of {vocab_size}; every model reads the policy's "
+                                 "tokens, so give models that share its tokenizer")
+    return models
+
+
+def extend(total: dict, part: dict) -> dict:
+    """Appends the lists of `part` to those of `total`, key by key, through nested dicts."""
+    for name, value in part.items():
+        if isinstance(value, dict):
+            extend(total.setdefault(name, {}), value)
+        else:
+            total.setdefault(name, []).extend(value)
+    return total
+
+
+def response_values(responses, prompts: list, tokenizer, gold_reward) -> dict:
+    """Per response of a `Responses` batch, as lists: the reward model's score, the length in tokens (eos
+    included), 1 where the length limit cut it before its eos, and the gold reward of its text."""
+    from pipeline.generation import missing_eos
+
+    cut = missing_eos(responses.sequences[:, -responses.mask.shape[1]:], responses.mask, tokenizer.eos_token_id)
+    values = {"reward": responses.reward.tolist(), "response_length": responses.lengths.tolist(),
+              "missing_eos": cut.long().tolist()}
+    if gold_reward is not None:
+        values["gold_reward"] = list(gold_reward(prompts, responses.texts(tokenizer)))
+    return values
+
+
+def score_batch(models: PolicyModels, batch: dict, generation: tuple, config: PolicyEvalConfig,
+                gold_reward) -> dict:
+    """The policy's greedy and `num_samples` sampled responses to one prompt batch, and the baseline's
+    greedy ones, scored: `response_values` under "greedy", "sampled" and "baseline_greedy", and
+    under "kl" each sample's summed log pi - log pi_ref (the sample estimate of KL(pi || pi_ref), as
+    ReMax logs it)."""
+    from pipeline.generation import generate_responses, response_logprobs, scored
+
+    sample_config, greedy_config = generation
+    tokenizer, prompts = models.tokenizer, batch["prompt"]
+
+    def respond(model, generation_config):
+        responses = generate_responses(model, batch, generation_config, tokenizer)
+        return scored(models.reward, *responses, tokenizer.eos_token_id, config.missing_eos_penalty)
+
+    values = {"greedy": response_values(respond(models.policy, greedy_config), prompts, tokenizer, gold_reward),
+              "sampled": {}, "kl": []}
+    if models.baseline is not None:
+        values["baseline_greedy"] = response_values(respond(models.baseline, greedy_config), prompts, tokenizer,
+                                                    gold_reward)
+    for _ in range(config.num_samples):
+        sampled = respond(models.policy, sample_config)
+        extend(values["sampled"], response_values(sampled, prompts, tokenizer, gold_reward))
+        if models.reference is not None:
+            length = sampled.mask.shape[1]
+            logprobs, _ = response_logprobs(models.policy, sampled.sequences, sampled.attention_mask, length)
+            ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, length)
+            values["kl"] += ((logprobs - ref_logprobs) * sampled.mask).sum(-1).tolist()
+    return values
+
+
+def mean_std(values: list) -> tuple:
+    """(mean, population standard deviation) of a non-empty list."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+
+
+def win_rate(rewards: list, baseline_rewards: list) -> float:
+    """Fraction of prompts whose reward beats the baseline's, ties counting half."""
+    wins = [1.0 if ours > theirs else 0.5 if ours == theirs else 0.0 for ours, theirs in zip(rewards, baseline_rewards)]
+    return sum(wins) / len(wins)
+
+
+def response_summary(values: dict) -> dict:
+    """Means (and the reward's std) of `response_values` lists; gold_reward None without one."""
+    reward_mean, reward_std = mean_std(values["reward"])
+    return {"reward_mean": reward_mean, "reward_std": reward_std,
+            "response_length": mean_std(values["response_length"])[0],
+            "missing_eos_fraction": mean_std(values["missing_eos"])[0],
+            "gold_reward": mean_std(values["gold_reward"])[0] if "gold_reward" in values else None}
+
+
+def policy_result(values: dict, config: PolicyEvalConfig, prompt_count: int) -> dict:
+    """The JSON written: summaries per kind of response, win rate and KL (None where not measured), and the
+    config with the reference resolved."""
+    baseline = values.get("baseline_greedy")
+    return {"prompts": prompt_count, "samples_per_prompt": config.num_samples,
+            "greedy": response_summary(values["greedy"]), "sampled": response_summary(values["sampled"]),
+            "baseline_greedy": response_summary(baseline) if baseline else None,
+            "win_rate": win_rate(values["greedy"]["reward"], baseline["reward"]) if baseline else None,
+            "kl": mean_std(values["kl"])[0] if values["kl"] else None,
+            "config": {**dataclasses.asdict(config), "ref_model_path": config.reference_path}}
+
+
+def evaluate_policy(config: PolicyEvalConfig) -> dict:
+    """Scores the policy on every usable prompt of `prompts_path`; writes `output` (JSON) and returns it.
+
+    Raises:
+        ModelLoadError: a model directory that cannot be loaded, naming the field.
+        DataError: an unreadable prompts file, or one without a usable prompt.
+    """
+    import torch
+
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare_file
+    from pipeline.generation import collate_with_prompts, generation_configs, load_gold_reward
+
+    models = load_policy_models(config)
+    tokenizer = models.tokenizer
+    data = DataConfig(path=config.prompts_path, format="prompt", max_prompt_length=config.max_prompt_length,
+                      max_length=config.max_prompt_length + config.max_new_tokens)
+    prompts, report = prepare_file(data, tokenizer)
+    logger.info(report.summary())
+    generation = generation_configs(tokenizer, config.max_new_tokens, config.temperature, config.top_p)
+    gold_reward = load_gold_reward(config.gold_reward)
+    torch.manual_seed(config.seed)
+    values = {}
+    with torch.no_grad():
+        for start in range(0, len(prompts), config.batch_size):
+            rows = [prompts[index] for index in range(start, min(start + config.batch_size, len(prompts)))]
+            batch = collate_with_prompts(rows, tokenizer.pad_token_id)
+            batch = {name: value.to(models.device) if torch.is_tensor(value) else value
+                     for name, value in batch.items()}
+            extend(values, score_batch(models, batch, generation, config, gold_reward))
+    result = policy_result(values, config, len(prompts))
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def policy_table(result: dict) -> str:
+    config = result["config"]
+    columns = ("reward_mean", "reward_std", "response_length", "missing_eos_fraction", "gold_reward")
+    lines = [f"{config['policy_path']} on {result['prompts']} prompts of {config['prompts_path']}, "
+             f"{result['samples_per_prompt']} sample(s) each", "",
+             "| responses | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in ("greedy", "sampled", "baseline_greedy"):
+        if result[name] is not None:
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_cell(result[name][c]) for c in columns) + " |")
+    lines += ["", f"win rate vs {config['baseline_policy_path'] or 'a baseline'} (greedy, ties half): "
+                  f"{_cell(result['win_rate'])}",
+              f"KL to {config['ref_model_path'] or 'a reference'} (sampled, summed over tokens): {_cell(result['kl'])}",
+              f"written to {config['output']}"]
+    return "\n".join(lines)
+
+
+def run_policy(config_path: str, overrides: list, debug: bool = False) -> int:
+    """`policy`: loads the config, scores, prints the table. Returns the exit code: 0, or
+    EXIT_USER_ERROR after a one-paragraph message for bad input (the traceback only with `debug`)."""
+    from pipeline.data import DataError
+    from pipeline.models import ModelLoadError
+    from pipeline.run import EXIT_USER_ERROR
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = evaluate_policy(load_config(PolicyEvalConfig, config_path, overrides))
+    except (ConfigError, ModelLoadError, DataError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(policy_table(result))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,7 +495,13 @@ def main(argv=None) -> int:
     curve_parser.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl)")
     curve_parser.add_argument("--out", required=True, help="directory for the PNGs and summary.md")
     curve_parser.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
+    policy_parser = commands.add_parser("policy", help="score a policy's responses to prompts with a reward model")
+    policy_parser.add_argument("--config", required=True, help="YAML scorer config (fields of PolicyEvalConfig)")
+    policy_parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    policy_parser.add_argument("overrides", nargs="*", help="key=value settings applied after the file")
     args = parser.parse_args(argv)
+    if args.command == "policy":
+        return run_policy(args.config, args.overrides, args.debug)
     if not 0 <= args.smoothing < 1:
         parser.error(f"--smoothing is {args.smoothing}; use a value in [0, 1)")
     try:

@@ -7,6 +7,7 @@ the final export.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import DataError
 from .engine import BatchPlan, TrainingEngine
 from .metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
 
@@ -43,12 +45,12 @@ def total_optimizer_steps(config, num_rows: int, plan: BatchPlan) -> int:
     """Steps the run will take: all epochs, cut at `training.max_steps`.
 
     Raises:
-        ValueError: the data is too small for one optimizer step.
+        DataError: the data is too small for one optimizer step.
     """
     per_epoch = optimizer_steps_per_epoch(num_rows, plan)
     if per_epoch == 0:
-        raise ValueError(f"`data.path` {config.data.path}: {num_rows} training rows are fewer than one optimizer "
-                         f"step needs ({plan.global_batch_size} = micro-batch x accumulation x ranks)")
+        raise DataError(f"`data.path` {config.data.path}: {num_rows} training rows are fewer than one optimizer "
+                        f"step needs ({plan.global_batch_size} = micro-batch x accumulation x ranks)")
     total = per_epoch * config.training.epochs
     return min(total, config.training.max_steps) if config.training.max_steps else total
 
@@ -91,20 +93,74 @@ def to_device(batch: dict, device) -> dict:
     return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
-def optimizer_step(engine) -> float:
-    """`engine.step()`, returning the global gradient norm before clipping (nan off the accumulation boundary).
+class NonFiniteStepsError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients: the run is diverging."""
 
-    DeepSpeed records the norm under ZeRO 1-3 and bf16/fp16, but not for fp32 at ZeRO-0; there it is
-    taken here from the gradients, which the engine's backward has already averaged over the ranks.
+
+@dataclasses.dataclass
+class StepOutcome:
+    grad_norm: float   # global norm before clipping (nan off the accumulation boundary, inf when skipped)
+    skipped: bool      # the update was withheld: non-finite loss or gradients on some rank
+
+
+def optimizer_step(engine) -> StepOutcome:
+    """`engine.step()`, withholding the update when any rank's gradients are not finite.
+
+    DeepSpeed's wrappers (ZeRO 1-3, bf16, fp16) check the global gradient norm, skip the update and
+    leave the schedule where it was. At fp32 ZeRO-0 the client optimizer runs bare: there the norm is
+    taken here, from gradients the engine's backward has already averaged over the ranks, and the
+    same protocol is followed. Either way `engine.skipped_steps` counts the skip.
     """
-    own_norm = math.nan
+    own_norm = None  # DeepSpeed records the norm except for a bare optimizer
     if (engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
         grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
         own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    engine.step()
+    skipped_before = engine.skipped_steps
+    with _update_withheld(engine.optimizer, own_norm is not None and not math.isfinite(own_norm)):
+        engine.step()
+    if engine.skipped_steps > skipped_before:
+        return StepOutcome(math.inf, skipped=True)
     recorded = engine.get_global_grad_norm()
-    return float(recorded) if recorded is not None else own_norm
+    grad_norm = recorded if recorded is not None else own_norm
+    return StepOutcome(math.nan if grad_norm is None else float(grad_norm), skipped=False)
+
+
+@contextlib.contextmanager
+def _update_withheld(optimizer, withheld: bool):
+    """While active (if `withheld`), `optimizer.step()` does nothing and `optimizer.overflow` is set:
+    the attribute DeepSpeed's engine reads to count a skipped step and hold the LR schedule."""
+    if not withheld:
+        yield
+        return
+    optimizer.step = lambda closure=None: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.step, optimizer.overflow
+
+
+class SkipGuard:
+    """Counts withheld updates; stops the run after `limit` in a row (a diverging run only burns time)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, outcome: StepOutcome, step: int, total_skipped: int) -> None:
+        """Raises NonFiniteStepsError after `limit` consecutive skips; warns on each one."""
+        if not outcome.skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss or gradients on some rank; update skipped, parameters and "
+                       "optimizer state unchanged (%d in a row, %d in this run)", step, self.in_a_row, total_skipped)
+        if self.in_a_row >= self.limit:
+            raise NonFiniteStepsError(
+                f"steps {step - self.in_a_row + 1}-{step}: {self.in_a_row} optimizer steps in a row had non-finite "
+                f"loss or gradients (`training.max_consecutive_skips` is {self.limit}); the run is diverging. "
+                "Lower `optim.lr`, check the data rows of these steps, or use fp32 / bf16 instead of fp16. "
+                "Checkpoints written so far are intact; resume with checkpoint.resume=true.")
 
 
 def mean_over_ranks(values: dict, device=None) -> dict:
@@ -139,7 +195,7 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
         metrics_logger.log(eval_fn(engine, evaluation), step=0)
     bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
     meter, window, tokens = ThroughputMeter(), [], 0
-    last_eval = {}
+    last_eval, guard = {}, SkipGuard(config.training.max_consecutive_skips)
     meter.start()
     for batch in micro_batches(train_set, collate, plan, config.seed, position):
         if position.step >= total_steps:  # also true on entry when a resumed run is already done
@@ -149,7 +205,7 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
             lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         loss, metrics, batch_tokens = step_fn(engine, to_device(batch, engine.device))
         engine.backward(loss)
-        grad_norm = optimizer_step(engine)
+        outcome = optimizer_step(engine)
         position.micro_batch += 1
         window.append({"loss": loss.item(), **metrics})
         tokens += batch_tokens
@@ -159,13 +215,14 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
         logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]},
                                  engine.device)
         timing = meter.stop(tokens * plan.world_size)
-        logged.update(lr=lr, grad_norm=grad_norm,
+        logged.update(lr=lr, grad_norm=outcome.grad_norm, skipped_steps=engine.skipped_steps,
                       tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
                       peak_memory_bytes=peak_memory_bytes())
         if position.step == 1:  # optimizer state exists from the first step on
             logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
         if is_due(position.step, config.logging.every_steps, total_steps):
             metrics_logger.log(logged, step=position.step)
+        guard.update(outcome, position.step, engine.skipped_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
         window, tokens = [], 0
@@ -212,5 +269,6 @@ def token_weighted_mean(total: float, count: float, device=None) -> float:
     return (values[0] / values[1]).item() if values[1] > 0 else math.nan
 
 
-__all__ = ["Position", "run_supervised", "total_optimizer_steps", "train_loader", "eval_loader", "mean_over_ranks",
-           "token_weighted_mean", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "held_state_bytes", "is_due", "checkpoint_if_due", "micro_batches"]
+__all__ = ["Position", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "run_supervised", "total_optimizer_steps",
+           "train_loader", "eval_loader", "mean_over_ranks", "token_weighted_mean", "optimizer_steps_per_epoch",
+           "optimizer_step", "to_device", "held_state_bytes", "is_due", "checkpoint_if_due", "micro_batches"]

@@ -39,8 +39,9 @@ class ModelLoadError(ValueError):
 # Loading
 
 
-def load_tokenizer(config: ModelConfig):
-    """Loads the tokenizer from `model.tokenizer_path`, else `model.path`, and makes sure it can pad.
+def load_tokenizer(config: ModelConfig, field: str = "model.path"):
+    """Loads the tokenizer from `model.tokenizer_path`, else `config.path` (named `field` in messages),
+    and makes sure it can pad.
 
     A tokenizer without a pad token pads with its eos token (else its unk token): batches
     are built with attention masks, so the pad id never has to be a token of its own.
@@ -52,9 +53,9 @@ def load_tokenizer(config: ModelConfig):
     if config.tokenizer_path:
         field, path = "model.tokenizer_path", config.tokenizer_path
     else:
-        field, path = "model.path", config.path
+        path = config.path
     if path is None:
-        raise ModelLoadError("`model.tokenizer_path` is not set and `model.path` is not set; a model built "
+        raise ModelLoadError(f"`model.tokenizer_path` is not set and `{field}` is not set; a model built "
                              "from `model.config` needs `model.tokenizer_path` (a local tokenizer directory)")
     if not Path(path).exists():
         raise ModelLoadError(f"`{field}` {path} does not exist")
@@ -73,8 +74,10 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
-    """Loads `model.path` or builds a fresh model from `model.config`, as a causal LM.
+def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: Optional[str] = None,
+                   field: str = "model.path"):
+    """Loads `config.path` (named `field` in messages) or builds a fresh model from `model.config`, as a
+    causal LM.
 
     `device="meta"` builds the architecture without allocating storage (dry runs, geometry,
     parameter counts); weights are not read then. Any other device moves the loaded model.
@@ -94,12 +97,12 @@ def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, d
         hf_config = config_from_dict(config.config)
         model = _from_config(AutoModelForCausalLM, hf_config, device, **common)
     else:
-        directory = check_model_dir(config.path, "model.path")
+        directory = check_model_dir(config.path, field)
         if device == "meta":
             hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
             model = _from_config(AutoModelForCausalLM, hf_config, device, **common)
         else:
-            model = _from_pretrained(AutoModelForCausalLM, directory, "model.path", **common)
+            model = _from_pretrained(AutoModelForCausalLM, directory, field, **common)
     if device not in (None, "meta"):
         model.to(device)
     if config.gradient_checkpointing:

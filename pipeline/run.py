@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import ResumeError, check_resumable
 from .config import ConfigError, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,12 @@ class RunDirError(ValueError):
 
 def user_errors() -> tuple:
     """Exceptions that describe bad input, reported without a traceback unless --debug."""
-    from .engine import EngineConfigError  # imported late: it imports deepspeed
-    errors = [ConfigError, RunDirError, EngineConfigError, FileNotFoundError]
+    from optimizers import ShardMismatchError  # optimizer state saved at another world size
+
+    from .engine import EngineConfigError  # imported late: these import deepspeed
+    from .loop import NonFiniteStepsError
+    errors = [ConfigError, RunDirError, EngineConfigError, FileNotFoundError, ShardMismatchError, ResumeError,
+              NonFiniteStepsError]
     for module, name in (("pipeline.data", "DataError"), ("pipeline.models", "ModelLoadError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -55,14 +60,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def prepare_run_dir(config) -> Path:
-    """Creates `output_dir`, refusing to start a fresh run over an existing one.
+def check_run_dir(config, world_size: int) -> None:
+    """Refuses, before anything is loaded or written, a run that would clobber or cannot continue one.
 
     A directory holding `metrics.jsonl` or `checkpoints/` is a run: it is continued only with
     `checkpoint.resume=true` and replaced only with `checkpoint.overwrite=true`.
 
     Raises:
         RunDirError: naming the directory and both ways forward.
+        ResumeError: with `checkpoint.resume`, the newest checkpoint was written by another number of ranks.
     """
     output_dir = Path(config.output_dir)
     existing = [name for name in ("metrics.jsonl", "checkpoints", "final", "best") if (output_dir / name).exists()]
@@ -70,7 +76,19 @@ def prepare_run_dir(config) -> Path:
         raise RunDirError(f"`output_dir` {output_dir} already holds a run ({', '.join(existing)}); "
                           "continue it with checkpoint.resume=true, start afresh with checkpoint.overwrite=true, "
                           "or choose another output_dir")
-    if existing and config.checkpoint.overwrite and not config.checkpoint.resume and rank() == 0:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunDirError(f"`output_dir` {output_dir} is a file, not a directory; choose another output_dir")
+    if config.checkpoint.resume:
+        check_resumable(output_dir, world_size)
+
+
+def start_run_dir(config) -> Path:
+    """Claims `output_dir` for this run: the old run's outputs go under `checkpoint.overwrite`, and the
+    resolved config is written. Call it once everything the run needs has loaded and checked out
+    (`create_engine` does), so a run that fails on bad data or a bad model leaves an earlier run as it was.
+    """
+    output_dir = Path(config.output_dir)
+    if config.checkpoint.overwrite and not config.checkpoint.resume and rank() == 0:
         # Asked for explicitly: an old run's checkpoints left behind would be picked up by a later resume.
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         for name in ("checkpoints", "final", "best", "tensorboard"):
@@ -122,7 +140,8 @@ def dry_run_plan(config, world_size: int) -> str:
 
 
 def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
-    """Loads the config, prepares the run directory and runs `stage(config)`.
+    """Loads the config, checks the run directory and runs `stage(config)`; the stage's `create_engine`
+    claims the directory (`start_run_dir`) once data and model have loaded.
 
     Returns the process exit code: 0, or EXIT_USER_ERROR after printing a one-paragraph
     message for bad input (the traceback only with --debug).
@@ -135,7 +154,7 @@ def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, de
         if args.dry_run:
             print(dry_run_plan(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
-        prepare_run_dir(config)
+        check_run_dir(config, int(os.environ.get("WORLD_SIZE", "1")))
         seed_everything(config.seed)
         stage(config)
     except user_errors() as error:

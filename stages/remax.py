@@ -28,16 +28,16 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from transformers import GenerationConfig
 from trl.models.utils import add_hooks, remove_hooks
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.data import collate_prompts, prepare_dataset
+from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
-from pipeline.loop import (Position, checkpoint_if_due, eval_loader, is_due, micro_batches, optimizer_step,
-                           to_device, total_optimizer_steps)
+from pipeline.generation import (GOLD_REWARDS, Responses, collate_with_prompts, generate_responses,
+                                 generation_configs, load_gold_reward, response_logprobs, scored)
+from pipeline.loop import (Position, SkipGuard, checkpoint_if_due, eval_loader, held_state_bytes, is_due,
+                           micro_batches, optimizer_step, to_device, total_optimizer_steps)
 from pipeline.metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
 from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
 from pipeline.run import main
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-GOLD_REWARDS = ("demo",)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -134,30 +133,6 @@ class RemaxConfig(RunConfig):
 
 # ---- the loss, as pure functions ----------------------------------------------------------------
 
-def response_mask(sequences: torch.Tensor, prompt_length: int, eos_token_id: Optional[int],
-                  pad_token_id: Optional[int]) -> torch.Tensor:
-    """Which generated tokens belong to each response: all of them up to and including the first eos.
-
-    sequences: (B, P + T) prompts left-padded to P, then the generated tokens, as `generate` returns them.
-    Returns (B, T) long 0/1. A row that stops at eos at once keeps that eos (one token); a row that
-    reaches the length limit keeps all T. Without an eos id a response ends before its first pad token
-    (generate pads finished rows with it); the pad id is not used otherwise, since a model may well
-    sample the pad token (often the eos token) as a real token.
-
-    Raises:
-        ValueError: when both ids are None.
-    """
-    if eos_token_id is None and pad_token_id is None:
-        raise ValueError("response_mask needs an eos or a pad token id to find where responses end")
-    responses = sequences[:, prompt_length:]  # (B, T)
-    is_stop = (responses == (eos_token_id if eos_token_id is not None else pad_token_id)).long()
-    stops_before = is_stop.cumsum(-1) - is_stop  # stop tokens strictly before each position
-    mask = stops_before == 0
-    if eos_token_id is None:
-        mask &= is_stop == 0
-    return mask.long()
-
-
 def remax_advantage(sample_reward: torch.Tensor, greedy_reward: torch.Tensor,
                     clip: Optional[float]) -> torch.Tensor:
     """r(x, y) - r(x, y_hat), clipped to [-clip, clip] (no clipping when clip is None).
@@ -239,7 +214,7 @@ def build_models(config: RemaxConfig, tokenizer, total_steps: int):
         reference = load_causal_lm(ModelConfig(path=remax.ref_model_path,
                                                attn_implementation=config.model.attn_implementation,
                                                trust_remote_code=config.model.trust_remote_code),
-                                   dtype=frozen_dtype)
+                                   dtype=frozen_dtype, field="remax.ref_model_path")
     actor = load_causal_lm(config.model)
     if reference is None:
         # The starting policy, before any adapter or step. DeepSpeed casts it to the engine's precision
@@ -253,32 +228,9 @@ def build_models(config: RemaxConfig, tokenizer, total_steps: int):
                                                    offload=remax.ref_offload),
                     reward=create_frozen_engine(config, reward, zero_stage=remax.reward_zero_stage,
                                                 offload=remax.reward_offload),
-                    tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward),
+                    tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward, "remax.gold_reward"),
                     missing_eos_penalty=remax.missing_eos_penalty)
     return models, built
-
-
-def load_gold_reward(name: Optional[str]) -> Optional[Callable]:
-    """The programmatic reward named by `remax.gold_reward`, or None (also when its module is absent)."""
-    if name is None:
-        return None
-    try:
-        from pipeline.demo_task import gold_reward_batch
-    except ImportError as error:
-        logger.warning("`remax.gold_reward` is %r but pipeline.demo_task cannot be imported (%s); "
-                       "gold_reward is not logged", name, error)
-        return None
-    return gold_reward_batch
-
-
-def generation_configs(remax: RemaxSection, tokenizer) -> tuple:
-    """(sampling, greedy) GenerationConfigs; every setting that matters is explicit, so a model's own
-    generation_config (top_k 50, repetition penalties) does not change the policy being trained."""
-    common = dict(max_new_tokens=remax.max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0)
-    sample = GenerationConfig(do_sample=True, temperature=remax.temperature, top_p=remax.top_p, top_k=0, **common)
-    greedy = GenerationConfig(do_sample=False, **common)
-    return sample, greedy
 
 
 @contextlib.contextmanager
@@ -298,71 +250,6 @@ def weights_for_generation(engine):
             yield engine.module
         finally:
             add_hooks(engine)
-
-
-def with_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """Model inputs with positions counted over real tokens, as `generate` counts them under left padding."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-
-
-def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                      with_entropy: bool = False) -> tuple:
-    """Log-probabilities (and entropies) of the last `response_length` tokens of `sequences`.
-
-    sequences, attention_mask: (B, P + T). Returns ((B, T) log-probs, (B, T) entropies or None).
-    """
-    # Only the positions that predict response tokens go through the LM head.
-    logits = model(**with_positions(sequences, attention_mask), use_cache=False,
-                   logits_to_keep=response_length + 1).logits[:, :-1].float()  # (B, T, V)
-    logprobs = selective_log_softmax(logits, sequences[:, -response_length:])
-    return logprobs, entropy_from_logits(logits) if with_entropy else None
-
-
-@dataclasses.dataclass
-class Responses:
-    """Responses to B prompts left-padded to P, generated up to T tokens."""
-
-    sequences: torch.Tensor       # (B, P + T) prompt then response
-    attention_mask: torch.Tensor  # (B, P + T) 1 on the real prompt and response tokens
-    mask: torch.Tensor            # (B, T) response tokens (up to and including the first eos)
-    reward: torch.Tensor          # (B,) reward model score
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(-1)
-
-    def texts(self, tokenizer) -> list:
-        responses = self.sequences[:, -self.mask.shape[1]:]  # (B, T)
-        return [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
-                for row, keep in zip(responses, self.mask)]
-
-
-def generate_responses(module, batch: dict, generation_config, tokenizer) -> tuple:
-    """(sequences (B, P + T), attention mask (B, P + T), response mask (B, T)) for one prompt batch."""
-    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-    sequences = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
-                                synced_gpus=False)
-    mask = response_mask(sequences, prompt_ids.shape[1], tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return sequences, torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1), mask
-
-
-def missing_eos_penalized(reward: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, eos_token_id: int,
-                          penalty: Optional[float]) -> torch.Tensor:
-    """`reward` (B,) minus `penalty` where the response (B, T) under `mask` (B, T) holds no eos."""
-    if not penalty:
-        return reward
-    ended = ((responses == eos_token_id) & mask.bool()).any(dim=-1)  # (B,)
-    return reward - penalty * (~ended).to(reward.dtype)
-
-
-def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-           eos_token_id: int, missing_eos_penalty: Optional[float] = None) -> Responses:
-    """Responses with their reward. Tokens after the first eos are masked out, so the score is read
-    at the eos (or at the last token of a response cut by the length limit, then penalised)."""
-    reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
-    reward = missing_eos_penalized(reward, sequences[:, -mask.shape[1]:], mask, eos_token_id, missing_eos_penalty)
-    return Responses(sequences, attention_mask, mask, reward=reward)
 
 
 @dataclasses.dataclass
@@ -497,13 +384,6 @@ def export_best(engine, tokenizer, output_dir, best: dict) -> None:
     dist.barrier()
 
 
-def collate_with_prompts(rows: list, pad_token_id: int) -> dict:
-    """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward."""
-    batch = collate_prompts(rows, pad_token_id)
-    batch["prompt"] = [row["prompt"] for row in rows]
-    return batch
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 def run(config: RemaxConfig) -> dict:
@@ -519,7 +399,7 @@ def run(config: RemaxConfig) -> dict:
     total_steps = total_optimizer_steps(config, len(train_set), plan)
     models, built = build_models(config, tokenizer, total_steps)
     engine, device = built.engine, built.engine.device
-    generation = generation_configs(remax, tokenizer)
+    generation = generation_configs(tokenizer, remax.max_new_tokens, remax.temperature, remax.top_p)
     collate = lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id)  # noqa: E731
 
     position, best = Position(), {"best_step": None, "best_eval_reward": None}
@@ -543,7 +423,7 @@ def run(config: RemaxConfig) -> dict:
 
     last_eval = evaluate_and_keep_best() if position.step == 0 else {}
     bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
-    meter, window = ThroughputMeter(), {}
+    meter, window, guard = ThroughputMeter(), {}, SkipGuard(config.training.max_consecutive_skips)
     meter.start()
     for batch in micro_batches(train_set, collate, plan, config.seed, position):
         if position.step >= total_steps:  # also true on entry when a resumed run is already done
@@ -552,7 +432,7 @@ def run(config: RemaxConfig) -> dict:
             lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         loss, sums = remax_step(models, to_device(batch, device), remax, generation)
         engine.backward(loss)
-        norm = optimizer_step(engine)
+        outcome = optimizer_step(engine)
         position.micro_batch += 1
         window = add_sums(window, sums)
         if position.micro_batch % plan.gradient_accumulation_steps:
@@ -560,10 +440,14 @@ def run(config: RemaxConfig) -> dict:
         position.step += 1
         total = sum_over_ranks(window, device)
         timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
-        logged = {**step_metrics(total), "lr": lr, "grad_norm": norm, **timing,
+        logged = {**step_metrics(total), "lr": lr, "grad_norm": outcome.grad_norm,
+                  "skipped_steps": engine.skipped_steps, **timing,
                   "peak_memory_bytes": peak_memory_bytes()}
+        if position.step == 1:  # optimizer state exists from the first step on
+            logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
         if is_due(position.step, config.logging.every_steps, total_steps):
             metrics_logger.log(logged, step=position.step)
+        guard.update(outcome, position.step, engine.skipped_steps)
         bar.update(1)
         bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
         window = {}

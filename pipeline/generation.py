@@ -1,0 +1,151 @@
+"""Generating responses to prompt batches and scoring them: what ReMax's rollouts and the policy
+evaluation (`python -m pipeline.evaluate policy`) share.
+
+    sample_config, greedy_config = generation_configs(tokenizer, max_new_tokens=12)
+    sequences, attention_mask, mask = generate_responses(policy, batch, greedy_config, tokenizer)
+    greedy = scored(reward_model, sequences, attention_mask, mask, tokenizer.eos_token_id)
+    logprobs, _ = response_logprobs(policy, greedy.sequences, greedy.attention_mask, greedy.mask.shape[1])
+
+Prompts are left-padded to P (`collate_prompts`); `generate` appends up to T tokens. A response runs
+up to and including its first eos (an immediate eos is a one-token response) or to the length
+limit; tokens generated after the eos are padding everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import torch
+from transformers import GenerationConfig
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from pipeline.data import collate_prompts
+
+logger = logging.getLogger(__name__)
+
+GOLD_REWARDS = ("demo",)
+
+
+def generation_configs(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> tuple:
+    """(sampling, greedy) GenerationConfigs; every setting that matters is explicit, so a model's own
+    generation_config (top_k 50, repetition penalties) does not change the policy being sampled."""
+    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0)
+    sample = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+    greedy = GenerationConfig(do_sample=False, **common)
+    return sample, greedy
+
+
+def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optional[Callable]:
+    """The programmatic reward `name` (one of GOLD_REWARDS), or None (also when its module is absent);
+    `field` names the config field in the warning."""
+    if name is None:
+        return None
+    try:
+        from pipeline.demo_task import gold_reward_batch
+    except ImportError as error:
+        logger.warning("`%s` is %r but pipeline.demo_task cannot be imported (%s); "
+                       "gold_reward is not logged", field, name, error)
+        return None
+    return gold_reward_batch
+
+
+def collate_with_prompts(rows: list, pad_token_id: int) -> dict:
+    """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward."""
+    batch = collate_prompts(rows, pad_token_id)
+    batch["prompt"] = [row["prompt"] for row in rows]
+    return batch
+
+
+def response_mask(sequences: torch.Tensor, prompt_length: int, eos_token_id: Optional[int],
+                  pad_token_id: Optional[int]) -> torch.Tensor:
+    """Which generated tokens belong to each response: all of them up to and including the first eos.
+
+    sequences: (B, P + T) prompts left-padded to P, then the generated tokens, as `generate` returns them.
+    Returns (B, T) long 0/1. A row that stops at eos at once keeps that eos (one token); a row that
+    reaches the length limit keeps all T. Without an eos id a response ends before its first pad token
+    (generate pads finished rows with it); the pad id is not used otherwise, since a model may well
+    sample the pad token (often the eos token) as a real token.
+
+    Raises:
+        ValueError: when both ids are None.
+    """
+    if eos_token_id is None and pad_token_id is None:
+        raise ValueError("response_mask needs an eos or a pad token id to find where responses end")
+    responses = sequences[:, prompt_length:]  # (B, T)
+    is_stop = (responses == (eos_token_id if eos_token_id is not None else pad_token_id)).long()
+    stops_before = is_stop.cumsum(-1) - is_stop  # stop tokens strictly before each position
+    mask = stops_before == 0
+    if eos_token_id is None:
+        mask &= is_stop == 0
+    return mask.long()
+
+
+def with_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Model inputs with positions counted over real tokens, as `generate` counts them under left padding."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                      with_entropy: bool = False) -> tuple:
+    """Log-probabilities (and entropies) of the last `response_length` tokens of `sequences`.
+
+    sequences, attention_mask: (B, P + T). Returns ((B, T) log-probs, (B, T) entropies or None).
+    """
+    # Only the positions that predict response tokens go through the LM head.
+    logits = model(**with_positions(sequences, attention_mask), use_cache=False,
+                   logits_to_keep=response_length + 1).logits[:, :-1].float()  # (B, T, V)
+    logprobs = selective_log_softmax(logits, sequences[:, -response_length:])
+    return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+@dataclasses.dataclass
+class Responses:
+    """Responses to B prompts left-padded to P, generated up to T tokens."""
+
+    sequences: torch.Tensor       # (B, P + T) prompt then response
+    attention_mask: torch.Tensor  # (B, P + T) 1 on the real prompt and response tokens
+    mask: torch.Tensor            # (B, T) response tokens (up to and including the first eos)
+    reward: torch.Tensor          # (B,) reward model score
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    def texts(self, tokenizer) -> list:
+        responses = self.sequences[:, -self.mask.shape[1]:]  # (B, T)
+        return [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
+                for row, keep in zip(responses, self.mask)]
+
+
+def generate_responses(module, batch: dict, generation_config, tokenizer) -> tuple:
+    """(sequences (B, P + T), attention mask (B, P + T), response mask (B, T)) for one prompt batch."""
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    sequences = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
+                                synced_gpus=False)
+    mask = response_mask(sequences, prompt_ids.shape[1], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sequences, torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1), mask
+
+
+def missing_eos(responses: torch.Tensor, mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) bool: the response (B, T) under `mask` (B, T) holds no eos, i.e. the length limit cut it."""
+    return ~((responses == eos_token_id) & mask.bool()).any(dim=-1)
+
+
+def missing_eos_penalized(reward: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, eos_token_id: int,
+                          penalty: Optional[float]) -> torch.Tensor:
+    """`reward` (B,) minus `penalty` where the response (B, T) under `mask` (B, T) holds no eos."""
+    if not penalty:
+        return reward
+    return reward - penalty * missing_eos(responses, mask, eos_token_id).to(reward.dtype)
+
+
+def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+           eos_token_id: int, missing_eos_penalty: Optional[float] = None) -> Responses:
+    """Responses with their reward. Tokens after the first eos are masked out, so the score is read
+    at the eos (or at the last token of a response cut by the length limit, then penalised)."""
+    reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
+    reward = missing_eos_penalized(reward, sequences[:, -mask.shape[1]:], mask, eos_token_id, missing_eos_penalty)
+    return Responses(sequences, attention_mask, mask, reward=reward)
