@@ -58,3 +58,13 @@ def save_tiny_model_dir(directory, seed: int = 0, **overrides):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tiny_reward_dir(directory, policy_dir, seed: int = 0):
+    """A RewardModel started from the policy saved at `policy_dir` (its head seeded), saved as a directory."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import RewardModel
+
+    torch.manual_seed(seed)
+    RewardModel.from_causal_lm(ModelConfig(path=str(policy_dir))).save_pretrained(directory)
+    return directory

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import (COMPLETE_MARKER, capture_rng_state, latest_checkpoint, load_checkpoint,
+from pipeline.checkpoint import (COMPLETE_MARKER, ResumeError, capture_rng_state, latest_checkpoint, load_checkpoint,
                                  prune_checkpoints, restore_rng_state, save_checkpoint)
 from tests.conftest import launch_ranks, read_json
 
@@ -91,7 +91,7 @@ def test_prune_never_deletes_the_protected_checkpoint(tmp_path):
 
 def test_load_refuses_a_checkpoint_without_complete(tmp_path):
     root = make_checkpoint_dirs(tmp_path, incomplete=(5,))
-    with pytest.raises(RuntimeError, match="step_5 is not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="step_5 is not a complete checkpoint"):
         load_checkpoint(engine=None, checkpoint=root / "step_5")
 
 

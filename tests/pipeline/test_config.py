@@ -100,3 +100,25 @@ def test_missing_file_names_it(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="not of the form key.sub=value"):
         load_config(RunConfig, None, ["engine.zero_stage"])
+
+
+def test_unreadable_file_names_it(tmp_path, monkeypatch):
+    # chmod 000 does not stop root, so the refusal is simulated.
+    path = write(tmp_path, GOOD)
+
+    def refuse(self, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_text", refuse)
+    with pytest.raises(ConfigError, match=r"(?s)config\.yaml: .*cannot read the config: .*Permission denied"):
+        load_config(RunConfig, path)
+
+
+@pytest.mark.parametrize("text, kind", [("7\n", "a number"), ("just text\n", "a string"), ("- a\n", "a list")])
+def test_top_level_that_is_not_a_mapping_is_named(tmp_path, text, kind):
+    assert f"the file holds {kind} at the top level" in str(problems_of(tmp_path, text))
+
+
+def test_directory_given_as_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give the YAML config file itself"):
+        load_config(RunConfig, tmp_path)

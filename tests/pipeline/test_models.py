@@ -275,3 +275,12 @@ def test_count_parameters_uses_full_size_of_zero3_partitions():
     layer.weight.data = torch.empty(0)
     layer.weight.ds_numel = 32
     assert count_parameters(layer) == (32, 32)
+
+
+def test_loaders_name_the_field_the_path_came_from(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=r"`remax.ref_model_path` .*empty holds no model \(no config.json\)"):
+        load_causal_lm(ModelConfig(path=str(empty)), field="remax.ref_model_path")
+    with pytest.raises(ModelLoadError, match=r"`policy_path` .*missing does not exist"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "missing")), field="policy_path")

@@ -4,6 +4,7 @@ The demo task has a programmatic gold reward, so the run is judged on what the i
 the reward model ranks held-out pairs, and ReMax raises the held-out gold reward of greedy
 responses above the SFT policy's while the reward model's own score rises with it.
 """
+import json
 import subprocess
 
 import pytest
@@ -51,3 +52,11 @@ def test_demo_ends_with_curves_and_a_summary(demo):
     assert "| remax |" in (root / "report" / "summary.md").read_text()
     assert "demo finished in" in stdout
     assert (root / "remax" / "best" / "best.json").exists()
+
+
+def test_scored_policy_beats_the_sft_policy_it_started_from(demo):
+    result = json.loads((demo[0] / "report" / "eval_policy.json").read_text())
+    assert result["prompts"] == 64 and result["samples_per_prompt"] == 4
+    # The same held-out prompts: ReMax's greedy answers earn more gold than the SFT model's.
+    assert result["greedy"]["gold_reward"] > result["baseline_greedy"]["gold_reward"] + 0.2
+    assert result["win_rate"] > 0.5 and result["kl"] > 0

@@ -11,14 +11,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError, ModelConfig, load_config
+from pipeline.config import ConfigError, load_config
+from pipeline import generation
 from pipeline.data import collate_prompts
+from pipeline.generation import (generate_responses, generation_configs, missing_eos_penalized, response_logprobs,
+                                 response_mask, scored)
 from pipeline.models import RewardModel
-from stages import remax
-from stages.remax import (RemaxConfig, RemaxSection, discounted_returns, generation_configs, kl_penalized_rewards,
-                          reinforce_loss, remax_advantage, response_logprobs, response_mask, scored)
+from stages.remax import (RemaxConfig, discounted_returns, kl_penalized_rewards, reinforce_loss,
+                          remax_advantage)
 from tests.conftest import launch_ranks
-from tests.tiny_models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
+from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir, tiny_llama, tiny_tokenizer
 
 EOS, PAD = 3, 0
 
@@ -88,9 +90,7 @@ def test_response_mask_keeps_tokens_through_the_first_eos():
 def tiny_dirs(tmp_path_factory):
     """A tiny Llama with its tokenizer, and a reward model started from it, saved as directories."""
     root = tmp_path_factory.mktemp("remax_models")
-    save_tiny_model_dir(root / "model")
-    torch.manual_seed(0)
-    RewardModel.from_causal_lm(ModelConfig(path=str(root / "model"))).save_pretrained(root / "reward")
+    save_tiny_reward_dir(root / "reward", save_tiny_model_dir(root / "model"))
     return root
 
 
@@ -136,11 +136,11 @@ def test_left_padding_changes_neither_greedy_responses_nor_their_logprobs(archit
     tokenizer = tiny_tokenizer()
     build = tiny_gpt2 if architecture == "gpt2" else lambda vocab_size: tiny_llama(seed=3, vocab_size=vocab_size)
     model = build(len(tokenizer)).eval()
-    _, greedy_config = generation_configs(RemaxSection(max_new_tokens=5), tokenizer)
+    _, greedy_config = generation_configs(tokenizer, max_new_tokens=5)
     texts = ["human what is the big red cat assistant", "what is"]
 
     def greedy(batch):
-        sequences, attention_mask, mask = remax.generate_responses(model, batch, greedy_config, tokenizer)
+        sequences, attention_mask, mask = generate_responses(model, batch, greedy_config, tokenizer)
         logprobs, _ = response_logprobs(model, sequences, attention_mask, mask.shape[1])
         return sequences[:, -mask.shape[1]:], logprobs, mask
 
@@ -171,8 +171,8 @@ def test_config_reports_every_remax_problem_by_field():
 
 def test_gold_reward_is_skipped_when_its_module_is_absent(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pipeline.demo_task", None)  # import now raises ImportError
-    assert remax.load_gold_reward("demo") is None
-    assert remax.load_gold_reward(None) is None
+    assert generation.load_gold_reward("demo") is None
+    assert generation.load_gold_reward(None) is None
 
 
 # ---- a real run ---------------------------------------------------------------------------------
@@ -247,7 +247,6 @@ def test_two_rank_zero3_run_logs_every_metric_keeps_the_best_and_resumes_exactly
 
 
 def test_missing_eos_penalty_hits_only_responses_cut_by_the_limit():
-    from stages.remax import missing_eos_penalized
     eos = 3
     responses = torch.tensor([[5, eos, 0], [5, 6, 7], [eos, 0, 0]])  # ended, cut, empty (immediate eos)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])

@@ -1,0 +1,170 @@
+"""A stage killed with SIGKILL mid-training, then started again with the same command plus
+`checkpoint.resume=true`, ends exactly where a run that never stopped ends: final weights, the
+optimizer state of the last checkpoint and every logged metric bitwise equal (CPU fp32, 2 real
+DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, and ReMax with its sampling)."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, free_port, launch_ranks, rank_env
+from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
+
+pytestmark = pytest.mark.slow
+
+STEPS, CHECKPOINT_EVERY, KILL_AFTER_STEP = 7, 2, 3
+TIMING = ("tokens_per_s", "step_time", "peak_memory_bytes")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny Llama, a reward model started from it, pairs (SFT and reward data) and prompts."""
+    root = tmp_path_factory.mktemp("crash_inputs")
+    save_tiny_reward_dir(root / "reward", save_tiny_model_dir(root / "model"))
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran to park red blue big small".split()
+    pairs, prompts = [], []
+    for _ in range(64):
+        topic = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        pairs.append({"prompt": f"human what is {topic} assistant", "chosen": f" the {topic} is good",
+                      "rejected": f" the {topic} is bad"})
+        prompts.append({"prompt": f"human what is {topic} assistant"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    (root / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    return root
+
+
+def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
+    data_format = {"sft": "sft", "reward": "pairwise", "remax": "prompt"}[stage]
+    data_file = "prompts.jsonl" if stage == "remax" else "pairs.jsonl"
+    config = dict(seed=0, model={"path": str(inputs / "model")},
+                  data={"path": str(inputs / data_file), "format": data_format, "eval_fraction": 0.125,
+                        "max_length": 24, "max_prompt_length": 12},
+                  optim={"lr": 2e-3, "warmup_steps": 2, "betas": [0.9, 0.95]},
+                  engine={"zero_stage": zero_stage, "micro_batch_size": 2},
+                  training={"epochs": 4, "max_steps": STEPS, "eval_every_steps": 3},
+                  logging={"progress_bar": False, "tensorboard": False},
+                  checkpoint={"every_steps": CHECKPOINT_EVERY, "keep_last": 2})
+    if stage == "remax":
+        config["remax"] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
+                           "ref_zero_stage": 3, "reward_zero_stage": 3}
+    return config
+
+
+def stage_args(stage: str, config_file: Path, output_dir: Path, *overrides) -> list:
+    return ["--module", f"stages.{stage}", "--config", config_file, f"output_dir={output_dir}", *overrides]
+
+
+def logged_steps(output_dir: Path) -> int:
+    """The highest training step with a complete line in metrics.jsonl (0 before the first)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [int(match) for match in re.findall(r'^\{"step": (\d+), "(?!eval/)', path.read_text(), re.MULTILINE)]
+    return max(steps, default=0)
+
+
+def launch_and_kill(args: list, output_dir: Path, after_step: int) -> None:
+    """Starts 2 ranks and SIGKILLs the launcher and every rank once `after_step` is logged."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(free_port()), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=rank_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and logged_steps(output_dir) < after_step and time.monotonic() < deadline:
+        time.sleep(0.02)
+    finished = process.poll() is not None
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher, its launch.py and both ranks share the group
+    process.wait()
+    assert not finished, f"the run ended (exit {process.returncode}) before it could be killed"
+    survivors = subprocess.run(["pgrep", "-f", str(output_dir)], capture_output=True, text=True).stdout.split()
+    assert not survivors, f"ranks survived the kill: {survivors}"
+
+
+def strip_timing(output_dir: Path) -> list:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{name: value for name, value in row.items() if name not in TIMING} for row in rows]
+
+
+def safetensors_of(directory: Path) -> dict:
+    return {str(path.relative_to(directory)) + ":" + name: tensor
+            for path in sorted(directory.rglob("*.safetensors")) for name, tensor in load_file(path).items()}
+
+
+def optimizer_state_of(checkpoint: Path) -> dict:
+    """Every tensor in DeepSpeed's per-rank optimizer files, keyed by file and path in the nested state."""
+    found = {}
+
+    def walk(value, key):
+        if torch.is_tensor(value):
+            found[key] = value
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}/{name}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{key}/{index}")
+
+    for path in sorted(checkpoint.glob("*optim_states.pt")):
+        # DeepSpeed's own files, written by this test's runs (they hold more than tensors).
+        walk(torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"], path.name)
+    return found
+
+
+def assert_same_tensors(expected: dict, actual: dict, what: str) -> None:
+    assert expected.keys() == actual.keys() and expected, what
+    different = [key for key in expected if not torch.equal(expected[key], actual[key])]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("stage, zero_stage", [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3),
+                                               ("remax", 2), ("remax", 3)])
+def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(inputs, tmp_path, stage, zero_stage):
+    config_file = tmp_path / f"{stage}.yaml"
+    config_file.write_text(yaml.safe_dump(stage_config(stage, zero_stage, inputs)))
+    uninterrupted, crashed = tmp_path / "uninterrupted", tmp_path / "crashed"
+    launch_ranks(2, stage_args(stage, config_file, uninterrupted))
+
+    launch_and_kill(stage_args(stage, config_file, crashed), crashed, after_step=KILL_AFTER_STEP)
+    assert not (crashed / "final").exists()
+    resumed = launch_ranks(2, stage_args(stage, config_file, crashed, "checkpoint.resume=true"))
+    resumed_from = re.search(r"resumed from \S+ \(step (\d+)\)", resumed.stdout + resumed.stderr)
+    assert resumed_from and int(resumed_from.group(1)) in (2, 4), "the restart did not resume from a checkpoint"
+
+    assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"), "final weights")
+    last_checkpoint = f"checkpoints/step_{STEPS - STEPS % CHECKPOINT_EVERY}"
+    assert_same_tensors(optimizer_state_of(uninterrupted / last_checkpoint),
+                        optimizer_state_of(crashed / last_checkpoint), "optimizer state")
+    assert strip_timing(crashed) == strip_timing(uninterrupted)
+    if stage == "remax":
+        assert (json.loads((crashed / "best" / "best.json").read_text())
+                == json.loads((uninterrupted / "best" / "best.json").read_text()))
+
+
+def test_resuming_with_another_number_of_ranks_is_refused_before_any_step(inputs, tmp_path):
+    config = stage_config("sft", 2, inputs)
+    config["training"]["max_steps"] = 4
+    config_file = tmp_path / "sft.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    launch_ranks(2, stage_args("sft", config_file, run_dir))
+    before = {path: path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+    command = [sys.executable, "-m", "stages.sft", "--config", str(config_file), f"output_dir={run_dir}",
+               "checkpoint.resume=true"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "step_2 was written by 2 ranks but this run has 1" in result.stderr
+    assert "Resume with 2 ranks" in result.stderr and "Traceback" not in result.stderr
+    after = {path: path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
+    assert after == before  # the refused run changed nothing the first one wrote
