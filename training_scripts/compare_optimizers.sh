@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 root="${1:-runs/compare}"
 [ "$#" -gt 0 ] && shift
 if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+read -ra seeds <<< "${SEEDS:-0}"  # split on spaces only: an unquoted ${SEEDS} would also glob
 runs=()
-for seed in ${SEEDS:-0}; do
+for seed in "${seeds[@]}"; do
     for optimizer in adamw adam_mini; do
         run="$root/$optimizer-seed$seed"
         bash training_scripts/demo.sh "$run" "optim.name=$optimizer" "seed=$seed" "$@"

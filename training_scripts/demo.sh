@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo: SFT -> reward model -> ReMax with Adam-mini on 2 DeepSpeed ranks, on the shipped
-# demo task (data/demo; regenerate with scripts/make_demo_data.py), then reward curves and a summary.
+# demo task (data/demo; regenerate with scripts/make_demo_data.py), then reward curves, a summary and
+# the ReMax policy scored against the SFT one on held-out prompts.
 #   bash training_scripts/demo.sh [OUTPUT_ROOT] [key.sub=value ...]
 # OUTPUT_ROOT defaults to runs/demo and is replaced on each run; overrides go to every stage
 # (e.g. optim.name=adamw). NUM_GPUS sets the number of ranks (default 2).
@@ -18,4 +19,7 @@ bash training_scripts/reward/run_reward.sh configs/tiny/reward.yaml "output_dir=
 bash training_scripts/po/remax/run_remax.sh configs/tiny/remax.yaml "output_dir=$root/remax" \
     "model.path=$root/sft/final" "remax.reward_model_path=$root/reward/final" checkpoint.overwrite=true "$@"
 "$python" -m pipeline.evaluate curves "$root/sft" "$root/reward" "$root/remax" --out "$root/report"
+"$python" -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml "policy_path=$root/remax/final" \
+    "reward_model_path=$root/reward/final" "baseline_policy_path=$root/sft/final" "ref_model_path=$root/sft/final" \
+    "output=$root/report/eval_policy.json"
 echo "demo finished in $((SECONDS - start)) s; reward curves: $root/report/eval_reward.png, eval_gold_reward.png"

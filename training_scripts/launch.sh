@@ -11,6 +11,12 @@ fi
 module="$1"
 config="$2"
 shift 2
+num_gpus="${NUM_GPUS:-1}"
+# Checked before any use: bash evaluates text inside $(( )) as code, command substitutions included.
+if [ -z "${HOSTFILE:-}" ] && ! [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NUM_GPUS is '$num_gpus'; give a positive integer" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then python="$PYTHON"
 elif [ -x .venv/bin/python ]; then python=.venv/bin/python
@@ -20,7 +26,7 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     export DS_ACCELERATOR=cpu
     # Ranks share the cores: more threads than cores makes every rank wait on the others.
     if [ -z "${OMP_NUM_THREADS:-}" ] && [ -z "${HOSTFILE:-}" ]; then
-        threads=$(( $(nproc) / ${NUM_GPUS:-1} ))
+        threads=$(( $(nproc) / num_gpus ))
         export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
     fi
 fi
@@ -29,6 +35,6 @@ launcher=("$python" -m deepspeed.launcher.runner)
 if [ -n "${HOSTFILE:-}" ]; then
     launcher+=(--hostfile "$HOSTFILE")
 else
-    launcher+=(--num_gpus "${NUM_GPUS:-1}")
+    launcher+=(--num_gpus "$num_gpus")
 fi
 exec "${launcher[@]}" --module "$module" --config "$config" "$@"
