@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 REWARD_MARKER_FILE = "reward_model.json"
 V_HEAD_FILE = "v_head.safetensors"
+# What AutoTokenizer reads a tokenizer from; a directory with none of them holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelLoadError(ValueError):
@@ -59,6 +61,11 @@ def load_tokenizer(config: ModelConfig, field: str = "model.path"):
                              "from `model.config` needs `model.tokenizer_path` (a local tokenizer directory)")
     if not Path(path).exists():
         raise ModelLoadError(f"`{field}` {path} does not exist")
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # Said plainly here: transformers' own error for this talks of slow-tokenizer conversion.
+        what = "tokenizer" if (Path(path) / "config.json").is_file() else "model or tokenizer (no config.json)"
+        raise ModelLoadError(f"`{field}` {path} holds no {what}: none of {', '.join(TOKENIZER_FILES)}; "
+                             "point it at a saved Hugging Face model directory, or set `model.tokenizer_path`")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:

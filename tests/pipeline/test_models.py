@@ -110,6 +110,13 @@ def test_tokenizer_errors_name_the_field(tmp_path):
         load_tokenizer(ModelConfig(config=dict(TINY_CONFIG)))
     with pytest.raises(ModelLoadError, match=r"`model.tokenizer_path` .* does not exist"):
         load_tokenizer(ModelConfig(path=str(tmp_path), tokenizer_path=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelLoadError, match=rf"`model.path` {tmp_path} holds no model or tokenizer "
+                                             r"\(no config.json\): none of tokenizer.json, "):
+        load_tokenizer(ModelConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(ModelLoadError, match=rf"`model.path` {tmp_path} holds no tokenizer: none of"):
+        load_tokenizer(ModelConfig(path=str(tmp_path)))
+    (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=rf"`model.path` {tmp_path} holds no loadable tokenizer"):
         load_tokenizer(ModelConfig(path=str(tmp_path)))
 

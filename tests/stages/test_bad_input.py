@@ -116,6 +116,10 @@ def test_model_paths_that_hold_no_model_name_the_field(tmp_path, capsys, model_d
         code, error = run_main(capsys, sft_run, SFTConfig, config, f"model.path={path}",
                                f"model.tokenizer_path={model_dir}")
         assert code == EXIT_USER_ERROR and f"error: `model.path` {path} {message}" in error
+    # The tokenizer comes from model.path too: an empty directory is named as such, not as a tokenizer failure.
+    code, error = run_main(capsys, sft_run, SFTConfig, config, f"model.path={tmp_path / 'empty'}")
+    assert code == EXIT_USER_ERROR
+    assert f"error: `model.path` {tmp_path / 'empty'} holds no model or tokenizer (no config.json)" in error
 
 
 @pytest.mark.parametrize("content, message", [
