@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError
 from .engine import BatchPlan, TrainingEngine
-from .metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
+from .metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar, synchronize_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class NonFiniteStepsError(RuntimeError):
 class StepOutcome:
     grad_norm: float   # global norm before clipping (nan off the accumulation boundary, inf when skipped)
     skipped: bool      # the update was withheld: non-finite loss or gradients on some rank
+    seconds: float = math.nan  # wall time of `engine.step()`: the optimizer's share of the step
 
 
 def optimizer_step(engine) -> StepOutcome:
@@ -117,13 +119,17 @@ def optimizer_step(engine) -> StepOutcome:
         grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
         own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     skipped_before = engine.skipped_steps
+    synchronize_cuda()
+    started = time.perf_counter()
     with _update_withheld(engine.optimizer, own_norm is not None and not math.isfinite(own_norm)):
         engine.step()
+    synchronize_cuda()
+    seconds = time.perf_counter() - started
     if engine.skipped_steps > skipped_before:
-        return StepOutcome(math.inf, skipped=True)
+        return StepOutcome(math.inf, skipped=True, seconds=seconds)
     recorded = engine.get_global_grad_norm()
     grad_norm = recorded if recorded is not None else own_norm
-    return StepOutcome(math.nan if grad_norm is None else float(grad_norm), skipped=False)
+    return StepOutcome(math.nan if grad_norm is None else float(grad_norm), skipped=False, seconds=seconds)
 
 
 @contextlib.contextmanager
@@ -217,6 +223,7 @@ def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, 
         timing = meter.stop(tokens * plan.world_size)
         logged.update(lr=lr, grad_norm=outcome.grad_norm, skipped_steps=engine.skipped_steps,
                       tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
+                      optimizer_step_time=outcome.seconds,
                       peak_memory_bytes=peak_memory_bytes())
         if position.step == 1:  # optimizer state exists from the first step on
             logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)

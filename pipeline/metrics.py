@@ -140,7 +140,7 @@ class ThroughputMeter:
         self._started_at: Optional[float] = None
 
     def start(self) -> None:
-        _synchronize_cuda()
+        synchronize_cuda()
         self._started_at = self.clock()
 
     def stop(self, tokens: int) -> dict:
@@ -149,14 +149,15 @@ class ThroughputMeter:
         """
         if self._started_at is None:
             raise RuntimeError("ThroughputMeter.stop() called without start()")
-        _synchronize_cuda()
+        synchronize_cuda()
         step_time = self.clock() - self._started_at
         self._started_at = None
         # A clock that did not advance gives no rate rather than a division error mid-run.
         return {"step_time": step_time, "tokens_per_s": tokens / step_time if step_time > 0 else 0.0}
 
 
-def _synchronize_cuda() -> None:
+def synchronize_cuda() -> None:
+    """Waits for queued CUDA kernels, so a wall-clock time covers their work, not just their launch."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 

@@ -441,7 +441,7 @@ def run(config: RemaxConfig) -> dict:
         total = sum_over_ranks(window, device)
         timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
         logged = {**step_metrics(total), "lr": lr, "grad_norm": outcome.grad_norm,
-                  "skipped_steps": engine.skipped_steps, **timing,
+                  "skipped_steps": engine.skipped_steps, **timing, "optimizer_step_time": outcome.seconds,
                   "peak_memory_bytes": peak_memory_bytes()}
         if position.step == 1:  # optimizer state exists from the first step on
             logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)

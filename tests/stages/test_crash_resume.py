@@ -23,7 +23,7 @@ from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
 pytestmark = pytest.mark.slow
 
 STEPS, CHECKPOINT_EVERY, KILL_AFTER_STEP = 7, 2, 3
-TIMING = ("tokens_per_s", "step_time", "peak_memory_bytes")
+TIMING = ("tokens_per_s", "step_time", "optimizer_step_time", "peak_memory_bytes")
 
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,7 @@ def test_gold_reward_is_skipped_when_its_module_is_absent(monkeypatch):
 STEP_METRICS = ("reward", "baseline_reward", "advantage_mean", "advantage_std", "win_rate_vs_greedy", "kl",
                 "response_length", "entropy", "grad_norm", "lr", "loss", "tokens_per_s", "step_time")
 EVAL_METRICS = ("eval/reward", "eval/sampled_reward", "eval/kl", "eval/response_length")
-TIMING = ("tokens_per_s", "step_time", "peak_memory_bytes")
+TIMING = ("tokens_per_s", "step_time", "optimizer_step_time", "peak_memory_bytes")
 
 
 def write_prompts(path, count, seed):
@@ -223,6 +223,7 @@ def test_two_rank_zero3_run_logs_every_metric_keeps_the_best_and_resumes_exactly
         for name in STEP_METRICS + (("gold_reward",) if gold else ()):
             assert math.isfinite(row[name]), (row["step"], name, row.get(name))
         assert 0 <= row["win_rate_vs_greedy"] <= 1 and 1 <= row["response_length"] <= 6
+        assert 0 < row["optimizer_step_time"] < row["step_time"]
         assert row["advantage_mean"] == pytest.approx(row["reward"] - row["baseline_reward"], abs=1e-5)
     for row in evals:
         for name in EVAL_METRICS + (("eval/gold_reward",) if gold else ()):

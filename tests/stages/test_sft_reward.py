@@ -78,6 +78,8 @@ def test_sft_logs_every_step_and_writes_the_run_directory(sft_run):
     assert [row["step"] for row in steps] == list(range(1, len(steps) + 1))
     for name in ("lr", "grad_norm", "tokens_per_s", "step_time", "peak_memory_bytes"):
         assert all(row[name] >= 0 for row in steps), name
+    # engine.step() is timed on its own: part of the step, never all of it (forward and backward come first).
+    assert all(0 < row["optimizer_step_time"] < row["step_time"] for row in steps)
     assert steps[0]["optimizer_state_bytes"] > 0
     assert yaml.safe_load((sft_run / "config.yaml").read_text())["engine"]["zero_stage"] == 2
     assert json.loads((sft_run / "ds_config.json").read_text())["zero_allow_untested_optimizer"] is True
