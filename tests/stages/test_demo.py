@@ -40,7 +40,7 @@ def test_remax_raises_gold_reward_with_the_reward_models_score(demo):
     rows = read_metrics(demo[0] / "remax")[0]
     gold = series(rows, "eval/gold_reward")[1]
     reward = series(rows, "eval/reward")[1]
-    assert gold[-1] > gold[0] + 0.2  # measured 0.08 -> ~0.5 (the best reachable is 1.175)
+    assert gold[-1] > gold[0] + 0.2  # measured 0.08 -> 0.55 (the best reachable is 1.175)
     assert reward[-1] > reward[0]
     kl = series(rows, "eval/kl")[1]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and 0 < kl[-1] < 20
