@@ -103,8 +103,11 @@ def summarize(rows: list) -> dict:
         summary[f"first_{name}"] = values[0] if values else None
         summary[f"final_{name}"] = values[-1] if values else None
     step_times = series(rows, "step_time")[1]
+    optimizer_times = series(rows, "optimizer_step_time")[1]
     memory = series(rows, "peak_memory_bytes")[1]
     summary["train_seconds"] = sum(step_times) if step_times else None
+    # The optimizer's share of it (engine.step()): where AdamW and Adam-mini runs differ in time.
+    summary["optimizer_seconds"] = sum(optimizer_times) if optimizer_times else None
     summary["peak_memory_bytes"] = max(memory) if memory else None
     return summary
 
@@ -150,7 +153,7 @@ def _cell(value) -> str:
 def write_summary(summaries: dict, problems: list, out_dir: Path) -> Path:
     columns = ["first_eval_reward", "final_eval_reward", "best_eval_reward", "best_step", "kl_at_best", "eval_reward_auc",
                "first_eval/gold_reward", "final_eval/gold_reward", "final_eval/loss", "final_eval/accuracy",
-               "last_step", "train_seconds", "peak_memory_bytes"]
+               "last_step", "train_seconds", "optimizer_seconds", "peak_memory_bytes"]
     lines = ["# Run summary", "", "| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {run} | " + " | ".join(_cell(summary[c]) for c in columns) + " |"
               for run, summary in summaries.items()]

@@ -16,7 +16,8 @@ def write_run(directory, rows, extra_lines=()):
 
 def remax_rows(rewards, kls):
     rows = [{"step": step * 10, "eval/reward": reward, "eval/kl": kl} for step, (reward, kl) in enumerate(zip(rewards, kls))]
-    rows += [{"step": step, "reward": 0.1 * step, "step_time": 0.5, "peak_memory_bytes": 1000 + step}
+    rows += [{"step": step, "reward": 0.1 * step, "step_time": 0.5, "optimizer_step_time": 0.125,
+              "peak_memory_bytes": 1000 + step}
              for step in range(1, 11)]
     return rows
 
@@ -29,10 +30,12 @@ def test_summary_values_and_pngs(tmp_path):
     assert (summary["best_eval_reward"], summary["best_step"], summary["kl_at_best"]) == (2.0, 10, 0.5)
     assert summary["eval_reward_auc"] == pytest.approx(10 * (0 + 2) / 2 + 10 * (2 + 1) / 2)
     assert summary["train_seconds"] == pytest.approx(5.0) and summary["peak_memory_bytes"] == 1010
+    assert summary["optimizer_seconds"] == pytest.approx(1.25)
     names = {path.name for path in result["plots"]}
     assert {"eval_reward.png", "eval_kl.png", "reward.png"} <= names
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in result["plots"])
     assert "| adam_mini | 0 | 1 | 2 | 10 | 0.5 |" in result["summary"].read_text()
+    assert "| 20 | 5 | 1.25 | 1010 |" in result["summary"].read_text()  # last step, train and optimizer seconds, peak
 
 
 def test_runs_of_different_lengths_and_missing_metrics_are_reported(tmp_path):
