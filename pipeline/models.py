@@ -64,8 +64,9 @@ def load_tokenizer(config: ModelConfig, field: str = "model.path"):
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         # Said plainly here: transformers' own error for this talks of slow-tokenizer conversion.
         what = "tokenizer" if (Path(path) / "config.json").is_file() else "model or tokenizer (no config.json)"
+        hint = ", or set `model.tokenizer_path`" if field == "model.path" else ""
         raise ModelLoadError(f"`{field}` {path} holds no {what}: none of {', '.join(TOKENIZER_FILES)}; "
-                             "point it at a saved Hugging Face model directory, or set `model.tokenizer_path`")
+                             f"point it at a saved Hugging Face model or tokenizer directory{hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
