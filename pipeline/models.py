@@ -59,11 +59,12 @@ def load_tokenizer(config: ModelConfig, field: str = "model.path"):
     if path is None:
         raise ModelLoadError(f"`model.tokenizer_path` is not set and `{field}` is not set; a model built "
                              "from `model.config` needs `model.tokenizer_path` (a local tokenizer directory)")
-    if not Path(path).exists():
+    directory = Path(path)
+    if not directory.exists():
         raise ModelLoadError(f"`{field}` {path} does not exist")
-    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         # Said plainly here: transformers' own error for this talks of slow-tokenizer conversion.
-        what = "tokenizer" if (Path(path) / "config.json").is_file() else "model or tokenizer (no config.json)"
+        what = "tokenizer" if (directory / "config.json").is_file() else "model or tokenizer (no config.json)"
         hint = ", or set `model.tokenizer_path`" if field == "model.path" else ""
         raise ModelLoadError(f"`{field}` {path} holds no {what}: none of {', '.join(TOKENIZER_FILES)}; "
                              f"point it at a saved Hugging Face model or tokenizer directory{hint}")

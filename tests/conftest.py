@@ -38,3 +38,12 @@ def launch_ranks(world_size: int, args: list, timeout: int = 900) -> subprocess.
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# Metrics that measure the machine, not the run: they differ between otherwise identical runs.
+TIMING_METRICS = ("tokens_per_s", "step_time", "optimizer_step_time", "peak_memory_bytes")
+
+
+def without_timing(rows: list) -> list:
+    """metrics.jsonl rows without TIMING_METRICS, for comparing two runs row for row."""
+    return [{name: value for name, value in row.items() if name not in TIMING_METRICS} for row in rows]

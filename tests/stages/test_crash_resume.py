@@ -17,13 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, launch_ranks, rank_env
+from tests.conftest import REPO_ROOT, free_port, launch_ranks, rank_env, without_timing
 from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
 
 pytestmark = pytest.mark.slow
 
 STEPS, CHECKPOINT_EVERY, KILL_AFTER_STEP = 7, 2, 3
-TIMING = ("tokens_per_s", "step_time", "optimizer_step_time", "peak_memory_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def launch_and_kill(args: list, output_dir: Path, after_step: int) -> None:
 
 def strip_timing(output_dir: Path) -> list:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{name: value for name, value in row.items() if name not in TIMING} for row in rows]
+    return without_timing(rows)
 
 
 def safetensors_of(directory: Path) -> dict:
