@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .optim import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -35,7 +38,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Only modules whose names contain this (e.g. "model.layers.") are adapted; empty: all.
     layers_pattern: str = ""
 
@@ -67,9 +70,9 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: str = "adam_mini"           # adam_mini | adamw
+    name: str = "adam_mini"           # a name in pipeline.optim.OPTIMIZERS: adam_mini | adamw
     lr: float = 1e-5
-    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
     scheduler: str = "cosine"         # cosine | linear | constant
@@ -136,7 +139,7 @@ class RunConfig:
 CHOICES = {
     "data.format": ("sft", "pairwise", "prompt", "chat"),
     "data.truncation": ("skip", "truncate"),
-    "optim.name": ("adam_mini", "adamw"),
+    "optim.name": tuple(OPTIMIZERS),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -177,18 +180,11 @@ def common_problems(config: RunConfig) -> list:
     for field, value in positive.items():
         if value <= 0:
             problems.append(f"`{field}` is {value}; it must be a positive integer")
-    if optim.lr <= 0:
-        problems.append(f"`optim.lr` is {optim.lr}; it must be positive (e.g. 1e-5)")
-    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        problems.append(f"`optim.betas` is {optim.betas}; give two values in [0, 1), e.g. [0.9, 0.95]")
-    for field, value in (("optim.eps", optim.eps), ("optim.weight_decay", optim.weight_decay),
-                         ("optim.warmup_steps", optim.warmup_steps),
-                         ("optim.gradient_clipping", optim.gradient_clipping)):
-        if value < 0:
-            problems.append(f"`{field}` is {value}; it must not be negative")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        problems.append(f"`optim.min_lr_ratio` is {optim.min_lr_ratio}; use a value in [0, 1]")
-    if not 0 < data.eval_fraction < 1:
+    if optim.name in OPTIMIZERS:
+        problems += OPTIMIZERS[optim.name].problems(optim)
+    if optim.warmup_steps < 0:
+        problems.append(f"`optim.warmup_steps` is {optim.warmup_steps}; it must not be negative")
+    if not 0 < data.eval_fraction < 1:  # NaN fails this too
         problems.append(f"`data.eval_fraction` is {data.eval_fraction}; use a value in (0, 1)")
     if data.max_prompt_length >= data.max_length:
         problems.append(f"`data.max_prompt_length` ({data.max_prompt_length}) must be below `data.max_length` "
@@ -237,19 +233,30 @@ def _convert(value: Any, tp, field: str, problems: list):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"`{field}` is {value!r}; expected a finite number")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is list:
+    elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            element_type = (typing.get_args(tp) or (None,))[0]
+            if element_type is None:
+                return list(value)
+            count = len(problems)
+            items = [_convert(item, element_type, f"{field}[{index}]", problems) for index, item in enumerate(value)]
+            return items if len(problems) == count else None
     elif tp is dict:
         if isinstance(value, dict):
             return value

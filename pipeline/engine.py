@@ -1,18 +1,17 @@
 """The DeepSpeed engine factory every stage uses.
 
-`create_engine` turns a run config and a model into a training engine with Adam-mini
-(or AdamW) injected, its LR schedule and an explicit DeepSpeed config; `create_frozen_engine`
-wraps a model that only runs forward (reference policy, reward model). Batch arithmetic
-lives in `batch_plan` and nowhere else.
+`create_engine` turns a run config and a model into a training engine with the optimizer
+`optim.name` names (pipeline.optim) injected, its LR schedule and an explicit DeepSpeed config;
+`create_frozen_engine` wraps a model that only runs forward (reference policy, reward model).
+Batch arithmetic lives in `batch_plan` and nowhere else. Nothing here writes files: the run
+directory belongs to `pipeline.rundir`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,9 +22,8 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from optimizers import Adam_mini, applies_weight_decay, geometry_from_model  # noqa: E402
 from .config import RunConfig  # noqa: E402
-from .run import start_run_dir  # noqa: E402
+from .optim import build_optimizer  # noqa: E402
 
 
 class EngineConfigError(ValueError):
@@ -126,21 +124,6 @@ def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
     return ds_config
 
 
-def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam-mini with geometry read from the model, or AdamW; norms and biases never decay."""
-    optim = config.optim
-    if optim.name == "adam_mini":
-        return Adam_mini(model.named_parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                         weight_decay=optim.weight_decay, **geometry_from_model(model))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if applies_weight_decay(name) else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
-
-
 def lr_multiplier(step: int, config: RunConfig, total_steps: int) -> float:
     """Learning-rate factor after `step` optimizer steps: linear warm-up, then the decay."""
     optim = config.optim
@@ -168,13 +151,7 @@ class TrainingEngine:
 
 
 def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -> TrainingEngine:
-    """Builds optimizer, schedule and DeepSpeed config, claims `output_dir` for the run and calls
-    `deepspeed.initialize`.
-
-    The run directory is claimed here (`pipeline.run.start_run_dir`: an overwritten run's outputs
-    removed, the resolved config written) because this is the first write of every stage, after its
-    data and models have loaded: a run that fails before it leaves an earlier run untouched. The
-    stage entry (`pipeline.run.main`) has checked the directory before anything loaded.
+    """Builds optimizer, schedule and DeepSpeed config and calls `deepspeed.initialize`.
 
     Raises:
         EngineConfigError: a batch or device combination that cannot run (see batch_plan, check_device).
@@ -183,14 +160,10 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     world_size = init_distributed()
     plan = batch_plan(config, world_size)
     ds_config = build_ds_config(config, plan)
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    start_run_dir(config)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    if dist.get_rank() == 0:
-        # The run records exactly what DeepSpeed was given, flags we set for it included.
-        (Path(config.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
 
 

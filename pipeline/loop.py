@@ -1,34 +1,36 @@
-"""The supervised training loop SFT and reward-model training share.
+"""The one training loop every stage runs on.
 
-A stage supplies what differs (how a batch becomes a loss and metrics, how evaluation
-sums up); this loop owns what must be identical everywhere: the sampler and data
-position, gradient accumulation, logging, evaluation cadence, checkpoints, resume and
-the final export.
+A stage supplies what differs (`Stage`: a micro-batch's loss and the sums its metrics are made
+of, an evaluation, what follows an evaluation, extra state to checkpoint); the loop owns what must
+be identical everywhere: the sampler and data position, gradient accumulation in step with
+DeepSpeed, the skip guard for non-finite steps, metrics and progress, the evaluation cadence,
+checkpoints, resume and the final export.
+
+An epoch holds whole accumulation windows (as torchtune does): the micro-batches that would
+not fill a last window are left out, so every optimizer step of the loop is one of DeepSpeed's,
+whatever the epoch length, and the schedule's step count is DeepSpeed's `global_steps`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError
 from .engine import BatchPlan, TrainingEngine
-from .metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar, synchronize_cuda
+from .metrics import ThroughputMeter, peak_memory_bytes, progress_bar, synchronize_cuda
+from .optim import held_state_bytes
+from .rundir import RunDirectory
 
 logger = logging.getLogger(__name__)
-
-# step_fn(engine, batch) -> (loss, metrics to average, tokens processed)
-StepFn = Callable[[object, dict], tuple]
-# eval_fn(engine, loader) -> metrics, already reduced over ranks
-EvalFn = Callable[[object, DataLoader], dict]
 
 
 @dataclasses.dataclass
@@ -75,10 +77,14 @@ def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Positio
 def micro_batches(dataset, collate, plan: BatchPlan, seed: int, position: Position):
     """This rank's micro-batches from `position` on, epoch after epoch; the caller stops.
 
-    Advances `position` to the next epoch when one is used up (the caller counts micro-batches).
+    Each epoch yields whole accumulation windows only (`optimizer_steps_per_epoch` of them), so
+    the loop's windows and DeepSpeed's never drift apart across epochs. Advances `position` to the
+    next epoch when one is used up (the caller counts micro-batches).
     """
+    per_epoch = optimizer_steps_per_epoch(len(dataset), plan) * plan.gradient_accumulation_steps
     while True:
-        yield from train_loader(dataset, collate, plan, seed, position)
+        remaining = max(0, per_epoch - position.micro_batch)
+        yield from itertools.islice(train_loader(dataset, collate, plan, seed, position), remaining)
         position.epoch, position.micro_batch = position.epoch + 1, 0
 
 
@@ -103,6 +109,7 @@ class StepOutcome:
     grad_norm: float   # global norm before clipping (nan off the accumulation boundary, inf when skipped)
     skipped: bool      # the update was withheld: non-finite loss or gradients on some rank
     seconds: float = math.nan  # wall time of `engine.step()`: the optimizer's share of the step
+    boundary: bool = True      # DeepSpeed took (or withheld) an optimizer step here
 
 
 def optimizer_step(engine) -> StepOutcome:
@@ -114,7 +121,11 @@ def optimizer_step(engine) -> StepOutcome:
     same protocol is followed. Either way `engine.skipped_steps` counts the skip.
     """
     own_norm = None  # DeepSpeed records the norm except for a bare optimizer
-    if (engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0
+    boundary = engine.is_gradient_accumulation_boundary()
+    if not boundary:  # DeepSpeed only counts the micro-step
+        engine.step()
+        return StepOutcome(math.nan, skipped=False, seconds=0.0, boundary=False)
+    if (engine.zero_optimization_stage() == 0
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
         grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
         own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -169,79 +180,131 @@ class SkipGuard:
                 "Checkpoints written so far are intact; resume with checkpoint.resume=true.")
 
 
-def mean_over_ranks(values: dict, device=None) -> dict:
-    """Averages each metric over the data-parallel ranks (same keys on every rank).
+def sum_over_ranks(sums: dict, device=None) -> dict:
+    """Adds each value over the data-parallel ranks (same keys on every rank) in one collective.
 
-    `device` is where the backend can reduce (the engine's device: NCCL takes no CPU tensors).
+    Values may be numbers or 0-dim tensors: they are stacked on `device` (where the backend can
+    reduce: NCCL takes no CPU tensors) and read back once, one host sync for the whole dict.
     """
-    if not values or not dist.is_initialized():
-        return values
-    names = sorted(values)
-    tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return {name: value / dist.get_world_size() for name, value in zip(names, tensor.tolist())}
+    if not sums:
+        return {}
+    names = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64, device=device).detach().reshape(())
+                          for name in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return dict(zip(names, values.tolist()))
 
 
-def run_supervised(config, built: TrainingEngine, train_set, eval_set, collate, step_fn: StepFn,
-                   eval_fn: EvalFn, tokenizer) -> dict:
-    """Trains to the planned step count; returns the last evaluation's metrics."""
-    engine, plan = built.engine, built.plan
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    total_steps = total_optimizer_steps(config, len(train_set), plan)
-    position = Position()
-    checkpoint = latest_checkpoint(config.output_dir) if config.checkpoint.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(engine, checkpoint)
+def per_micro_batch_means(total: dict) -> dict:
+    """The default step metrics: every sum divided by the micro-batches it was summed over (all ranks)."""
+    count = total["micro_batches"]
+    return {name: value / count for name, value in total.items() if name not in ("micro_batches", "tokens")}
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage supplies to `train`.
+
+    `step(batch)` runs one micro-batch (already on the device) forward and returns (loss with grad,
+    sums): numbers or 0-dim tensors added over the window's micro-batches and over the ranks, from
+    which `metrics` makes the logged values; "tokens" (tokens processed) feeds tokens/s. The loop
+    adds "loss" and "micro_batches" itself.
+    """
+    train_set: Sequence
+    eval_set: Sequence
+    collate: Callable
+    step: Callable[[dict], tuple]
+    evaluate: Callable[[DataLoader], dict]          # -> metrics over every rank's rows, named "eval/..."
+    tokenizer: object = None                        # exported with the model
+    metrics: Callable[[dict], dict] = per_micro_batch_means
+    after_evaluation: Optional[Callable[[dict, int], None]] = None  # (eval metrics, step), e.g. keep the best
+    state: Callable[[], dict] = dict                # extra trainer state to checkpoint (JSON)
+    load_state: Callable[[dict], None] = lambda state: None
+    progress: tuple = ("loss",)                     # metrics on the progress line
+    eval_every_steps: Optional[int] = None          # None: `training.eval_every_steps`
+
+
+def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dict:
+    """Trains to the planned step count and exports `final/`; returns the last evaluation's metrics."""
+    engine, plan, device = built.engine, built.plan, built.engine.device
+    total_steps = total_optimizer_steps(config, len(stage.train_set), plan)
+    run.claim(built.ds_config)
+    position, state = Position(), run.resume(engine)
+    if state is not None:
         position = Position(state["step"], state["epoch"], state["micro_batch"])
-        logger.info("resumed from %s (step %d)", checkpoint, position.step)
-    metrics_logger = MetricsLogger(config.output_dir, rank=rank, tensorboard=config.logging.tensorboard,
-                                   resume_step=position.step if checkpoint is not None else None)
-    evaluation = eval_loader(eval_set, collate, plan)
-    if position.step == 0:
-        metrics_logger.log(eval_fn(engine, evaluation), step=0)
-    bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
-    meter, window, tokens = ThroughputMeter(), [], 0
-    last_eval, guard = {}, SkipGuard(config.training.max_consecutive_skips)
-    meter.start()
-    for batch in micro_batches(train_set, collate, plan, config.seed, position):
-        if position.step >= total_steps:  # also true on entry when a resumed run is already done
-            break
-        engine.train()
-        if not window:
-            lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-        loss, metrics, batch_tokens = step_fn(engine, to_device(batch, engine.device))
-        engine.backward(loss)
-        outcome = optimizer_step(engine)
-        position.micro_batch += 1
-        window.append({"loss": loss.item(), **metrics})
-        tokens += batch_tokens
-        if position.micro_batch % plan.gradient_accumulation_steps:
-            continue
-        position.step += 1
-        logged = mean_over_ranks({name: sum(m[name] for m in window) / len(window) for name in window[0]},
-                                 engine.device)
-        timing = meter.stop(tokens * plan.world_size)
-        logged.update(lr=lr, grad_norm=outcome.grad_norm, skipped_steps=engine.skipped_steps,
-                      tokens_per_s=timing["tokens_per_s"], step_time=timing["step_time"],
-                      optimizer_step_time=outcome.seconds,
-                      peak_memory_bytes=peak_memory_bytes())
-        if position.step == 1:  # optimizer state exists from the first step on
-            logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
-        if is_due(position.step, config.logging.every_steps, total_steps):
-            metrics_logger.log(logged, step=position.step)
-        guard.update(outcome, position.step, engine.skipped_steps)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
-        window, tokens = [], 0
-        if is_due(position.step, config.training.eval_every_steps, total_steps):
-            last_eval = eval_fn(engine, evaluation)
-            metrics_logger.log(last_eval, step=position.step)
-        checkpoint_if_due(engine, config, position, total_steps)
+        stage.load_state(state)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    eval_every = stage.eval_every_steps or config.training.eval_every_steps
+    evaluation = eval_loader(stage.eval_set, stage.collate, plan)
+    metrics_logger = run.metrics_logger(position.step if state is not None else None)
+    last_eval = {}
+
+    def evaluate() -> dict:
+        result = stage.evaluate(evaluation)
+        metrics_logger.log(result, step=position.step)
+        if stage.after_evaluation is not None:
+            stage.after_evaluation(result, position.step)
+        return result
+
+    with metrics_logger:
+        if position.step == 0:
+            last_eval = evaluate()
+        bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
+        meter, window, guard = ThroughputMeter(), {}, SkipGuard(config.training.max_consecutive_skips)
         meter.start()
-    bar.close()
-    metrics_logger.close()
-    export_final(engine, tokenizer, config.output_dir)
+        for batch in micro_batches(stage.train_set, stage.collate, plan, config.seed, position):
+            if position.step >= total_steps:  # also true on entry when a resumed run is already done
+                break
+            engine.train()
+            if not window:
+                lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
+            loss, sums = stage.step(to_device(batch, device))
+            engine.backward(loss)
+            outcome = optimizer_step(engine)
+            position.micro_batch += 1
+            window = add_sums(window, {**sums, "loss": loss.detach(), "micro_batches": 1})
+            window_full = position.micro_batch % plan.gradient_accumulation_steps == 0
+            if outcome.boundary != window_full:
+                raise RuntimeError(f"micro-batch {position.micro_batch} of epoch {position.epoch}: the loop's "
+                                   "accumulation window and DeepSpeed's disagree")
+            if not window_full:
+                continue
+            position.step += 1
+            total = sum_over_ranks(window, device)
+            timing = meter.stop(int(total.get("tokens", 0)))
+            logged = {**stage.metrics(total), "lr": lr, "grad_norm": outcome.grad_norm,
+                      "skipped_steps": engine.skipped_steps, **timing, "optimizer_step_time": outcome.seconds,
+                      "peak_memory_bytes": peak_memory_bytes()}
+            if position.step == 1:  # optimizer state exists from the first step on
+                logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
+            if is_due(position.step, config.logging.every_steps, total_steps):
+                metrics_logger.log(logged, step=position.step)
+                if not config.logging.progress_bar:
+                    log_progress(position.step, total_steps, logged, stage.progress)
+            guard.update(outcome, position.step, engine.skipped_steps)
+            bar.update(1)
+            bar.set_postfix(**{name: f"{logged[name]:.3f}" for name in stage.progress if name in logged})
+            window = {}
+            if is_due(position.step, eval_every, total_steps):
+                last_eval = evaluate()
+            every = config.checkpoint.every_steps
+            if every and position.step % every == 0 and position.step < total_steps:  # the export covers the last
+                run.save_checkpoint(engine, position.step, {**dataclasses.asdict(position), **stage.state()})
+            meter.start()
+        bar.close()
+    run.export(engine, stage.tokenizer, "final")
     return last_eval
+
+
+def add_sums(total: dict, sums: dict) -> dict:
+    """`total` + `sums`, key by key (tensors stay on their device: no host sync per micro-batch)."""
+    return {name: total[name] + value if name in total else value for name, value in sums.items()}
+
+
+def log_progress(step: int, total_steps: int, logged: dict, names: tuple) -> None:
+    shown = " ".join(f"{name} {logged[name]:.4g}" for name in (*names, "lr", "grad_norm") if name in logged)
+    logger.info("step %d/%d %s %.0f tok/s", step, total_steps, shown, logged.get("tokens_per_s", 0.0))
 
 
 def is_due(step: int, every: Optional[int], total_steps: int) -> bool:
@@ -249,33 +312,6 @@ def is_due(step: int, every: Optional[int], total_steps: int) -> bool:
     return bool(every and step % every == 0) or step == total_steps
 
 
-def checkpoint_if_due(engine, config, position: Position, total_steps: int, extra: Optional[dict] = None) -> None:
-    """Saves every `checkpoint.every_steps` (not after the last step: the final export covers it).
-
-    `extra` joins the data position in the trainer state (e.g. ReMax's best eval reward).
-    """
-    every = config.checkpoint.every_steps
-    if every and position.step % every == 0 and position.step < total_steps:
-        save_checkpoint(engine, config.output_dir, position.step, {**dataclasses.asdict(position), **(extra or {})},
-                        config.checkpoint.keep_last)
-
-
-def held_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state this rank holds (Adam-mini counts its own; others: every state tensor)."""
-    if hasattr(optimizer, "state_bytes"):
-        return optimizer.state_bytes()
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if torch.is_tensor(value))
-
-
-def token_weighted_mean(total: float, count: float, device=None) -> float:
-    """Sums (over ranks) of a token-weighted total and its count, as a mean."""
-    values = torch.tensor([total, count], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return (values[0] / values[1]).item() if values[1] > 0 else math.nan
-
-
-__all__ = ["Position", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "run_supervised", "total_optimizer_steps",
-           "train_loader", "eval_loader", "mean_over_ranks", "token_weighted_mean", "optimizer_steps_per_epoch",
-           "optimizer_step", "to_device", "held_state_bytes", "is_due", "checkpoint_if_due", "micro_batches"]
+__all__ = ["Position", "Stage", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "train", "total_optimizer_steps",
+           "train_loader", "eval_loader", "sum_over_ranks", "add_sums", "per_micro_batch_means",
+           "optimizer_steps_per_epoch", "optimizer_step", "to_device", "is_due", "micro_batches"]

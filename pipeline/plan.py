@@ -16,16 +16,15 @@ import argparse
 import json
 import sys
 
-from optimizers import Adam_mini, geometry_from_model
-
 from .config import ConfigError, RunConfig, load_config
 from .models import ModelLoadError, apply_lora, count_parameters, load_causal_lm
+from .optim import OPTIMIZERS, planned_state_bytes
 
-OPTIMIZERS = ("adam_mini", "adamw")
 GIB = 2**30
 
 
 def build_meta_model(config: RunConfig):
+    """The run's model (LoRA applied) on the meta device: only config.json is read."""
     model = load_causal_lm(config.model, device="meta")
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
@@ -41,8 +40,7 @@ def plan_rows(model, world_sizes, precision: str = "bf16") -> list:
     """One row per (optimizer, zero stage, world size): bytes on the most loaded rank."""
     total, trainable = count_parameters(model)
     frozen = total - trainable
-    adam_mini = Adam_mini([(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                          **geometry_from_model(model))
+    states = planned_state_bytes(model, world_sizes)
     mixed = precision in ("bf16", "fp16")
     weight_bytes = 2 if mixed else 4
     largest = largest_layer_numel(model)
@@ -58,18 +56,38 @@ def plan_rows(model, world_sizes, precision: str = "bf16") -> list:
             if mixed:
                 grads += 4 * shard(trainable, stage >= 1)  # fp32 gradients for the optimizer
             master = 4 * shard(trainable, stage >= 1) if mixed else 0
-            slice_numel = max(adam_mini.planned_state_numel(world_size, rank, stage)[0] for rank in range(world_size))
-            states = {"adam_mini": max(adam_mini.planned_state_bytes(world_size, rank, stage)
-                                       for rank in range(world_size)),
-                      "adamw": 2 * 4 * slice_numel}
             for optimizer in OPTIMIZERS:
-                optimizer_bytes = master + states[optimizer]
+                optimizer_bytes = master + states[optimizer, world_size, stage]
                 rows.append({"optimizer": optimizer, "zero_stage": stage, "world_size": world_size,
                              "params_bytes": int(params), "grads_bytes": int(grads),
                              "optimizer_bytes": int(optimizer_bytes),
                              "total_bytes": int(params + grads + optimizer_bytes),
                              "parameters": total, "trainable_parameters": trainable, "frozen_parameters": frozen})
     return rows
+
+
+def dry_run_plan(config: RunConfig, world_size: int) -> str:
+    """A stage's `--dry-run`: this run's per-rank weights and optimizer state, every optimizer of the
+    table side by side with the chosen one marked."""
+    model = build_meta_model(config)
+    total, trainable = count_parameters(model)
+    stage = config.engine.zero_stage
+    states = planned_state_bytes(model, [world_size], [stage])
+    bytes_per_param = 2 if config.engine.precision in ("bf16", "fp16") else 4
+    shard = world_size if stage == 3 else 1
+    lines = [f"dry run: {config.model.path or 'model.config'} on the meta device, ZeRO-{stage}, "
+             f"{world_size} rank(s), {config.engine.precision}",
+             f"  parameters            {total:>16,}",
+             f"  trainable parameters  {trainable:>16,}",
+             f"  weights per rank      {total * bytes_per_param / shard / GIB:>12.2f} GiB",
+             "  optimizer state per rank (fp32):"]
+    for name in OPTIMIZERS:
+        chosen = "  <- chosen" if name == config.optim.name else ""
+        lines.append(f"    {name:<20}{states[name, world_size, stage] / GIB:>12.2f} GiB{chosen}")
+    if {"adam_mini", "adamw"} <= set(OPTIMIZERS):
+        ratio = states["adam_mini", world_size, stage] / states["adamw", world_size, stage]
+        lines.append(f"    adam_mini / adamw   {ratio:>12.3f}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list, gpu_memory_gib=None) -> str:

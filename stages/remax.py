@@ -18,34 +18,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from trl.models.utils import add_hooks, remove_hooks
 
-from pipeline.checkpoint import export_final, latest_checkpoint, load_checkpoint
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
 from pipeline.generation import (GOLD_REWARDS, Responses, collate_with_prompts, generate_responses,
                                  generation_configs, load_gold_reward, response_logprobs, scored)
-from pipeline.loop import (Position, SkipGuard, checkpoint_if_due, eval_loader, held_state_bytes, is_due,
-                           micro_batches, optimizer_step, to_device, total_optimizer_steps)
-from pipeline.metrics import MetricsLogger, ThroughputMeter, peak_memory_bytes, progress_bar
+from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
+from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
 
-BEST_DIR = "best"
-BEST_FILE = "best.json"
+BEST_DIR = "best"  # the actor at its best held-out greedy reward, with best.json ({best_step, best_eval_reward})
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -305,28 +299,15 @@ def remax_step(models: Models, batch: dict, remax: RemaxSection, generation: tup
             "advantage": advantage.sum(), "advantage_squared": advantage.square().sum(),
             "wins": (sampled.reward > greedy.reward).sum(), "kl": sequence_kl(experience).sum(),
             "response_length": sampled.lengths.sum(), "entropy": (experience.entropy * mask).sum(),
-            "response_tokens": mask.sum(), "tokens": sampled.attention_mask.sum(), "loss": loss.detach(),
-            "micro_batches": 1}
+            "response_tokens": mask.sum(), "tokens": sampled.attention_mask.sum()}
     if models.gold_reward is not None:
         sums["gold_reward"] = sum(models.gold_reward(batch["prompt"], sampled.texts(models.tokenizer)))
     return loss, sums
 
 
-def add_sums(total: dict, sums: dict) -> dict:
-    return {name: total.get(name, 0.0) + float(value) for name, value in sums.items()}
-
-
-def sum_over_ranks(sums: dict, device) -> dict:
-    """Adds each value over the ranks (same keys on every rank); on `device`, which NCCL needs."""
-    names = sorted(sums)
-    values = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return dict(zip(names, values.tolist()))
-
-
 def step_metrics(total: dict) -> dict:
-    """Per-step metrics from `remax_step` sums added over micro-batches and ranks."""
+    """Per-step metrics from `remax_step` sums added over micro-batches and ranks (the loop adds
+    "loss" and "micro_batches")."""
     n = total["sequences"]
     advantage_mean = total["advantage"] / n
     metrics = {"reward": total["reward"] / n, "baseline_reward": total["baseline_reward"] / n,
@@ -360,30 +341,6 @@ def evaluate(models: Models, loader, generation: tuple, device) -> dict:
     return {name: value / count for name, value in total.items()}
 
 
-def export_best(engine, tokenizer, output_dir, best: dict) -> None:
-    """Exports the actor to `output_dir/best` with `best.json` ({best_step, best_eval_reward}).
-
-    Collective. The export is written beside it first and swapped in, so `best/` always holds one
-    complete model.
-    """
-    output_dir = Path(output_dir)
-    staging, retired, target = output_dir / ".best_staging", output_dir / ".best_retired", output_dir / BEST_DIR
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a run cut off mid-export
-    dist.barrier()
-    export_final(engine, tokenizer, staging)  # writes staging/final
-    if rank == 0:
-        shutil.rmtree(retired, ignore_errors=True)
-        if target.exists():
-            target.rename(retired)
-        (staging / "final").rename(target)
-        (target / BEST_FILE).write_text(json.dumps(best, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(retired, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 def run(config: RemaxConfig) -> dict:
@@ -393,72 +350,25 @@ def run(config: RemaxConfig) -> dict:
     data = dataclasses.replace(config.data, eval_path=remax.eval_prompts_path or config.data.eval_path)
     train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
     plan = batch_plan(config, init_distributed())
-    rank = dist.get_rank()
-    if rank == 0:
+    if dist.get_rank() == 0:
         logger.info(report.summary())
-    total_steps = total_optimizer_steps(config, len(train_set), plan)
-    models, built = build_models(config, tokenizer, total_steps)
-    engine, device = built.engine, built.engine.device
+    models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan))
+    device, run_dir = built.engine.device, RunDirectory(config)
     generation = generation_configs(tokenizer, remax.max_new_tokens, remax.temperature, remax.top_p)
-    collate = lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id)  # noqa: E731
+    best = {"best_step": None, "best_eval_reward": None}
 
-    position, best = Position(), {"best_step": None, "best_eval_reward": None}
-    checkpoint = latest_checkpoint(config.output_dir) if config.checkpoint.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(engine, checkpoint)
-        position = Position(state["step"], state["epoch"], state["micro_batch"])
-        best = {name: state.get(name) for name in best}
-        logger.info("resumed from %s (step %d)", checkpoint, position.step)
-    metrics_logger = MetricsLogger(config.output_dir, rank=rank, tensorboard=config.logging.tensorboard,
-                                   resume_step=position.step if checkpoint is not None else None)
-    evaluation = eval_loader(eval_set, collate, plan)
-
-    def evaluate_and_keep_best() -> dict:
-        result = evaluate(models, evaluation, generation, device)
-        metrics_logger.log(result, step=position.step)
+    def keep_best(result: dict, step: int) -> None:
         if best["best_eval_reward"] is None or result["eval/reward"] > best["best_eval_reward"]:
-            best.update(best_step=position.step, best_eval_reward=result["eval/reward"])
-            export_best(engine, tokenizer, config.output_dir, best)
-        return result
+            best.update(best_step=step, best_eval_reward=result["eval/reward"])
+            run_dir.export(built.engine, tokenizer, BEST_DIR, metadata=best)
 
-    last_eval = evaluate_and_keep_best() if position.step == 0 else {}
-    bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
-    meter, window, guard = ThroughputMeter(), {}, SkipGuard(config.training.max_consecutive_skips)
-    meter.start()
-    for batch in micro_batches(train_set, collate, plan, config.seed, position):
-        if position.step >= total_steps:  # also true on entry when a resumed run is already done
-            break
-        if not window:
-            lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-        loss, sums = remax_step(models, to_device(batch, device), remax, generation)
-        engine.backward(loss)
-        outcome = optimizer_step(engine)
-        position.micro_batch += 1
-        window = add_sums(window, sums)
-        if position.micro_batch % plan.gradient_accumulation_steps:
-            continue
-        position.step += 1
-        total = sum_over_ranks(window, device)
-        timing = meter.stop(int(total["tokens"]))  # prompt + sampled response tokens, all ranks
-        logged = {**step_metrics(total), "lr": lr, "grad_norm": outcome.grad_norm,
-                  "skipped_steps": engine.skipped_steps, **timing, "optimizer_step_time": outcome.seconds,
-                  "peak_memory_bytes": peak_memory_bytes()}
-        if position.step == 1:  # optimizer state exists from the first step on
-            logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
-        if is_due(position.step, config.logging.every_steps, total_steps):
-            metrics_logger.log(logged, step=position.step)
-        guard.update(outcome, position.step, engine.skipped_steps)
-        bar.update(1)
-        bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
-        window = {}
-        if is_due(position.step, config.eval_every_steps, total_steps):
-            last_eval = evaluate_and_keep_best()
-        checkpoint_if_due(engine, config, position, total_steps, best)
-        meter.start()
-    bar.close()
-    metrics_logger.close()
-    export_final(engine, tokenizer, config.output_dir)
-    return last_eval
+    stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
+                  step=lambda batch: remax_step(models, batch, remax, generation),
+                  evaluate=lambda loader: evaluate(models, loader, generation, device),
+                  tokenizer=tokenizer, metrics=step_metrics, after_evaluation=keep_best,
+                  state=lambda: dict(best), load_state=lambda state: best.update({k: state.get(k) for k in best}),
+                  progress=("reward", "kl"), eval_every_steps=config.eval_every_steps)
+    return train(config, built, run_dir, stage)
 
 
 if __name__ == "__main__":

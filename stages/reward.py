@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from pipeline.config import RunConfig
 from pipeline.data import collate_pairwise, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed
-from pipeline.loop import mean_over_ranks, run_supervised, to_device, total_optimizer_steps
+from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import RewardModel, apply_lora, load_tokenizer
+from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
 
@@ -38,25 +39,24 @@ def split_scores(engine, batch: dict) -> tuple:
 
 def reward_step(engine, batch: dict) -> tuple:
     chosen, rejected = split_scores(engine, batch)
-    metrics = {"accuracy": (chosen > rejected).float().mean().item(),
-               "chosen_score": chosen.mean().item(), "rejected_score": rejected.mean().item()}
-    return pairwise_loss(chosen, rejected), metrics, int(batch["attention_mask"].sum())
+    sums = {"accuracy": (chosen > rejected).float().mean(), "chosen_score": chosen.detach().mean(),
+            "rejected_score": rejected.detach().mean(), "tokens": batch["attention_mask"].sum()}
+    return pairwise_loss(chosen, rejected), sums
 
 
 @torch.no_grad()
 def evaluate(engine, loader) -> dict:
     """Held-out pairwise accuracy, loss and mean scores, averaged over every rank's pairs."""
     engine.eval()
-    sums = {"accuracy": 0.0, "loss": 0.0, "chosen_score": 0.0, "rejected_score": 0.0}
-    pairs = 0
+    sums = {"accuracy": 0.0, "loss": 0.0, "chosen_score": 0.0, "rejected_score": 0.0, "pairs": 0}
     for batch in loader:
         chosen, rejected = split_scores(engine, to_device(batch, engine.device))
-        sums["accuracy"] += (chosen > rejected).float().sum().item()
-        sums["loss"] += pairwise_loss(chosen, rejected).item() * len(chosen)
-        sums["chosen_score"] += chosen.sum().item()
-        sums["rejected_score"] += rejected.sum().item()
-        pairs += len(chosen)
-    totals = mean_over_ranks({**sums, "pairs": pairs}, engine.device)
+        sums["accuracy"] += (chosen > rejected).float().sum()
+        sums["loss"] += pairwise_loss(chosen, rejected) * len(chosen)
+        sums["chosen_score"] += chosen.sum()
+        sums["rejected_score"] += rejected.sum()
+        sums["pairs"] += len(chosen)
+    totals = sum_over_ranks(sums, engine.device)
     return {f"eval/{name}": value / totals["pairs"] for name, value in totals.items() if name != "pairs"}
 
 
@@ -69,8 +69,11 @@ def run(config: RewardConfig) -> dict:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
-    collate = lambda rows: collate_pairwise(rows, tokenizer.pad_token_id)  # noqa: E731
-    return run_supervised(config, built, train_set, eval_set, collate, reward_step, evaluate, tokenizer)
+    engine = built.engine
+    stage = Stage(train_set, eval_set, collate=lambda rows: collate_pairwise(rows, tokenizer.pad_token_id),
+                  step=lambda batch: reward_step(engine, batch), evaluate=lambda loader: evaluate(engine, loader),
+                  tokenizer=tokenizer, progress=("loss", "accuracy"))
+    return train(config, built, RunDirectory(config), stage)
 
 
 if __name__ == "__main__":

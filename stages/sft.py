@@ -12,8 +12,9 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.data import collate_sft, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed
-from pipeline.loop import run_supervised, to_device, token_weighted_mean, total_optimizer_steps
+from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer
+from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
 
@@ -29,7 +30,7 @@ class SFTConfig(RunConfig):
 def sft_step(engine, batch: dict) -> tuple:
     """Mean cross-entropy over the response tokens of one micro-batch."""
     output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return output.loss, {}, int(batch["attention_mask"].sum())
+    return output.loss, {"tokens": batch["attention_mask"].sum()}
 
 
 @torch.no_grad()
@@ -42,9 +43,10 @@ def evaluate(engine, loader) -> dict:
         loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["labels"]).loss
         # HF shifts labels by one: the first label never counts.
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total, count = total + loss.item() * tokens, count + tokens
-    loss = token_weighted_mean(total, count, engine.device)
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        total, count = total + loss * tokens, count + tokens
+    sums = sum_over_ranks({"loss": total, "tokens": count}, engine.device)
+    loss = sums["loss"] / sums["tokens"] if sums["tokens"] else math.nan
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -61,8 +63,11 @@ def run(config: SFTConfig) -> dict:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
-    collate = lambda rows: collate_sft(rows, tokenizer.pad_token_id)  # noqa: E731
-    return run_supervised(config, built, train_set, eval_set, collate, sft_step, evaluate, tokenizer)
+    engine = built.engine
+    stage = Stage(train_set, eval_set, collate=lambda rows: collate_sft(rows, tokenizer.pad_token_id),
+                  step=lambda batch: sft_step(engine, batch), evaluate=lambda loader: evaluate(engine, loader),
+                  tokenizer=tokenizer)
+    return train(config, built, RunDirectory(config), stage)
 
 
 if __name__ == "__main__":

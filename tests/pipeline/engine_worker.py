@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoint import export_final
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
-from pipeline.engine import build_optimizer, build_scheduler, create_engine, create_frozen_engine, init_distributed
+from pipeline.engine import build_scheduler, create_engine, create_frozen_engine, init_distributed
+from pipeline.optim import build_optimizer
+from pipeline.rundir import RunDirectory
 from tests.rank_tools import full_fp32_params, write_results
 from tests.tiny_models import tiny_llama, tiny_tokenizer, token_batches
 
@@ -38,7 +40,7 @@ def micro_batches(batches, step, world_size):
 
 def reference(config, batches, world_size):
     model = tiny_llama()
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(optimizer, config, STEPS)
     snapshots = []
     for step in range(STEPS):
@@ -60,6 +62,7 @@ def train_case(stage, batches, rank, world_size):
     config.output_dir = shared[0]
     expected = reference(config, batches, world_size)
     built = create_engine(config, tiny_llama(), total_steps=STEPS)
+    RunDirectory(config).claim(built.ds_config)
     engine = built.engine
     deltas, lrs, losses = [], [], []
     for step in range(STEPS):

@@ -1,7 +1,7 @@
 """Non-finite steps under real DeepSpeed ranks: the shared training loop withholds the update.
 
 Launched by test_loop.py as `deepspeed --num_gpus 2 tests/pipeline/nonfinite_worker.py --out F`.
-For each case, `run_supervised` trains a tiny Llama for 6 steps while rank 1 alone returns a
+For each case, the shared loop (`pipeline.loop.train`) trains a tiny Llama for 6 steps while rank 1 alone returns a
 non-finite loss at step 3. The full fp32 parameters and this rank's optimizer state are taken
 before step 3 and before step 4: the skipped step must leave both exactly as they were. Then a
 run whose loss is non-finite from step 3 on must stop after `training.max_consecutive_skips`.
@@ -19,7 +19,8 @@ import torch.distributed as dist
 from pipeline.config import (CheckpointConfig, DataConfig, EngineConfig, LoggingConfig, ModelConfig, OptimConfig,
                              RunConfig, TrainingConfig)
 from pipeline.engine import create_engine, init_distributed
-from pipeline.loop import NonFiniteStepsError, run_supervised
+from pipeline.loop import NonFiniteStepsError, Stage, train
+from pipeline.rundir import RunDirectory
 from tests.rank_tools import full_fp32_params, max_delta, write_results
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 
@@ -88,7 +89,14 @@ class PoisonedStep:
         loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         if step in self.poisoned_steps and dist.get_rank() == 1:
             loss = loss * self.poison
-        return loss, {}, int(batch["input_ids"].numel())
+        return loss, {"tokens": batch["input_ids"].numel()}
+
+
+def run_stage(config, built, data, step_fn) -> None:
+    engine = built.engine
+    stage = Stage(data[:40], data[40:], collate, step=lambda batch: step_fn(engine, batch),
+                  evaluate=lambda loader: evaluate(engine, loader), tokenizer=tiny_tokenizer())
+    train(config, built, RunDirectory(config), stage)
 
 
 def shared_temp_dir() -> str:
@@ -108,7 +116,7 @@ def skip_case(stage, precision, optimizer, accumulation, poison) -> dict:
     step_fn = PoisonedStep(accumulation, {POISONED_STEP}, {POISONED_STEP, POISONED_STEP + 1, POISONED_STEP + 2})
     step_fn.poison = poison
     data = dataset()
-    run_supervised(config, built, data[:40], data[40:], collate, step_fn, evaluate, tiny_tokenizer())
+    run_stage(config, built, data, step_fn)
     (params_before, state_before), (params_after, state_after), (params_next, _) = (
         step_fn.snapshots[s] for s in (POISONED_STEP, POISONED_STEP + 1, POISONED_STEP + 2))
     state_deltas = torch.tensor([state_delta(state_before, state_after)])
@@ -130,8 +138,7 @@ def diverging_case() -> dict:
     data = dataset()
     message = None
     try:
-        run_supervised(config, built, data[:40], data[40:], collate, PoisonedStep(1, set(range(3, STEPS + 1))),
-                       evaluate, tiny_tokenizer())
+        run_stage(config, built, data, PoisonedStep(1, set(range(3, STEPS + 1))))
     except NonFiniteStepsError as error:
         message = str(error)
     checkpoints = sorted(path.name for path in (Path(output_dir) / "checkpoints").iterdir()

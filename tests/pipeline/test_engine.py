@@ -7,7 +7,8 @@ import torch
 
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
-from pipeline.engine import (EngineConfigError, batch_plan, build_ds_config, build_optimizer, check_device,
+from pipeline.optim import build_optimizer
+from pipeline.engine import (EngineConfigError, batch_plan, build_ds_config, check_device,
                              create_frozen_engine, lr_multiplier)
 from tests.conftest import launch_ranks, read_json
 from tests.tiny_models import tiny_llama
@@ -55,7 +56,7 @@ def test_ds_config_is_explicit_about_everything_that_matters():
 
 
 def test_adam_mini_is_injected_with_the_models_geometry():
-    optimizer = build_optimizer(config(optim=OptimConfig(lr=2e-5, betas=[0.9, 0.95], weight_decay=0.1)), tiny_llama())
+    optimizer = build_optimizer(OptimConfig(lr=2e-5, betas=[0.9, 0.95], weight_decay=0.1), tiny_llama())
     assert isinstance(optimizer, Adam_mini)
     assert (optimizer.geometry.n_heads, optimizer.geometry.n_kv_heads, optimizer.geometry.head_dim) == (3, 1, 32)
     counts = optimizer.partition_report.as_dict()["rule_counts"]
@@ -67,7 +68,7 @@ def test_adam_mini_is_injected_with_the_models_geometry():
 
 def test_adamw_excludes_norms_and_biases_from_weight_decay():
     model = tiny_llama()
-    optimizer = build_optimizer(config(optim=OptimConfig(name="adamw", weight_decay=0.1)), model)
+    optimizer = build_optimizer(OptimConfig(name="adamw", weight_decay=0.1), model)
     assert isinstance(optimizer, torch.optim.AdamW)
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}

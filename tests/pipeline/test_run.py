@@ -8,14 +8,16 @@ import yaml
 from optimizers import ShardMismatchError
 from pipeline.checkpoint import ResumeError
 from pipeline.config import ModelConfig, RunConfig, DataConfig, CheckpointConfig
-from pipeline.run import EXIT_USER_ERROR, RunDirError, check_run_dir, main, start_run_dir
+from pipeline.run import EXIT_USER_ERROR, main
+from pipeline.rundir import RunDirectory, RunDirError
 from tests.conftest import REPO_ROOT
 
 
 def prepare_run_dir(config, world_size: int = 1):
     """What a stage does to its output_dir: checked up front, claimed at the first write."""
-    check_run_dir(config, world_size)
-    return start_run_dir(config)
+    run = RunDirectory(config)
+    run.check(world_size)
+    return run.claim()
 
 
 def run_config(tmp_path, **checkpoint):
@@ -77,9 +79,10 @@ def snapshot(directory) -> dict:
 
 def test_checking_the_run_dir_writes_nothing(tmp_path):
     config = run_config(tmp_path)
-    check_run_dir(config, world_size=1)
-    assert not (tmp_path / "run").exists()  # claimed only by start_run_dir, once the run is going to start
-    assert (start_run_dir(config) / "config.yaml").is_file()
+    RunDirectory(config).check(world_size=1)
+    assert not (tmp_path / "run").exists()  # claimed only by claim(), once the run is going to start
+    assert (RunDirectory(config).claim({"train_batch_size": 4}) / "config.yaml").is_file()
+    assert (tmp_path / "run" / "ds_config.json").read_text().count("train_batch_size") == 1
 
 
 def test_resuming_with_another_number_of_ranks_exits_2_before_the_stage_runs(tmp_path, capsys, monkeypatch):
@@ -110,4 +113,4 @@ def test_resume_errors_raised_in_the_stage_are_user_errors(tmp_path, capsys, err
 def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("not a directory")
     with pytest.raises(RunDirError, match="`output_dir` .*run is a file"):
-        check_run_dir(run_config(tmp_path), world_size=1)
+        RunDirectory(run_config(tmp_path)).check(world_size=1)
