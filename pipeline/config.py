@@ -98,6 +98,7 @@ class TrainingConfig:
     epochs: int = 1
     max_steps: Optional[int] = None   # optimizer steps; stops before `epochs` if reached
     eval_every_steps: Optional[int] = None
+    eval_at_start: bool = True        # evaluate before the first step: every curve starts at step 0
     # Updates skipped in a row for non-finite loss or gradients before the run stops as diverged.
     max_consecutive_skips: int = 5
 

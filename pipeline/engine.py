@@ -164,6 +164,10 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     scheduler = build_scheduler(optimizer, config, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if world_size == 1 and config.engine.zero_stage == 0:
+        # A world of one has nothing to average, yet DeepSpeed would flatten every gradient into one
+        # buffer, "all-reduce" it and copy it back after each backward: ~10% of a small model's step.
+        engine.enable_backward_allreduce = False
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
 
 

@@ -164,6 +164,36 @@ def write_summary(summaries: dict, problems: list, out_dir: Path) -> Path:
     return path
 
 
+def evaluation_kind(rows: list) -> tuple:
+    """The eval metrics a run logs: runs of one stage share them (SFT: eval/loss, eval/perplexity; ReMax:
+    eval/reward, ...), so only runs of one kind are held against each other."""
+    return tuple(sorted({name for row in rows for name in row if name.startswith("eval/")}))
+
+
+def comparison_problems(runs: dict, summaries: dict) -> list:
+    """Runs of the same kind that end at different steps or miss a metric the others log. Runs of
+    different stages (the demo's SFT, reward and ReMax) differ by design and are not reported."""
+    # Timing and memory columns are logged by every stage alike; eval metrics define the kind.
+    problems, kinds = [], {}
+    for run, rows in runs.items():
+        kinds.setdefault(evaluation_kind(rows), []).append(run)
+    # A run that never evaluated (cut off early) could be of any kind: it is held against each.
+    unknown = kinds.pop((), [])
+    groups = [members + unknown for members in kinds.values()] or [unknown]
+    for members in groups:
+        if len(members) < 2:
+            continue
+        lengths = {summaries[run]["last_step"] for run in members}
+        if len(lengths) > 1:
+            problems.append(f"{', '.join(members)} end at different steps ({', '.join(map(str, sorted(lengths)))}); "
+                            "curves are overlaid as logged")
+        logged = {run: {name for row in runs[run] for name in row} for run in members}
+        for name in sorted(set.union(*logged.values()) - set.intersection(*logged.values())):
+            missing = [run for run in members if name not in logged[run]]
+            problems.append(f"`{name}` is missing from {', '.join(missing)}")
+    return problems
+
+
 def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
     """Plots and summarises the runs; unreadable runs are reported, not fatal, unless none is left.
 
@@ -187,14 +217,7 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
     if not runs:
         raise EvaluateError("no run could be read:\n" + "\n".join(problems))
     summaries = {run: summarize(rows) for run, rows in runs.items()}
-    lengths = {summary["last_step"] for summary in summaries.values()}
-    if len(lengths) > 1:
-        problems.append(f"runs end at different steps ({', '.join(map(str, sorted(lengths)))}); curves are overlaid as logged")
-    for name in ("eval/reward", "loss", "eval/loss"):
-        have = [run for run, rows in runs.items() if series(rows, name)[0]]
-        if have and len(have) < len(runs):
-            missing = sorted(set(runs) - set(have))
-            problems.append(f"`{name}` is missing from {', '.join(missing)}")
+    problems += comparison_problems(runs, summaries)
     return {"plots": plot_curves(runs, out_dir, smoothing), "summary": write_summary(summaries, problems, out_dir),
             "summaries": summaries, "problems": problems}
 

@@ -117,22 +117,24 @@ def optimizer_step(engine) -> StepOutcome:
 
     DeepSpeed's wrappers (ZeRO 1-3, bf16, fp16) check the global gradient norm, skip the update and
     leave the schedule where it was. At fp32 ZeRO-0 the client optimizer runs bare: there the norm is
-    taken here, from gradients the engine's backward has already averaged over the ranks, and the
-    same protocol is followed. Either way `engine.skipped_steps` counts the skip.
+    taken here, from gradients the engine's backward has already averaged over the ranks, the same
+    protocol is followed, and the clipping reuses that norm instead of DeepSpeed taking it a second
+    time. Either way `engine.skipped_steps` counts the skip.
     """
-    own_norm = None  # DeepSpeed records the norm except for a bare optimizer
-    boundary = engine.is_gradient_accumulation_boundary()
-    if not boundary:  # DeepSpeed only counts the micro-step
+    if not engine.is_gradient_accumulation_boundary():  # DeepSpeed only counts the micro-step
         engine.step()
         return StepOutcome(math.nan, skipped=False, seconds=0.0, boundary=False)
-    if (engine.zero_optimization_stage() == 0
-            and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
-        grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
-        own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    own_norm = None  # DeepSpeed records the norm except for a bare optimizer
+    bare = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     skipped_before = engine.skipped_steps
     synchronize_cuda()
     started = time.perf_counter()
-    with _update_withheld(engine.optimizer, own_norm is not None and not math.isfinite(own_norm)):
+    if bare:
+        grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        own_norm = float(norm)
+    with _update_withheld(engine.optimizer, own_norm is not None and not math.isfinite(own_norm)), \
+            _clipped_with(engine, grads if bare else None, norm if bare else None):
         engine.step()
     synchronize_cuda()
     seconds = time.perf_counter() - started
@@ -141,6 +143,21 @@ def optimizer_step(engine) -> StepOutcome:
     recorded = engine.get_global_grad_norm()
     grad_norm = recorded if recorded is not None else own_norm
     return StepOutcome(math.nan if grad_norm is None else float(grad_norm), skipped=False, seconds=seconds)
+
+
+@contextlib.contextmanager
+def _clipped_with(engine, grads, total_norm):
+    """While active (if `grads` is given), the engine's fp32 clipping scales `grads` by the norm already
+    taken rather than computing it again."""
+    if grads is None:
+        yield
+        return
+    max_norm = engine.gradient_clipping()
+    engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total_norm)
+    try:
+        yield
+    finally:
+        del engine.clip_fp32_gradients
 
 
 @contextlib.contextmanager
@@ -248,7 +265,7 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
         return result
 
     with metrics_logger:
-        if position.step == 0:
+        if position.step == 0 and config.training.eval_at_start:
             last_eval = evaluate()
         bar = progress_bar(total_steps, rank, config.logging.progress_bar, initial=position.step)
         meter, window, guard = ThroughputMeter(), {}, SkipGuard(config.training.max_consecutive_skips)

@@ -47,10 +47,20 @@ def test_runs_of_different_lengths_and_missing_metrics_are_reported(tmp_path):
     problems = "\n".join(result["problems"])
     assert "never_ran/metrics.jsonl: no metrics file" in problems
     assert "short/metrics.jsonl: line 3 is not JSON" in problems
-    assert "runs end at different steps (2, 20)" in problems
+    assert "long, short end at different steps (2, 20)" in problems
     assert "`eval/reward` is missing from short" in problems
     assert result["summaries"]["short"]["final_eval_reward"] is None
     assert "## Problems" in result["summary"].read_text()
+
+
+def test_runs_of_different_stages_are_not_reported_as_problems(tmp_path):
+    """The demo's SFT and ReMax runs log different metrics for different numbers of steps by design."""
+    sft = write_run(tmp_path / "sft", [{"step": 0, "eval/loss": 4.0}] + [{"step": s, "loss": 1.0} for s in (1, 2, 3)])
+    remax = write_run(tmp_path / "remax", remax_rows([0.0, 1.0], [0.0, 0.1]))
+    remax_again = write_run(tmp_path / "remax_again", [row for row in remax_rows([0.0, 1.0], [0.0, 0.1])
+                                                              if row["step"] <= 9])
+    problems = curves([sft, remax, remax_again], tmp_path / "out")["problems"]
+    assert problems == ["remax, remax_again end at different steps (9, 10); curves are overlaid as logged"]
 
 
 def test_no_readable_run_is_an_error_with_exit_code_2(tmp_path, capsys):
