@@ -253,6 +253,12 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
         stage.load_state(state)
     rank = dist.get_rank() if dist.is_initialized() else 0
     eval_every = stage.eval_every_steps or config.training.eval_every_steps
+    if position.step < total_steps:
+        logger.info("training %d optimizer steps from step %d: %d epoch(s) of %d, %d rows per step (micro-batch %d x "
+                    "accumulation %d x %d rank(s)), %s, ZeRO-%d, %s", total_steps, position.step,
+                    config.training.epochs, optimizer_steps_per_epoch(len(stage.train_set), plan),
+                    plan.global_batch_size, plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size,
+                    config.optim.name, config.engine.zero_stage, config.engine.precision)
     evaluation = eval_loader(stage.eval_set, stage.collate, plan)
     metrics_logger = run.metrics_logger(position.step if state is not None else None)
     last_eval = {}
@@ -310,7 +316,8 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
                 run.save_checkpoint(engine, position.step, {**dataclasses.asdict(position), **stage.state()})
             meter.start()
         bar.close()
-    run.export(engine, stage.tokenizer, "final")
+    final = run.export(engine, stage.tokenizer, "final")
+    logger.info("wrote %s (metrics: %s)", final, run.path / "metrics.jsonl")
     return last_eval
 
 

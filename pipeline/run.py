@@ -72,6 +72,8 @@ def configure_console(debug: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Client optimizers under ZeRO are what this project does, on purpose (zero_allow_untested_optimizer).
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "untested optimizer" not in record.getMessage())
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,7 @@
     python -m stages.reward --config configs/tiny/reward.yaml [key.sub=value ...]
 """
 import dataclasses
+import logging
 import sys
 
 import torch
@@ -15,6 +16,8 @@ from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_step
 from pipeline.models import RewardModel, apply_lora, load_tokenizer
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -63,7 +66,7 @@ def evaluate(engine, loader) -> dict:
 def run(config: RewardConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
-    print(report.summary())
+    logger.info(report.summary())
     model = RewardModel.from_causal_lm(config.model)
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)

@@ -4,6 +4,7 @@
     deepspeed --num_gpus 2 --module stages.sft --config configs/llama2-7b/sft_full.yaml
 """
 import dataclasses
+import logging
 import math
 import sys
 
@@ -16,6 +17,8 @@ from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_step
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,7 +56,7 @@ def evaluate(engine, loader) -> dict:
 def run(config: SFTConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
-    print(report.summary())
+    logger.info(report.summary())
     if config.model.config is not None:  # a fresh model: its vocabulary is the tokenizer's
         for key, value in (("vocab_size", len(tokenizer)), ("pad_token_id", tokenizer.pad_token_id),
                            ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):

@@ -69,6 +69,13 @@ def test_every_problem_is_reported_at_once_naming_field_value_and_fix(tmp_path):
     ("model.lora.r=4", "`model.lora.r` is set but `model.lora.enabled` is false"),
     ("data.max_prompt_length=600", "`data.max_prompt_length` (600) must be below `data.max_length` (512)"),
     ("optim.betas=[0.9, 1.0]", "`optim.betas` is [0.9, 1.0]"),
+    ("optim.betas=[a,b]", "`optim.betas[0]` is 'a'; expected float"),
+    ("optim.betas=[0.9]", "`optim.betas` is [0.9]; give two numbers"),
+    ("optim.lr=nan", "`optim.lr` is 'nan'; expected a finite number"),
+    ("optim.weight_decay=.inf", "`optim.weight_decay` is inf; expected a finite number"),
+    ("optim.eps=0", "`optim.eps` is 0; a block whose gradients are all zero would divide by zero"),
+    ("optim.min_lr_ratio=1.5", "`optim.min_lr_ratio` is 1.5; use a value in [0, 1]"),
+    ("model.lora.target_modules=[q_proj, 7]", "`model.lora.target_modules[1]` is 7; expected str"),
     ("trainer.steps=3", "unknown key `trainer`"),
     ("seed=abc", "`seed` is 'abc'; expected int"),
 ])

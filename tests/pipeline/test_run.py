@@ -114,3 +114,13 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("not a directory")
     with pytest.raises(RunDirError, match="`output_dir` .*run is a file"):
         RunDirectory(run_config(tmp_path)).check(world_size=1)
+
+
+@pytest.mark.parametrize("override", ["optim.betas=[a,b]", "optim.lr=nan"])
+def test_optimizer_values_are_refused_by_the_config_before_any_rank_starts(tmp_path, capsys, override):
+    config = tmp_path / "ok.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: m}}\ndata: {{path: d}}\n")
+    stages_ran = []
+    assert main(stages_ran.append, RunConfig, ["--config", str(config), override]) == EXIT_USER_ERROR
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and f"`{override.split('=')[0]}" in error and stages_ran == []
