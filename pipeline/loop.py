@@ -266,6 +266,8 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
     def evaluate() -> dict:
         result = stage.evaluate(evaluation)
         metrics_logger.log(result, step=position.step)
+        logger.info("eval at step %d: %s", position.step,
+                    " ".join(f"{name.removeprefix('eval/')} {value:.4g}" for name, value in sorted(result.items())))
         if stage.after_evaluation is not None:
             stage.after_evaluation(result, position.step)
         return result

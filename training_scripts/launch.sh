@@ -31,8 +31,8 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# The launcher's own INFO lines (commands, world info) only with DS_LOG_LEVEL=info.
-launcher=("$python" -m deepspeed.launcher.runner --log_level "${DS_LOG_LEVEL:-warning}")
+# The launcher's own lines (commands, world info, "no hostfile") only with DS_LOG_LEVEL=info or warning.
+launcher=("$python" -m deepspeed.launcher.runner --log_level "${DS_LOG_LEVEL:-error}")
 if [ -n "${HOSTFILE:-}" ]; then
     launcher+=(--hostfile "$HOSTFILE")
 else

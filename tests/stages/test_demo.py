@@ -23,7 +23,7 @@ def demo(tmp_path_factory):
     result = subprocess.run(["bash", "training_scripts/demo.sh", str(root)], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return root, result.stdout
+    return root, result.stdout, result.stderr
 
 
 def test_sft_learns_the_task(demo):
@@ -47,7 +47,7 @@ def test_remax_raises_gold_reward_with_the_reward_models_score(demo):
 
 
 def test_demo_ends_with_curves_and_a_summary(demo):
-    root, stdout = demo
+    root, stdout, _ = demo
     assert (root / "report" / "eval_gold_reward.png").stat().st_size > 1000
     assert "| remax |" in (root / "report" / "summary.md").read_text()
     assert "demo finished in" in stdout
@@ -60,3 +60,16 @@ def test_scored_policy_beats_the_sft_policy_it_started_from(demo):
     # The same held-out prompts: ReMax's greedy answers earn more gold than the SFT model's.
     assert result["greedy"]["gold_reward"] > result["baseline_greedy"]["gold_reward"] + 0.2
     assert result["win_rate"] > 0.5 and result["kl"] > 0
+
+
+def test_the_console_shows_what_a_person_needs_and_nothing_else(demo):
+    root, stdout, stderr = demo
+    console = stdout + stderr
+    for stage, steps in (("sft", 118), ("reward", 118)):
+        assert console.count(f"wrote {root / stage / 'final'} ") == 1
+        assert console.count(f"training {steps} optimizer steps from step 0") >= 1
+    assert console.count("kept 2000 of 2000 rows") == 2  # SFT and reward data, reported by rank 0 only
+    assert "step 118/118 loss" in console and "eval at step 0: " in console
+    # Launcher chatter, per-rank FutureWarnings and export progress bars stay behind --debug / DS_LOG_LEVEL.
+    for noise in ("[launch.py", "[runner.py", "FutureWarning", "Writing model shards", "untested optimizer"):
+        assert noise not in console, noise
