@@ -35,7 +35,7 @@ NEUTRAL_DECODING = dict(num_beams=1, num_return_sequences=1, min_p=None, typical
                         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None,
                         suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
                         forced_eos_token_id=None, exponential_decay_length_penalty=None, renormalize_logits=False,
-                        remove_invalid_values=False, min_length=0, min_new_tokens=0)
+                        remove_invalid_values=False, min_new_tokens=0)
 
 
 def generation_configs(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> tuple:
