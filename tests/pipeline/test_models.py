@@ -13,7 +13,7 @@ from transformers.utils import is_flash_attn_2_available
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.models import (ModelLoadError, RewardModel, adapters_disabled, apply_lora, count_parameters,
                              last_token_index, load_causal_lm, load_reference, load_tokenizer, model_dtype, save_model)
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, launch_ranks, read_json
 from tests.tiny_models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 
 TINY_CONFIG = {"model_type": "llama", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 128,
@@ -402,6 +402,15 @@ def test_lora_actor_with_adapters_disabled_is_the_base_model(model_dir, vocab_si
     with pytest.raises(TypeError, match="needs a peft model"):
         with adapters_disabled(base):
             pass
+
+
+@pytest.mark.slow
+def test_lora_reference_inside_zero2_and_zero3_engines_is_the_base_model(tmp_path):
+    out = tmp_path / "results.json"
+    launch_ranks(2, ["tests/pipeline/reference_worker.py", "--out", out])
+    for stage, result in read_json(out).items():
+        assert result["reference_vs_base"] <= 1e-5, (stage, result)
+        assert result["actor_vs_base"] > 1e-3, (stage, result)
 
 
 def test_meta_model_uses_model_architecture_until_path_holds_a_model(model_dir, tmp_path, caplog):
