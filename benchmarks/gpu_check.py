@@ -73,7 +73,8 @@ def write_data(directory: Path, size: dict, rows: int, seed: int = 0) -> None:
 
 
 def stage_configs(root: Path, size: dict, steps: int) -> dict:
-    """{stage: config dict}: bf16, ZeRO-2, gradient checkpointing, Adam-mini, `steps` optimizer steps."""
+    """{stage: config dict}: bf16 weights and engine, ZeRO-2, gradient checkpointing, Adam-mini, `steps`
+    optimizer steps."""
     def common():  # a fresh copy per stage: shared sub-dicts would be written as YAML aliases
         return copy.deepcopy(shared)
 
@@ -91,13 +92,14 @@ def stage_configs(root: Path, size: dict, steps: int) -> dict:
                  pad_token_id=0, bos_token_id=2, eos_token_id=3, **size["model"])
     return {
         "sft": dict(common(), output_dir=str(root / "sft"),
-                    model=dict(config=model, tokenizer_path=str(root / "tokenizer"), gradient_checkpointing=True),
+                    model=dict(config=model, tokenizer_path=str(root / "tokenizer"), dtype="bf16",
+                               gradient_checkpointing=True),
                     data=dict(path=str(root / "data" / "sft.jsonl"), format="sft", **lengths)),
         "reward": dict(common(), output_dir=str(root / "reward"),
-                       model=dict(path=sft_export, gradient_checkpointing=True),
+                       model=dict(path=sft_export, dtype="bf16", gradient_checkpointing=True),
                        data=dict(path=str(root / "data" / "pairs.jsonl"), format="pairwise", **lengths)),
         "remax": dict(common(), output_dir=str(root / "remax"),
-                      model=dict(path=sft_export, gradient_checkpointing=True),
+                      model=dict(path=sft_export, dtype="bf16", gradient_checkpointing=True),
                       data=dict(path=str(root / "data" / "prompts.jsonl"), format="prompt", **lengths),
                       remax=dict(reward_model_path=str(root / "reward" / "final"), kl_ctl=0.1,
                                  max_new_tokens=size["max_new_tokens"], temperature=1.0, top_p=1.0)),

@@ -21,7 +21,7 @@ def test_prepared_configs_validate_as_the_stages_read_them(tmp_path):
     for stage in STAGES:
         config = load_config(CONFIG_CLASSES[stage], str(tmp_path / "configs" / f"{stage}.yaml"))
         assert (config.engine.precision, config.engine.zero_stage, config.training.max_steps) == ("bf16", 2, 3)
-        assert config.optim.name == "adam_mini" and config.model.gradient_checkpointing
+        assert config.optim.name == "adam_mini" and config.model.gradient_checkpointing and config.model.dtype == "bf16"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert len(tokenizer) == VOCAB_SIZE and tokenizer.eos_token_id == 3 and tokenizer.pad_token_id == 0
     row = json.loads((tmp_path / "data" / "sft.jsonl").read_text().splitlines()[0])
