@@ -50,7 +50,13 @@ class ModelConfig:
     # A model config as a dict (`model_type` plus its fields), for tiny models and dry runs.
     config: Optional[dict] = None
     tokenizer_path: Optional[str] = None  # defaults to `path`
+    # A directory with the config.json of `path`'s architecture (no weights): plans and --dry-run build
+    # the model from it while `path` does not exist yet (a model an earlier stage has still to write).
+    architecture: Optional[str] = None
     attn_implementation: str = "sdpa"
+    # The dtype weights are loaded in: fp32 | bf16 | fp16; null: the engine's precision. DeepSpeed keeps
+    # its fp32 master copy itself, so a 16-bit run gains nothing from fp32 weights but their memory.
+    dtype: Optional[str] = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -195,6 +201,17 @@ def common_problems(config: RunConfig) -> list:
                         "(or `model.config` to build a model from a config)")
     if config.model.path is not None and config.model.config is not None:
         problems.append("`model.path` and `model.config` are both set; give one of them")
+    model_dtype = config.model.dtype
+    if model_dtype is not None and model_dtype not in CHOICES["engine.precision"]:
+        problems.append(f"`model.dtype` is {model_dtype!r}; use one of {', '.join(CHOICES['engine.precision'])}, "
+                        "or leave it unset for the engine's precision")
+    elif model_dtype in ("bf16", "fp16") and engine.precision == "fp32":
+        problems.append(f"`model.dtype` is {model_dtype} with `engine.precision` fp32: the engine would train "
+                        f"{model_dtype} weights with no fp32 master copy; set engine.precision={model_dtype} "
+                        "or leave `model.dtype` unset")
+    if config.model.architecture is not None and config.model.config is not None:
+        problems.append("`model.architecture` is set with `model.config`, which gives the architecture itself; "
+                        "drop one of them")
     lora = config.model.lora
     default_lora = LoraConfig()
     if not lora.enabled:

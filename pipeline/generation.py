@@ -12,12 +12,13 @@ limit; tokens generated after the eos are padding everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Callable, Optional
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, GenerationMixin
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from pipeline.data import collate_prompts
@@ -27,14 +28,46 @@ logger = logging.getLogger(__name__)
 GOLD_REWARDS = ("demo",)
 
 
+# Every setting that changes which token is picked, at its neutral value: together with
+# `model_generation_config` nothing of a model's own generation_config.json reaches `generate`.
+NEUTRAL_DECODING = dict(num_beams=1, num_return_sequences=1, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+                        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None,
+                        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                        forced_eos_token_id=None, exponential_decay_length_penalty=None, renormalize_logits=False,
+                        remove_invalid_values=False, min_new_tokens=0)
+
+
 def generation_configs(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> tuple:
-    """(sampling, greedy) GenerationConfigs; every setting that matters is explicit, so a model's own
-    generation_config (top_k 50, repetition penalties) does not change the policy being sampled."""
-    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0)
+    """(sampling, greedy) GenerationConfigs with every decoding setting explicit: sampling is at
+    `temperature` and `top_p` with nothing else (no top-k, no penalties), greedy is plain argmax.
+    `generate_responses` makes the config the model's own for the call, so the model's
+    generation_config.json (Llama-2: do_sample true, temperature 0.6, top_p 0.9) cannot override it."""
+    common = dict(NEUTRAL_DECODING, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
     sample = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
     greedy = GenerationConfig(do_sample=False, **common)
     return sample, greedy
+
+
+@contextlib.contextmanager
+def model_generation_config(module, generation_config: GenerationConfig):
+    """Makes `generation_config` the `generation_config` of every generating model inside `module` (a
+    model, a peft wrapper or a DeepSpeed engine) for the duration.
+
+    `generate` fills settings from the model's own generation_config: transformers 4.50-4.57 replace
+    every passed value that equals the library default (do_sample False, temperature 1.0, top_p 1.0),
+    5.x every value left None. With the passed config as the model's own, both fill from it alone.
+    """
+    models = [m for m in module.modules() if isinstance(m, GenerationMixin) and hasattr(m, "generation_config")]
+    saved = [m.generation_config for m in models]
+    try:
+        for model in models:
+            model.generation_config = generation_config
+        yield
+    finally:
+        for model, config in zip(models, saved):
+            model.generation_config = config
 
 
 def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optional[Callable]:
@@ -123,8 +156,9 @@ class Responses:
 def generate_responses(module, batch: dict, generation_config, tokenizer) -> tuple:
     """(sequences (B, P + T), attention mask (B, P + T), response mask (B, T)) for one prompt batch."""
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-    sequences = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
-                                synced_gpus=False)
+    with model_generation_config(module, generation_config):
+        sequences = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                    generation_config=generation_config, synced_gpus=False)
     mask = response_mask(sequences, prompt_ids.shape[1], tokenizer.eos_token_id, tokenizer.pad_token_id)
     return sequences, torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1), mask
 

@@ -10,6 +10,7 @@ plus `Linear(hidden, 1, bias=False)`, scored at the last non-pad token of each r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -83,10 +84,23 @@ def load_tokenizer(config: ModelConfig, field: str = "model.path"):
     return tokenizer
 
 
-def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: Optional[str] = None,
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_dtype(config: ModelConfig, precision: str = "fp32") -> torch.dtype:
+    """The dtype to load weights in: `model.dtype`, else the engine's `precision` (fp32 | bf16 | fp16).
+
+    A bf16 engine gets bf16 weights read straight from safetensors: DeepSpeed builds its fp32 master
+    copy from them anyway, so an fp32 load would only add 2 bytes per parameter on every rank.
+    """
+    return DTYPES[config.dtype or precision]
+
+
+def load_causal_lm(config: ModelConfig, *, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
                    field: str = "model.path"):
     """Loads `config.path` (named `field` in messages) or builds a fresh model from `model.config`, as a
-    causal LM.
+    causal LM, in `dtype` (default: `model.dtype`, else fp32; stages pass `model_dtype(config.model,
+    precision)`). Weights are read in that dtype from safetensors: no fp32 copy is made on the way.
 
     `device="meta"` builds the architecture without allocating storage (dry runs, geometry,
     parameter counts); weights are not read then. Any other device moves the loaded model.
@@ -96,6 +110,8 @@ def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, d
             path does not exist, holds no config.json or no weights, or loading fails.
     """
     attn_implementation = resolve_attn_implementation(config.attn_implementation)
+    if dtype is None:
+        dtype = model_dtype(config)
     common = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=config.trust_remote_code)
     if config.path is not None and config.config is not None:
         raise ModelLoadError("`model.path` and `model.config` are both set; give one of them")
@@ -106,17 +122,58 @@ def load_causal_lm(config: ModelConfig, *, dtype: torch.dtype = torch.float32, d
         hf_config = config_from_dict(config.config)
         model = _from_config(AutoModelForCausalLM, hf_config, device, **common)
     else:
-        directory = check_model_dir(config.path, field)
         if device == "meta":
+            directory = architecture_dir(config, field)
             hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
             model = _from_config(AutoModelForCausalLM, hf_config, device, **common)
         else:
+            directory = check_model_dir(config.path, field)
             model = _from_pretrained(AutoModelForCausalLM, directory, field, **common)
     if device not in (None, "meta"):
         model.to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def load_reference(config: ModelConfig, path: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
+                   device: Optional[str] = None, field: str = "remax.ref_model_path") -> Optional[nn.Module]:
+    """The frozen reference policy, read from its own safetensors (memory-mapped by safetensors) in
+    `dtype`: `path` (named `field` in messages) if given, else the starting policy at `config.path`.
+    Never a copy of the actor, so no rank holds an extra full-precision model while the actor loads.
+
+    Returns None where there is nothing to load: with LoRA and no `path` the reference is the actor
+    itself with its adapters disabled (`adapters_disabled`); a model built from `model.config` has no
+    file, so the caller copies the actor before it trains.
+
+    Raises:
+        ModelLoadError: as `load_causal_lm`, naming `field` or `model.path`.
+    """
+    if path is None and (config.lora.enabled or config.path is None):
+        return None
+    source = ModelConfig(path=path or config.path, attn_implementation=config.attn_implementation,
+                         trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    reference = load_causal_lm(source, dtype=dtype, device=device, field=field if path else "model.path")
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+@contextlib.contextmanager
+def adapters_disabled(actor):
+    """The LoRA actor as its own reference for the duration: peft's adapters switched off, so forward
+    passes give the base model's outputs with no second copy of its weights (TRL's `ref_model=None`).
+    `actor` is a peft model or a DeepSpeed engine around one; yields `actor`.
+
+    Raises:
+        TypeError: when `actor` holds no peft model.
+    """
+    from peft import PeftModel
+
+    peft_model = getattr(actor, "module", actor)  # a DeepSpeed engine keeps the model in .module
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"adapters_disabled needs a peft model (LoRA), got {type(peft_model).__name__}")
+    with peft_model.disable_adapter():
+        yield actor
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -157,6 +214,20 @@ def check_model_dir(path, field: str) -> Path:
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"`{field}` {path} holds no model (no config.json)")
     return directory
+
+
+def architecture_dir(config: ModelConfig, field: str = "model.path") -> Path:
+    """The directory whose config.json describes the model: `config.path` (named `field`) once it holds a
+    model, `model.architecture` until then (plans and dry runs before an earlier stage has written it).
+
+    Raises:
+        ModelLoadError: when neither holds a config.json.
+    """
+    if config.architecture is None or (Path(config.path) / "config.json").is_file():
+        return check_model_dir(config.path, field)
+    logger.warning("`%s` %s holds no model yet; using the architecture in `model.architecture` %s",
+                   field, config.path, config.architecture)
+    return check_model_dir(config.architecture, "model.architecture")
 
 
 def _from_config(auto_class, hf_config, device: Optional[str], **kwargs):
@@ -355,7 +426,7 @@ class RewardModel(nn.Module):
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     @classmethod
-    def from_causal_lm(cls, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+    def from_causal_lm(cls, config: ModelConfig, *, dtype: Optional[torch.dtype] = None,
                        device: Optional[str] = None) -> "RewardModel":
         """Starts a reward model from a causal LM (an SFT export or `model.config`): its base
         transformer plus a new v_head. Gradient checkpointing and attention follow `config`.

@@ -2,7 +2,8 @@
 # Shared launcher for the stage scripts:
 #   bash training_scripts/launch.sh MODULE CONFIG [key.sub=value ...]
 # NUM_GPUS: ranks on this machine (default 1); HOSTFILE: a DeepSpeed hostfile for several
-# machines (then NUM_GPUS is ignored). Without CUDA, DeepSpeed runs on the CPU.
+# machines (then NUM_GPUS is ignored); MASTER_PORT: the rendezvous port (default: a free one, so
+# jobs sharing a machine do not meet on DeepSpeed's fixed 29500). Without CUDA, DeepSpeed runs on the CPU.
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
     echo "usage: $0 MODULE CONFIG [key.sub=value ...]" >&2
@@ -30,9 +31,19 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
         export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
     fi
 fi
+if [ -n "${MASTER_PORT:-}" ]; then
+    master_port="$MASTER_PORT"
+    if ! [[ "$master_port" =~ ^[1-9][0-9]*$ ]] || [ "${#master_port}" -gt 5 ] || [ "$master_port" -gt 65535 ]; then
+        echo "error: MASTER_PORT is '$master_port'; give a port number (1-65535) or leave it unset for a free one" >&2
+        exit 2
+    fi
+else
+    # A port the kernel reports free on this machine (the master: with HOSTFILE, run this on its first host).
+    master_port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The launcher's own lines (commands, world info, "no hostfile") only with DS_LOG_LEVEL=info or warning.
-launcher=("$python" -m deepspeed.launcher.runner --log_level "${DS_LOG_LEVEL:-error}")
+launcher=("$python" -m deepspeed.launcher.runner --log_level "${DS_LOG_LEVEL:-error}" --master_port "$master_port")
 if [ -n "${HOSTFILE:-}" ]; then
     launcher+=(--hostfile "$HOSTFILE")
 else

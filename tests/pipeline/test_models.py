@@ -1,6 +1,8 @@
 """pipeline.models on tiny Llamas built and saved in the test; nothing is downloaded."""
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.models import (ModelLoadError, RewardModel, apply_lora, count_parameters, last_token_index,
-                             load_causal_lm, load_tokenizer, save_model)
+from pipeline.models import (ModelLoadError, RewardModel, adapters_disabled, apply_lora, count_parameters,
+                             last_token_index, load_causal_lm, load_reference, load_tokenizer, model_dtype, save_model)
+from tests.conftest import REPO_ROOT, launch_ranks, read_json
 from tests.tiny_models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 
 TINY_CONFIG = {"model_type": "llama", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 128,
@@ -291,3 +294,135 @@ def test_loaders_name_the_field_the_path_came_from(tmp_path):
         load_causal_lm(ModelConfig(path=str(empty)), field="remax.ref_model_path")
     with pytest.raises(ModelLoadError, match=r"`policy_path` .*missing does not exist"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "missing")), field="policy_path")
+
+
+# --- load dtype, the reference, the architecture for plans ----------------------------------------
+
+def test_model_dtype_is_the_engine_precision_unless_set():
+    assert model_dtype(ModelConfig(), "bf16") == torch.bfloat16
+    assert model_dtype(ModelConfig(), "fp32") == torch.float32
+    assert model_dtype(ModelConfig(dtype="fp32"), "bf16") == torch.float32
+    assert model_dtype(ModelConfig(dtype="bf16")) == torch.bfloat16
+
+
+def test_model_dtype_problems_name_the_field():
+    from pipeline.config import ConfigError, RunConfig, load_config
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, None, ["model.path=m", "data.path=d", "model.dtype=float8"])
+    assert "`model.dtype` is 'float8'; use one of fp32, bf16, fp16" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, None, ["model.path=m", "data.path=d", "model.dtype=bf16", "engine.precision=fp32"])
+    assert "`model.dtype` is bf16 with `engine.precision` fp32" in str(error.value)
+    assert load_config(RunConfig, None, ["model.path=m", "data.path=d", "engine.precision=bf16"]).model.dtype is None
+
+
+# RSS growth (the peak, and the anonymous memory that stays) of a fresh process loading a saved bf16
+# Llama (32000 x 256 embeddings, 8 layers), in multiples of its safetensors size. In bf16 the parameters are the checkpoint's memory-mapped pages
+# (file-backed, shared between ranks, resident as they are touched); an fp32 load converts into new
+# memory, 2x the checkpoint.
+PEAK_LOAD = """
+import json, sys, torch
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+from pipeline.config import ModelConfig
+from pipeline.models import load_causal_lm
+directory = Path(sys.argv[1])
+if sys.argv[2] == "save":
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                                 num_attention_heads=4)).to(torch.bfloat16).save_pretrained(directory)
+    print("saved")
+    sys.exit(0)
+import transformers.models.llama.modeling_llama  # imported before the baseline, as the loader would
+def status(field):  # bytes, from /proc/self/status
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
+before, anonymous_before = status("VmRSS"), status("RssAnon")
+model = load_causal_lm(ModelConfig(path=str(directory), dtype=sys.argv[2]))
+size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+print(json.dumps({"peak": (status("VmHWM") - before) / size, "anonymous": (status("RssAnon") - anonymous_before) / size,
+                  "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
+"""
+
+
+def test_bf16_weights_load_straight_from_safetensors_without_an_fp32_copy(tmp_path):
+    directory = tmp_path / "bf16_llama"
+
+    def peak(dtype):
+        result = subprocess.run([sys.executable, "-c", PEAK_LOAD, str(directory), dtype], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1]) if dtype != "save" else None
+
+    peak("save")  # writes the checkpoint
+    bf16, fp32 = peak("bf16"), peak("fp32")
+    assert (bf16["dtypes"], fp32["dtypes"]) == (["torch.bfloat16"], ["torch.float32"])
+    # Measured peaks: 0.47x in bf16 (the pages read so far), 3.2x in fp32; an fp32 copy alone would be 2x.
+    assert bf16["peak"] < 1.2 and fp32["peak"] > 2.0, (bf16, fp32)
+    # What stays: nothing new in bf16 (0.05x: the weights are the file's pages), the converted weights in fp32.
+    assert bf16["anonymous"] < 0.25 and fp32["anonymous"] > 1.8, (bf16, fp32)
+
+
+def test_reference_loads_from_its_own_path_frozen_in_the_asked_dtype(model_dir, tmp_path):
+    actor = load_causal_lm(ModelConfig(path=str(model_dir)))
+    reference = load_reference(ModelConfig(path=str(model_dir)), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in reference.parameters())
+    actor_storage = {p.data_ptr() for p in actor.parameters()}
+    assert not actor_storage & {p.data_ptr() for p in reference.parameters()}
+    for (name, mine), (_, theirs) in zip(reference.named_parameters(), actor.named_parameters()):
+        assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+    other = save_tiny_model_dir(tmp_path / "other", seed=7)
+    from_path = load_reference(ModelConfig(path=str(model_dir)), str(other))
+    assert torch.equal(from_path.lm_head.weight, load_causal_lm(ModelConfig(path=str(other))).lm_head.weight)
+    with pytest.raises(ModelLoadError, match=r"`remax.ref_model_path` .*nowhere does not exist"):
+        load_reference(ModelConfig(path=str(model_dir)), str(tmp_path / "nowhere"))
+    # Nothing to load: LoRA uses the actor with adapters disabled; a model built from a config dict has no file.
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    assert load_reference(ModelConfig(path=str(model_dir), lora=lora)) is None
+    assert load_reference(ModelConfig(config=dict(TINY_CONFIG))) is None
+
+
+def test_lora_actor_with_adapters_disabled_is_the_base_model(model_dir, vocab_size):
+    from pipeline.generation import response_logprobs
+
+    base = load_causal_lm(ModelConfig(path=str(model_dir))).eval()
+    actor = apply_lora(load_causal_lm(ModelConfig(path=str(model_dir))), LoraConfig(enabled=True, r=4, alpha=8))
+    set_lora_b_nonzero(actor)
+    actor.eval()
+    sequences = real_tokens(vocab_size, (3, 14), seed=4)
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :3] = 0  # a left-padded prompt
+    with torch.no_grad():
+        expected, _ = response_logprobs(base, sequences, attention_mask, 6)
+        with adapters_disabled(actor) as reference:
+            as_reference, _ = response_logprobs(reference, sequences, attention_mask, 6)
+        as_actor, _ = response_logprobs(actor, sequences, attention_mask, 6)
+    assert (as_reference - expected).abs().max().item() <= 1e-5
+    assert (as_actor - expected).abs().max().item() > 1e-3  # the adapters are back on afterwards
+    with pytest.raises(TypeError, match="needs a peft model"):
+        with adapters_disabled(base):
+            pass
+
+
+@pytest.mark.slow
+def test_lora_reference_inside_zero2_and_zero3_engines_is_the_base_model(tmp_path):
+    out = tmp_path / "results.json"
+    launch_ranks(2, ["tests/pipeline/reference_worker.py", "--out", out])
+    for stage, result in read_json(out).items():
+        assert result["reference_vs_base"] <= 1e-5, (stage, result)
+        assert result["actor_vs_base"] > 1e-3, (stage, result)
+
+
+def test_meta_model_uses_model_architecture_until_path_holds_a_model(model_dir, tmp_path, caplog):
+    not_yet = tmp_path / "sft_export"
+    config = ModelConfig(path=str(not_yet), architecture=str(model_dir))
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        model = load_causal_lm(config, device="meta")
+    assert count_parameters(model) == count_parameters(load_causal_lm(ModelConfig(path=str(model_dir))))
+    assert f"`model.path` {not_yet} holds no model yet" in caplog.text
+    with pytest.raises(ModelLoadError, match=r"`model.path` .*sft_export does not exist"):
+        load_causal_lm(config)  # real loads never fall back
+    save_tiny_model_dir(not_yet, seed=1, num_hidden_layers=1)
+    assert load_causal_lm(config, device="meta").config.num_hidden_layers == 1  # the path wins once it exists
+    with pytest.raises(ModelLoadError, match=r"`model.architecture` .*nowhere does not exist"):
+        load_causal_lm(ModelConfig(path=str(tmp_path / "x"), architecture=str(tmp_path / "nowhere")), device="meta")

@@ -57,7 +57,7 @@ def test_llama2_7b_adamw_agrees_with_deepspeed_estimators(world_size):
 
 def test_json_rows_from_a_config(capsys):
     code = main(["--config", str(REPO_ROOT / "configs/llama2-7b/remax.yaml"), "--world-sizes", "2", "--json",
-                 f"model.path={REPO_ROOT / 'tests/data/llama-2-7b'}"])
+                 f"model.path={REPO_ROOT / 'configs/llama2-7b/llama-2-7b'}"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 4

@@ -1,5 +1,6 @@
-"""The Llama-2-7B configs validate and dry-run here: the model on the meta device from its
-config.json alone (no weights), and a memory plan with Adam-mini next to AdamW."""
+"""The Llama-2-7B configs validate and dry-run as a fresh clone has them: the model on the meta device
+from the shipped config.json alone (no weights, no earlier stage's export), and a memory plan with
+Adam-mini next to AdamW."""
 import re
 import subprocess
 import sys
@@ -10,15 +11,17 @@ import pytest
 from tests.conftest import REPO_ROOT, rank_env
 
 pytestmark = pytest.mark.slow
-ARCHITECTURE_ONLY = REPO_ROOT / "tests" / "data" / "llama-2-7b"  # the public config.json, nothing else
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax"}
 
 
 def dry_run(name: str) -> str:
     command = [sys.executable, "-m", CONFIGS[name], "--config", f"configs/llama2-7b/{name}.yaml", "--dry-run",
-               "--world-size", "2", f"model.path={ARCHITECTURE_ONLY}"]
+               "--world-size", "2"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    # model.path (the weights, or the SFT export for reward and ReMax) is not there: the architecture is used.
+    assert "holds no model yet; using the architecture in `model.architecture` configs/llama2-7b/llama-2-7b" \
+        in result.stderr
     return result.stdout
 
 
@@ -51,3 +54,12 @@ def test_configs_carry_the_reference_settings():
     remax = settings["remax"]
     assert (remax["optim"]["lr"], remax["engine"]["micro_batch_size"], remax["remax"]["kl_ctl"]) == (2e-7, 12, 0.1)
     assert remax["remax"]["ref_offload"] and remax["remax"]["reward_offload"]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_memory_plan_runs_from_a_fresh_clone(name):
+    command = [sys.executable, "-m", "pipeline.plan", "--config", f"configs/llama2-7b/{name}.yaml",
+               "--world-sizes", "2,8", "--gpu-memory", "80"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 + 2 * 4 * 2  # header, optimizers x stages x world sizes
