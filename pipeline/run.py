@@ -18,6 +18,7 @@ import torch
 from .checkpoint import ResumeError
 from .config import ConfigError, load_config
 from .rundir import RunDirectory, RunDirError
+from .versions import exit_on_incompatible_versions
 
 logger = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
@@ -91,6 +92,7 @@ def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, de
     message for bad input (the traceback only with --debug).
     """
     args = parse_args(argv, description)
+    exit_on_incompatible_versions(EXIT_USER_ERROR)
     configure_console(args.debug)
     try:
         config = load_config(config_class, args.config, args.overrides)

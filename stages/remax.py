@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from trl.models.utils import add_hooks, remove_hooks
 
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import RunConfig
 from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
 from pipeline.generation import (GOLD_REWARDS, Responses, collate_with_prompts, generate_responses,
                                  generation_configs, load_gold_reward, response_logprobs, scored)
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
-from pipeline.models import RewardModel, apply_lora, last_token_index, load_causal_lm, load_tokenizer
+from pipeline.models import (RewardModel, adapters_disabled, apply_lora, last_token_index, load_causal_lm,
+                             load_reference, load_tokenizer, model_dtype)
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -181,7 +182,7 @@ def reinforce_loss(logprobs: torch.Tensor, returns: torch.Tensor, mask: torch.Te
 @dataclasses.dataclass
 class Models:
     actor: object        # training DeepSpeed engine
-    reference: object    # frozen engine: the policy the KL is measured against
+    reference: object    # frozen engine: the policy the KL is measured against; None: the LoRA actor without adapters
     reward: object       # frozen engine around a RewardModel
     tokenizer: object
     gold_reward: Optional[Callable]  # (prompts, responses) -> list of floats, or None
@@ -196,30 +197,27 @@ def build_models(config: RemaxConfig, tokenizer, total_steps: int):
         EngineConfigError: as create_engine / create_frozen_engine.
     """
     remax = config.remax
-    # Frozen models run in the engine's precision; the actor keeps fp32 master weights.
-    frozen_dtype = torch.bfloat16 if config.engine.precision == "bf16" else torch.float32
+    # Every model loads in the precision it runs in (bf16 engines: bf16 straight from safetensors).
+    dtype = model_dtype(config.model, config.engine.precision)
     # The frozen models load first: a wrong path fails before minutes of loading the actor.
-    reward = RewardModel.from_pretrained(remax.reward_model_path, dtype=frozen_dtype,
+    reward = RewardModel.from_pretrained(remax.reward_model_path, dtype=dtype,
                                          attn_implementation=config.model.attn_implementation,
                                          trust_remote_code=config.model.trust_remote_code,
                                          field="remax.reward_model_path")
-    reference = None
-    if remax.ref_model_path is not None:
-        reference = load_causal_lm(ModelConfig(path=remax.ref_model_path,
-                                               attn_implementation=config.model.attn_implementation,
-                                               trust_remote_code=config.model.trust_remote_code),
-                                   dtype=frozen_dtype, field="remax.ref_model_path")
-    actor = load_causal_lm(config.model)
-    if reference is None:
-        # The starting policy, before any adapter or step. DeepSpeed casts it to the engine's precision
-        # as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq buffer).
+    # From its own files (memory-mapped), never a copy of the actor; None with LoRA: the actor with its
+    # adapters disabled is the reference, with no second copy of the weights at all.
+    reference = load_reference(config.model, remax.ref_model_path, dtype=dtype)
+    actor = load_causal_lm(config.model, dtype=dtype)
+    if reference is None and not config.model.lora.enabled:
+        # A fresh model (`model.config`) has no files: the reference is its starting weights. DeepSpeed
+        # casts it as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq).
         reference = copy.deepcopy(actor)
     if config.model.lora.enabled:
         actor = apply_lora(actor, config.model.lora)
     built = create_engine(config, actor, total_steps)
     models = Models(actor=built.engine,
-                    reference=create_frozen_engine(config, reference, zero_stage=remax.ref_zero_stage,
-                                                   offload=remax.ref_offload),
+                    reference=None if reference is None else create_frozen_engine(
+                        config, reference, zero_stage=remax.ref_zero_stage, offload=remax.ref_offload),
                     reward=create_frozen_engine(config, reward, zero_stage=remax.reward_zero_stage,
                                                 offload=remax.reward_offload),
                     tokenizer=tokenizer, gold_reward=load_gold_reward(remax.gold_reward, "remax.gold_reward"),
@@ -246,6 +244,16 @@ def weights_for_generation(engine):
             add_hooks(engine)
 
 
+@contextlib.contextmanager
+def reference_policy(models: Models):
+    """The frozen reference, or the LoRA actor with its adapters disabled when there is none."""
+    if models.reference is not None:
+        yield models.reference
+    else:
+        with adapters_disabled(models.actor) as reference:
+            yield reference
+
+
 @dataclasses.dataclass
 class Rollout:
     sampled: Responses
@@ -268,7 +276,8 @@ def rollout(models: Models, batch: dict, sample_config, greedy_config) -> Rollou
     response_length = sampled.mask.shape[1]
     actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
                                                 response_length, with_entropy=True)
-    ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, response_length)
+    with reference_policy(models) as reference:
+        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length)
     return Rollout(sampled, greedy, actor_logprobs, ref_logprobs, entropy)
 
 

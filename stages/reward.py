@@ -13,7 +13,7 @@ from pipeline.config import RunConfig
 from pipeline.data import collate_pairwise, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
-from pipeline.models import RewardModel, apply_lora, load_tokenizer
+from pipeline.models import RewardModel, apply_lora, load_tokenizer, model_dtype
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -67,7 +67,7 @@ def run(config: RewardConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     logger.info(report.summary())
-    model = RewardModel.from_causal_lm(config.model)
+    model = RewardModel.from_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())

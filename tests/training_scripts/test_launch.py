@@ -1,6 +1,5 @@
 """training_scripts/launch.sh: jobs started at once on one machine get their own master port."""
 import json
-import os
 import subprocess
 import sys
 
