@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import DataConfig
 from pipeline.data import collate_pairwise, prepare_dataset
+from pipeline.evaluate import curves
 from pipeline.run import EXIT_USER_ERROR, main
 from stages.dpo import DpoConfig, dpo_loss, pair_means, reward_sums, run, sequence_logprobs
 from tests.conftest import launch_ranks
@@ -109,11 +110,26 @@ def test_bad_settings_are_refused_with_one_message_naming_the_field(tmp_path, ca
     assert message in error and "1 problem(s)" in error
 
 
-# ---- real runs ----------------------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def test_data_without_pairs_is_refused_naming_the_file_and_rows(tmp_path, capsys, tiny_model):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "what", "chosen": " good"}) + "\n" + json.dumps({"prompt": "what"}) + "\n")
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model)},
+                                      "data": {"path": str(data), "format": "pairwise"}}))
+    code = main(run, DpoConfig, ["--config", str(config)])
+    error = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and "Traceback" not in error
+    assert "pairs.jsonl: kept 0 of 2 rows; skipped 1 missing field 'rejected' (row 1), " \
+           "1 missing field 'chosen' (row 2)" in error
+    assert not (tmp_path / "run").exists()
+
+
+# ---- real runs ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +185,9 @@ def test_two_rank_full_run_widens_the_held_out_margin(tmp_path, tiny_model, pair
     assert end["eval/rewards/chosen"] > end["eval/rewards/rejected"]
     # The reference stays frozen: its held-out log-probs do not move.
     assert end["eval/ref_logps/chosen"] == pytest.approx(start["eval/ref_logps/chosen"], abs=1e-5)
+    curves([tmp_path / "run"], tmp_path / "report")
+    plotted = {path.name for path in (tmp_path / "report").glob("*.png")}
+    assert {"eval_rewards_margins.png", "eval_rewards_accuracy.png", "rewards_margins.png", "eval_loss.png"} <= plotted
 
 
 def base_eval_logprobs(model_dir, data) -> tuple:
