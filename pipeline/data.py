@@ -8,8 +8,8 @@ Formats (`data.format`) and the columns each produces, unpadded:
 
     sft      prompt + response | prompt + chosen (rm-static) | HH dialogue | messages  -> input_ids, labels
     chat     messages, rendered with the tokenizer's chat template               -> input_ids, labels
-    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids, rejected_input_ids,
-                                                                                    prompt_length
+    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids,
+                                                                                    rejected_input_ids, prompt_length
     prompt   prompt | messages | HH dialogue                                     -> prompt_input_ids, prompt
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
