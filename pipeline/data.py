@@ -1,4 +1,4 @@
-"""Rows in, token ids out: loading, validation and tokenisation shared by the SFT, reward and ReMax stages.
+"""Rows in, token ids out: loading, validation and tokenisation shared by the SFT, reward, ReMax and DPO stages.
 
     train, eval, report = prepare_dataset(config.data, tokenizer, seed=config.seed)
     print(report.summary())  # "data/train.jsonl: kept 97 of 100 rows; skipped 3 missing field 'chosen' (rows 4, 9, 17)"
@@ -8,7 +8,8 @@ Formats (`data.format`) and the columns each produces, unpadded:
 
     sft      prompt + response | prompt + chosen (rm-static) | HH dialogue | messages  -> input_ids, labels
     chat     messages, rendered with the tokenizer's chat template               -> input_ids, labels
-    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids, rejected_input_ids
+    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids,
+                                                                                    rejected_input_ids, prompt_length
     prompt   prompt | messages | HH dialogue                                     -> prompt_input_ids, prompt
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
@@ -405,7 +406,8 @@ def _columns(fmt: str, texts: _Texts, prompt_ids: list, answers: list) -> dict:
     if fmt == "pairwise":
         if not all(answers):
             raise _BadRow("no room for the answers after the prompt")
-        return {"chosen_input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1]}
+        return {"chosen_input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1],
+                "prompt_length": len(prompt_ids)}  # where both answers start: DPO sums the answers' log-probs
     if not answers[0]:
         raise _BadRow("all labels masked")
     return {"input_ids": prompt_ids + answers[0], "labels": [IGNORE_INDEX] * len(prompt_ids) + answers[0]}
@@ -554,10 +556,17 @@ def collate_pairwise(features: list, pad_token_id: int) -> dict:
 
     Returns `input_ids` and `attention_mask` of shape (2B, T), right-padded: rows 0..B-1 are the
     chosen sequences and rows B..2B-1 the rejected ones, in batch order (so `scores[:B]` pairs with
-    `scores[B:]`); T is the longest of all 2B sequences.
+    `scores[B:]`); T is the longest of all 2B sequences. Rows that carry `prompt_length` also give
+    `labels` (2B, T): the answer tokens, -100 on the prompt and the padding.
     """
     sequences = _tensors(features, "chosen_input_ids") + _tensors(features, "rejected_input_ids")
-    return {"input_ids": pad(sequences, pad_token_id, "right"), "attention_mask": _mask(sequences, "right")}
+    batch = {"input_ids": pad(sequences, pad_token_id, "right"), "attention_mask": _mask(sequences, "right")}
+    if all("prompt_length" in feature for feature in features):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        for row, feature in enumerate(features + features):
+            labels[row, :feature["prompt_length"]] = IGNORE_INDEX
+        batch["labels"] = labels
+    return batch
 
 
 def collate_prompts(features: list, pad_token_id: int) -> dict:

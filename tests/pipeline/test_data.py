@@ -90,6 +90,7 @@ def test_pairwise_rows_with_an_explicit_prompt(tokenizer):
     assert report.kept_rows == 8
     assert train[0]["chosen_input_ids"] == ids(HH_PROMPT) + ids("red is good") + [EOS]
     assert train[0]["rejected_input_ids"] == ids(HH_PROMPT) + ids("red is bad") + [EOS]
+    assert train[0]["prompt_length"] == len(ids(HH_PROMPT))  # both answers start right after the prompt
     assert train[2]["rejected_input_ids"] == ids("\n\nHuman: is the dog big\n\nAssistant:") + [WORD_ID["no"], EOS]
 
 
@@ -149,9 +150,9 @@ def test_conversational_pairs_take_the_shared_messages_as_prompt(chat_tokenizer,
 
 @pytest.mark.parametrize("name, fmt, columns", [
     ("rm_static.jsonl", "sft", ["input_ids", "labels"]),
-    ("rm_static.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids"]),
+    ("rm_static.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids", "prompt_length"]),
     ("rm_static.jsonl", "prompt", ["prompt_input_ids", "prompt"]),
-    ("hh_pairs.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids"]),
+    ("hh_pairs.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids", "prompt_length"]),
     ("chat.jsonl", "chat", ["input_ids", "labels"]),
 ])
 def test_shipped_files_keep_every_row(chat_tokenizer, name, fmt, columns):
@@ -161,7 +162,8 @@ def test_shipped_files_keep_every_row(chat_tokenizer, name, fmt, columns):
     assert len(eval_set) == round(report.total_rows * 0.25)
     assert train.column_names == columns
     # Every id is a real word or a special token: the shipped text stays within the tiny vocabulary.
-    assert max(max(row) for column in columns if column != "prompt" for row in train[column]) < 4 + len(TINY_WORDS)
+    ids_columns = [column for column in columns if column.endswith("input_ids") or column == "labels"]
+    assert max(max(row) for column in ids_columns for row in train[column]) < 4 + len(TINY_WORDS)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
@@ -317,6 +319,14 @@ def test_collate_pairwise_puts_all_chosen_rows_before_all_rejected_rows():
     assert batch["input_ids"].shape == (4, 3)
     assert batch["input_ids"].tolist() == [[5, 6, PAD], [9, PAD, PAD], [5, 7, 8], [10, 11, PAD]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
+    assert "labels" not in batch  # rows without a prompt length: scores only
+
+
+def test_collate_pairwise_labels_only_the_answers_when_rows_carry_the_prompt_length():
+    features = [{"chosen_input_ids": [5, 6], "rejected_input_ids": [5, 7, 8], "prompt_length": 1},
+                {"chosen_input_ids": [9, 4], "rejected_input_ids": [9, 10, 11], "prompt_length": 2}]
+    labels = collate_pairwise(features, pad_token_id=PAD)["labels"]
+    assert labels.tolist() == [[-100, 6, -100], [-100, -100, -100], [-100, 7, 8], [-100, -100, 11]]
 
 
 def test_collate_prompts_left_pads_and_masks_by_length_even_when_pad_is_eos():

@@ -150,7 +150,7 @@ def test_tokenizer_loads_with_special_tokens_and_round_trips_answers(tokenizer):
 
 @pytest.mark.parametrize("name, fmt, columns", [
     ("sft.jsonl", "sft", {"input_ids", "labels"}),
-    ("pairs.jsonl", "pairwise", {"chosen_input_ids", "rejected_input_ids"}),
+    ("pairs.jsonl", "pairwise", {"chosen_input_ids", "rejected_input_ids", "prompt_length"}),
     ("prompts.jsonl", "prompt", {"prompt_input_ids", "prompt"}),
     ("eval_prompts.jsonl", "prompt", {"prompt_input_ids", "prompt"}),
 ])

@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import REPO_ROOT, rank_env
 
 pytestmark = pytest.mark.slow
-CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax"}
+CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",
+           "dpo": "stages.dpo"}
 
 
 def dry_run(name: str) -> str:
@@ -39,7 +40,7 @@ def test_config_dry_runs_with_a_plan(name):
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
-    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax"))
+    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo"))
 
 
 def test_configs_carry_the_reference_settings():
@@ -54,6 +55,9 @@ def test_configs_carry_the_reference_settings():
     remax = settings["remax"]
     assert (remax["optim"]["lr"], remax["engine"]["micro_batch_size"], remax["remax"]["kl_ctl"]) == (2e-7, 12, 0.1)
     assert remax["remax"]["ref_offload"] and remax["remax"]["reward_offload"]
+    dpo = settings["dpo"]
+    assert (dpo["optim"]["lr"], dpo["dpo"]["beta"], dpo["dpo"]["loss_type"]) == (5e-7, 0.1, "sigmoid")
+    assert dpo["data"]["format"] == "pairwise" and dpo["dpo"]["ref_offload"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
