@@ -75,9 +75,37 @@ def _straddle_blocks(layout: BlockLayout, slice_numel: int, world_size: int) -> 
     blocks = set()
     for k in range(1, world_size):
         boundary = k * slice_numel
-        if boundary < layout.numel and boundary % layout.block_numel:
-            blocks.add(boundary // layout.block_numel)
+        if boundary < layout.numel:
+            block = layout.block_of(boundary)
+            if layout.block_bounds(block)[0] != boundary:
+                blocks.add(block)
     return sorted(blocks)
+
+
+def _uniform_pieces(item: _Work) -> list:
+    """`item` cut where a fused projection's block size changes, so each piece has equal blocks.
+
+    The pieces view `item`'s tensors and state; a piece keeps a cross-rank edge sum only
+    where its edge is `item`'s.
+    """
+    layout = item.layout
+    if not layout.segments:
+        return [item]
+    end = item.start + item.param.numel()
+    first_block = item.blocks[0]
+    exp_avg, block_sq_avg = item.state["exp_avg"].view(-1), item.state["block_sq_avg"]
+    pieces = []
+    for run_start, run_numel, block_numel, lo, hi in layout.runs(item.start, end):
+        run_layout = BlockLayout(layout.name, (run_numel,), layout.rule, block_numel, layout.weight_decay)
+        first, last = layout.blocks_touched(lo, hi)
+        elements = slice(lo - item.start, hi - item.start)
+        state = {"step": item.state["step"], "exp_avg": exp_avg[elements],
+                 "block_sq_avg": block_sq_avg[first - first_block:last - first_block]}
+        pieces.append(_Work(run_layout, item.param[elements], item.grad[elements], state, item.group,
+                            lo - run_start, [], item.process_group, item.sharded,
+                            first_sq=item.first_sq if lo == item.start else math.nan,
+                            last_sq=item.last_sq if hi == end else math.nan))
+    return pieces
 
 
 class ShardMismatchError(RuntimeError):
@@ -114,7 +142,8 @@ class Adam_mini(torch.optim.Optimizer):
     def __init__(self, named_parameters: Iterable, lr=1e-3, betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, dim: Optional[int] = None,
                  n_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, process_group=None, implementation: str = "auto",
+                 head_dim: Optional[int] = None, qkv_layout: Optional[str] = None, process_group=None,
+                 implementation: str = "auto",
                  model_sharding: Optional[bool] = None, verbose: bool = False):
         lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
         if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value or math.isnan(lr_value):
@@ -130,7 +159,7 @@ class Adam_mini(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid implementation: {implementation!r}; use one of {IMPLEMENTATIONS}")
-        self.geometry = Geometry.create(dim, n_heads, n_kv_heads, head_dim)
+        self.geometry = Geometry.create(dim, n_heads, n_kv_heads, head_dim, qkv_layout)
         self.process_group = process_group
         self.implementation = implementation
 
@@ -145,8 +174,10 @@ class Adam_mini(torch.optim.Optimizer):
         self._original_params = {layout.name: param for layout, param in layouts_and_params}
         self.partition_report = PartitionReport([layout for layout, _ in layouts_and_params])
         if self.partition_report.fallbacks:
+            named = [f"{l.name} ({l.note})" if l.note else l.name for l in self.partition_report.layouts
+                     if l.fallback]
             warnings.warn("Adam-mini: no partition rule matched these parameters, each gets one block "
-                          f"for the whole tensor: {', '.join(self.partition_report.fallbacks)}", stacklevel=2)
+                          f"for the whole tensor: {', '.join(named)}", stacklevel=2)
         if verbose:
             logger.info("Adam-mini partition:\n%s", self.partition_report)
 
@@ -253,6 +284,7 @@ class Adam_mini(torch.optim.Optimizer):
         self._reduce_straddling_blocks(work)
         for item in work:
             item.state["step"] += 1
+        work = [piece for item in work for piece in _uniform_pieces(item)]
         if self.implementation == "reference":
             for item in work:
                 self._reference_update(item)
@@ -339,11 +371,11 @@ class Adam_mini(torch.optim.Optimizer):
         first_block, last_block = item.blocks
         if last_block == first_block:
             return []
-        block_numel, grad = item.layout.block_numel, item.grad
-        head = min(grad.numel(), block_numel - item.block_offset)
+        layout, grad = item.layout, item.grad
+        head = min(grad.numel(), layout.block_bounds(first_block)[1] - item.start)
         sums = [(first_block, float(grad[:head].double().square().sum()))]
         if last_block - 1 > first_block:
-            tail = (item.start + grad.numel()) - (last_block - 1) * block_numel
+            tail = (item.start + grad.numel()) - layout.block_bounds(last_block - 1)[0]
             sums.append((last_block - 1, float(grad[grad.numel() - tail:].double().square().sum())))
         return sums
 
