@@ -142,7 +142,9 @@ class Adam_mini(torch.optim.Optimizer):
             and biases) instead of one per parameter. DeepSpeed then runs its per-group
             collectives once, as for AdamW; under ZeRO-1/2 (and the bf16 optimizer) each rank
             finds its parameters' pieces of the flat partition through DeepSpeed's fragment
-            mapping (`_hp_mapping`); under ZeRO-3 from each parameter's `partition_numel()`.
+            mapping (`_hp_mapping`); under ZeRO-3 from each parameter's `partition_numel()`
+            (sub-groups included). Not with DeepSpeed 0.19.8's `round_robin_gradients`, whose
+            mapping is wrong: the first step raises there.
         model_sharding, verbose: accepted for compatibility with the official constructor.
 
     Raises:
@@ -306,12 +308,12 @@ class Adam_mini(torch.optim.Optimizer):
         everyone = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(everyone, (misplaced, [(index, start, numel) for index, start, _, numel in fragments]),
                                group=process_group)
-        misplaced = next((name for name, _ in everyone if name is not None), None)
+        misplaced = next((problem for problem, _ in everyone if problem is not None), None)
         if misplaced is not None:
             raise RuntimeError(
-                f"Adam-mini: DeepSpeed's fragment mapping of {misplaced!r} does not point at its master weights, "
-                "so shared_groups=True cannot find its pieces. DeepSpeed 0.19.8 maps round_robin_gradients=true "
-                "wrongly (in the original parameter order) unless parameter alignment pads the group; disable "
+                f"Adam-mini: shared_groups=True cannot find its pieces of the flat partition: {misplaced}. "
+                "DeepSpeed 0.19.8 builds its fragment mapping in the original parameter order under "
+                "round_robin_gradients=true (unless parameter alignment pads the group); disable "
                 "round_robin_gradients, or build the optimizer with shared_groups=False.")
         cuts = set()
         for _, rank_fragments in everyone:
@@ -335,7 +337,7 @@ class Adam_mini(torch.optim.Optimizer):
         """ZeRO-1/2 and the bf16 optimizer: this rank's pieces from DeepSpeed's `_hp_mapping`.
 
         Returns (fragments as (index, start in parameter, start in partition, numel), process
-        group, the name of a parameter whose mapping points elsewhere, or None).
+        group, what points elsewhere, or None).
         """
         fragments, process_group, misplaced = [], self.process_group, None
         for index, name in enumerate(group["names"]):
@@ -351,7 +353,7 @@ class Adam_mini(torch.optim.Optimizer):
                 continue
             start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
             if misplaced is None and not self._matches(mapping.hp_fragment, param.reshape(-1)[start:start + numel]):
-                misplaced = name
+                misplaced = f"the fragment mapping (_hp_mapping) of {name!r} does not point at its master weights"
             fragments.append((index, start, mapping.hp_fragment_address.start, numel))
         return sorted(fragments, key=lambda fragment: fragment[2]), process_group, misplaced
 
@@ -359,29 +361,34 @@ class Adam_mini(torch.optim.Optimizer):
         """ZeRO-3: the flat partition is each parameter's own slice, `partition_numel()` long
         (end-padded), one after another in the group's order. Same return as _mapped_fragments.
 
-        Raises:
-            RuntimeError: the group was split into several sub-groups (`sub_group_size`).
+        DeepSpeed may cut the group into sub-groups of consecutive parameters (`sub_group_size`)
+        and step each alone; the run this tensor holds is the one whose slices add up to its
+        length and hold its values (at the start of a step the master copy equals them).
         """
         params = [self._original_params[name] for name in group["names"]]
-        if sum(param.partition_numel() for param in params) != tensor.numel():
-            raise RuntimeError(
-                f"Adam-mini: under ZeRO-3 the shared group was presented as {tensor.numel()} elements, not all of "
-                "its parameters' slices: DeepSpeed split it into sub-groups. Raise zero_optimization.sub_group_size "
-                "above the model's parameter count, or build the optimizer with shared_groups=False.")
         process_group = getattr(params[0], "ds_process_group", None) or self.process_group
         rank = dist.get_rank(process_group)
-        fragments, offset, misplaced = [], 0, None
-        for index, (name, param) in enumerate(zip(group["names"], params)):
-            slice_numel, numel = param.partition_numel(), self._layouts[name].numel
-            start = min(rank * slice_numel, numel)
-            valid = min(slice_numel, numel - start)
-            if valid:
-                master = tensor.view(-1)[offset:offset + valid]
-                if misplaced is None and not self._matches(master, param.ds_tensor.view(-1)[:valid]):
-                    misplaced = name
-                fragments.append((index, start, offset, valid))
-            offset += slice_numel
-        return fragments, process_group, misplaced
+        slice_numels = [param.partition_numel() for param in params]
+        for first in range(len(params)):
+            last, total = first, 0
+            while last < len(params) and total < tensor.numel():
+                total, last = total + slice_numels[last], last + 1
+            if total != tensor.numel():
+                continue
+            fragments, offset = [], 0
+            for index in range(first, last):
+                numel = self._layouts[group["names"][index]].numel
+                start = min(rank * slice_numels[index], numel)
+                valid = min(slice_numels[index], numel - start)
+                if valid and not self._matches(tensor.view(-1)[offset:offset + valid],
+                                               params[index].ds_tensor.view(-1)[:valid]):
+                    break
+                if valid:
+                    fragments.append((index, start, offset, valid))
+                offset += slice_numels[index]
+            else:
+                return fragments, process_group, None
+        return [], process_group, f"no run of parameter slices holds the {tensor.numel()} presented elements"
 
     def _locate_fragments(self, group: dict, tensor: torch.Tensor, tables: list) -> list:
         """One _Work per parameter piece in a shared group's flat partition; their state views
