@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
+from .compiled import compiled_update
 from .partition import BlockLayout, Geometry, PartitionReport, geometry_from_model, partition
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "compiled", "foreach", "reference")
 
 
 @dataclass
@@ -135,9 +136,10 @@ class Adam_mini(torch.optim.Optimizer):
             never applied to norms and biases).
         process_group: the data-parallel group DeepSpeed shards over, when it is not the
             world group. ZeRO-3 parameters carry their own (`ds_process_group`).
-        implementation: "fused" (C kernel, CPU fp32/fp64), "foreach" (vectorised torch,
-            any device), "reference" (plain single-tensor math), or "auto": fused where it
-            applies, else foreach.
+        implementation: "fused" (C kernel, CPU fp32/fp64), "compiled" (one `torch.compile`d
+            function, any device: C++ on CPU, Triton on GPU; the first step compiles),
+            "foreach" (vectorised torch, any device), "reference" (plain single-tensor math),
+            or "auto": fused where it applies, else foreach.
         shared_groups: one param group for every parameter (weight decay still skips norms
             and biases) instead of one per parameter. DeepSpeed then runs its per-group
             collectives once, as for AdamW; under ZeRO-1/2 (and the bf16 optimizer) each rank
@@ -457,9 +459,12 @@ class Adam_mini(torch.optim.Optimizer):
         for state in {id(item.root or item.state): item.root or item.state for item in work}.values():
             state["step"] += 1
         work = [piece for item in work for piece in _uniform_pieces(item)]
-        if self.implementation == "reference":
+        if self.implementation in ("reference", "compiled"):
             for item in work:
-                self._reference_update(item)
+                if self.implementation == "reference":
+                    self._reference_update(item)
+                else:
+                    compiled_update(item, self._hyper(item), list(self._segments(item)))
             return loss
         rest = []
         for item in work:

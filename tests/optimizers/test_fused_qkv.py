@@ -13,6 +13,7 @@ from transformers import (BloomConfig, BloomForCausalLM, FalconConfig, FalconFor
 
 from optimizers import Adam_mini
 from optimizers.adam_mini import _uniform_pieces, _Work
+from optimizers.compiled import compiled_update
 from tests.conftest import launch_ranks, read_json
 
 HIDDEN, HEADS, HEAD_DIM = 48, 3, 16  # a 2-rank shard boundary falls inside a key head of GPT-NeoX
@@ -178,7 +179,7 @@ def neox_fp64_with_grads(seed=0):
     return model
 
 
-@pytest.mark.parametrize("implementation", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("implementation", ["reference", "foreach", "fused", "compiled"])
 def test_update_on_fused_projection_matches_hand_built_blocks(implementation):
     model = neox_fp64_with_grads()
     weight = model.gpt_neox.layers[0].attention.query_key_value.weight
@@ -205,7 +206,7 @@ def test_cut_fused_projection_matches_whole(cuts):
     expected = expected_first_step(weight.detach().clone(), weight.grad.clone(), layout).reshape(-1)
     block_sq = [grad[slice(*layout.block_bounds(b))].square().sum().item() for b in range(layout.num_blocks)]
     bounds = [0, *cuts, layout.numel]
-    for implementation in ("reference", "foreach", "fused"):
+    for implementation in ("reference", "foreach", "fused", "compiled"):
         optimizer.implementation = implementation
         param = weight.detach().reshape(-1).clone()
         work = []
@@ -227,6 +228,8 @@ def test_cut_fused_projection_matches_whole(cuts):
                 optimizer._reference_update(piece)
             elif implementation == "fused":
                 optimizer._fused_update(piece)
+            elif implementation == "compiled":
+                compiled_update(piece, optimizer._hyper(piece), list(optimizer._segments(piece)))
         assert (param - expected).abs().max().item() <= 1e-15, implementation
 
 
