@@ -8,6 +8,11 @@ partition each group evenly; ZeRO-3 partitions each parameter). The presented le
 tells which: L equal to the parameter's numel is the whole of it. So the optimizer needs
 no call beyond `deepspeed.initialize(model=..., optimizer=Adam_mini(...))`.
 
+With `shared_groups=True` every parameter is in one group, and DeepSpeed presents one flat
+partition holding pieces of many parameters; each rank finds them through DeepSpeed's
+fragment mapping (ZeRO-1/2, bf16) or each parameter's partition size (ZeRO-3), see
+`_fragment_table`.
+
 A block cut by a shard boundary has its sum of squared gradients added up across the
 data-parallel ranks (one all-reduce per `step()` call, over those blocks only), so every
 rank holding part of it computes the same `v`. Padding never enters a block.
@@ -666,7 +671,9 @@ class Adam_mini(torch.optim.Optimizer):
     def planned_state_numel(self, world_size: int = 1, rank: int = 0, zero_stage: int = 0) -> tuple[int, int]:
         """(m elements, v elements) `rank` will hold under ZeRO `zero_stage` at `world_size`.
 
-        Uses the same slice arithmetic and `BlockLayout.state_numel` that size the real state.
+        Uses the same slice arithmetic and `BlockLayout.state_numel` that size the real state,
+        for one group per parameter (the default); with `shared_groups=True` the pieces follow
+        DeepSpeed's flat partition of the whole group, and `state_bytes()` is the figure.
         """
         m_total = v_total = 0
         for layout in self._layouts.values():
