@@ -52,6 +52,8 @@ def make_optimizers(model: torch.nn.Module) -> dict:
     factories = {
         "Adam_mini (fused)": lambda m: Adam_mini(m.named_parameters(), **HYPERPARAMETERS, **geometry,
                                                  implementation="fused"),
+        "Adam_mini (compiled)": lambda m: Adam_mini(m.named_parameters(), **HYPERPARAMETERS, **geometry,
+                                                    implementation="compiled"),
         "Adam_mini (foreach)": lambda m: Adam_mini(m.named_parameters(), **HYPERPARAMETERS, **geometry,
                                                    implementation="foreach"),
         "Adam_mini (reference)": lambda m: Adam_mini(m.named_parameters(), **HYPERPARAMETERS, **geometry,
@@ -75,7 +77,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def time_steps(optimizers: dict, warmup: int, steps: int) -> dict:
     """Seconds per step for each optimizer, taken round-robin so noise hits all alike."""
     for optimizer in optimizers.values():
-        for _ in range(warmup):  # allocates the lazy state and builds the fused kernel
+        for _ in range(warmup):  # allocates the lazy state, builds the fused kernel, compiles
             optimizer.step()
     timings = {name: [] for name in optimizers}
     gc.collect()

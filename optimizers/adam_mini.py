@@ -8,6 +8,11 @@ partition each group evenly; ZeRO-3 partitions each parameter). The presented le
 tells which: L equal to the parameter's numel is the whole of it. So the optimizer needs
 no call beyond `deepspeed.initialize(model=..., optimizer=Adam_mini(...))`.
 
+With `shared_groups=True` every parameter is in one group, and DeepSpeed presents one flat
+partition holding pieces of many parameters; each rank finds them through DeepSpeed's
+fragment mapping (ZeRO-1/2, bf16) or each parameter's partition size (ZeRO-3), see
+`_fragment_table`.
+
 A block cut by a shard boundary has its sum of squared gradients added up across the
 data-parallel ranks (one all-reduce per `step()` call, over those blocks only), so every
 rank holding part of it computes the same `v`. Padding never enters a block.
@@ -24,11 +29,12 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
+from .compiled import compiled_update
 from .partition import BlockLayout, Geometry, PartitionReport, geometry_from_model, partition
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "compiled", "foreach", "reference")
 
 
 @dataclass
@@ -46,6 +52,12 @@ class _Work:
     sharded: bool = False        # a slice of the parameter, not all of it
     first_sq: float = math.nan   # cross-rank sum of squares of the first / last block, if cut
     last_sq: float = math.nan
+    root: Optional[dict] = None  # the stored state `state` views, where it is a view (shared groups)
+    slots: Optional[list] = None  # positions of straddle_blocks in the step's cut-block all-reduce
+
+    @property
+    def step(self) -> int:
+        return (self.root or self.state)["step"]
 
     @property
     def block_offset(self) -> int:
@@ -75,9 +87,36 @@ def _straddle_blocks(layout: BlockLayout, slice_numel: int, world_size: int) -> 
     blocks = set()
     for k in range(1, world_size):
         boundary = k * slice_numel
-        if boundary < layout.numel and boundary % layout.block_numel:
-            blocks.add(boundary // layout.block_numel)
+        if boundary < layout.numel:
+            block = layout.block_of(boundary)
+            if layout.block_bounds(block)[0] != boundary:
+                blocks.add(block)
     return sorted(blocks)
+
+
+def _uniform_pieces(item: _Work) -> list:
+    """`item` cut where a fused projection's block size changes, so each piece has equal blocks.
+
+    The pieces view `item`'s tensors and state; a piece keeps a cross-rank edge sum only
+    where its edge is `item`'s.
+    """
+    layout = item.layout
+    if not layout.segments:
+        return [item]
+    end = item.start + item.param.numel()
+    first_block = item.blocks[0]
+    exp_avg, block_sq_avg = item.state["exp_avg"].view(-1), item.state["block_sq_avg"]
+    pieces = []
+    for run_start, run_numel, block_numel, lo, hi in layout.runs(item.start, end):
+        run_layout = BlockLayout(layout.name, (run_numel,), layout.rule, block_numel, layout.weight_decay)
+        first, last = layout.blocks_touched(lo, hi)
+        elements = slice(lo - item.start, hi - item.start)
+        state = {"exp_avg": exp_avg[elements], "block_sq_avg": block_sq_avg[first - first_block:last - first_block]}
+        pieces.append(_Work(run_layout, item.param[elements], item.grad[elements], state, item.group,
+                            lo - run_start, [], item.process_group, item.sharded,
+                            first_sq=item.first_sq if lo == item.start else math.nan,
+                            last_sq=item.last_sq if hi == end else math.nan, root=item.root or item.state))
+    return pieces
 
 
 class ShardMismatchError(RuntimeError):
@@ -102,9 +141,17 @@ class Adam_mini(torch.optim.Optimizer):
             never applied to norms and biases).
         process_group: the data-parallel group DeepSpeed shards over, when it is not the
             world group. ZeRO-3 parameters carry their own (`ds_process_group`).
-        implementation: "fused" (C kernel, CPU fp32/fp64), "foreach" (vectorised torch,
-            any device), "reference" (plain single-tensor math), or "auto": fused where it
-            applies, else foreach.
+        implementation: "fused" (C kernel, CPU fp32/fp64), "compiled" (one `torch.compile`d
+            function, any device: C++ on CPU, Triton on GPU; the first step compiles),
+            "foreach" (vectorised torch, any device), "reference" (plain single-tensor math),
+            or "auto": fused where it applies, else foreach.
+        shared_groups: one param group for every parameter (weight decay still skips norms
+            and biases) instead of one per parameter. DeepSpeed then runs its per-group
+            collectives once, as for AdamW; under ZeRO-1/2 (and the bf16 optimizer) each rank
+            finds its parameters' pieces of the flat partition through DeepSpeed's fragment
+            mapping (`_hp_mapping`); under ZeRO-3 from each parameter's `partition_numel()`
+            (sub-groups included). Not with DeepSpeed 0.19.8's `round_robin_gradients`, whose
+            mapping is wrong: the first step raises there.
         model_sharding, verbose: accepted for compatibility with the official constructor.
 
     Raises:
@@ -114,7 +161,8 @@ class Adam_mini(torch.optim.Optimizer):
     def __init__(self, named_parameters: Iterable, lr=1e-3, betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, dim: Optional[int] = None,
                  n_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, process_group=None, implementation: str = "auto",
+                 head_dim: Optional[int] = None, qkv_layout: Optional[str] = None, process_group=None,
+                 implementation: str = "auto", shared_groups: bool = False,
                  model_sharding: Optional[bool] = None, verbose: bool = False):
         lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
         if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value or math.isnan(lr_value):
@@ -130,7 +178,7 @@ class Adam_mini(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid implementation: {implementation!r}; use one of {IMPLEMENTATIONS}")
-        self.geometry = Geometry.create(dim, n_heads, n_kv_heads, head_dim)
+        self.geometry = Geometry.create(dim, n_heads, n_kv_heads, head_dim, qkv_layout)
         self.process_group = process_group
         self.implementation = implementation
 
@@ -145,18 +193,28 @@ class Adam_mini(torch.optim.Optimizer):
         self._original_params = {layout.name: param for layout, param in layouts_and_params}
         self.partition_report = PartitionReport([layout for layout, _ in layouts_and_params])
         if self.partition_report.fallbacks:
+            named = [f"{l.name} ({l.note})" if l.note else l.name for l in self.partition_report.layouts
+                     if l.fallback]
             warnings.warn("Adam-mini: no partition rule matched these parameters, each gets one block "
-                          f"for the whole tensor: {', '.join(self.partition_report.fallbacks)}", stacklevel=2)
+                          f"for the whole tensor: {', '.join(named)}", stacklevel=2)
         if verbose:
             logger.info("Adam-mini partition:\n%s", self.partition_report)
 
-        groups = [{"params": [param], "name": layout.name, "rule": layout.rule,
-                   "block_numel": layout.block_numel,
-                   "weight_decay": weight_decay if layout.weight_decay else 0.0}
-                  for layout, param in layouts_and_params]
+        if shared_groups:
+            # weight_decay applies to the parameters whose layout decays (see _hyper).
+            groups = [{"params": [param for _, param in layouts_and_params],
+                       "names": [layout.name for layout, _ in layouts_and_params], "weight_decay": weight_decay}]
+        else:
+            groups = [{"params": [param], "name": layout.name, "rule": layout.rule,
+                       "block_numel": layout.block_numel,
+                       "weight_decay": weight_decay if layout.weight_decay else 0.0}
+                      for layout, param in layouts_and_params]
+        self.shared_groups = shared_groups
+        self._name_of = {id(param): layout.name for layout, param in layouts_and_params}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
         self._verified_groups = set()
+        self._cut_tables = {}  # id(flat partition) -> its fragments and the cut blocks of all ranks
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -174,22 +232,26 @@ class Adam_mini(torch.optim.Optimizer):
         self.__dict__.setdefault("implementation", "auto")
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_verified_groups", set())
+        self.__dict__.setdefault("shared_groups", False)
+        self.__dict__.setdefault("_cut_tables", {})
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._verified_groups = set()  # loaded state must be checked against this rank's slices
+        self._cut_tables = {}
 
     # ---- where a presented tensor sits in its parameter -------------------------------------
 
-    def _locate(self, group: dict, tensor: torch.Tensor) -> _Work:
+    def _locate(self, group: dict, tensor: torch.Tensor, name: Optional[str] = None) -> _Work:
         """Works out which elements of which parameter `tensor` holds, and its state.
 
         Raises:
             RuntimeError: the presented slice does not fit the data-parallel world size.
             ShardMismatchError: the saved state was made for a different slice (another world size).
         """
-        layout = self._layouts[group["name"]]
-        original = self._original_params[group["name"]]
+        name = group["name"] if name is None else name
+        layout = self._layouts[name]
+        original = self._original_params[name]
         numel = layout.numel
         if tensor is original or tensor.numel() == numel:
             start, slice_numel, world_size, process_group = 0, numel, 1, None
@@ -231,6 +293,149 @@ class Adam_mini(torch.optim.Optimizer):
         return _Work(layout, flat_param, flat_grad, state, group, start, straddles, process_group,
                      sharded=world_size > 1)
 
+    def _fragment_table(self, group: dict, tensor: torch.Tensor) -> dict:
+        """This rank's pieces of a shared group's flat partition, and the blocks any rank's edge cuts.
+
+        DeepSpeed ZeRO-1/2 and its bf16 optimizer flatten the group (in their own order, with
+        alignment padding and, optionally, round-robin reordering) and give each parameter a
+        fragment mapping, `_hp_mapping`: which elements of the parameter this rank holds and
+        where in the flat partition. The cut blocks need every rank's pieces: gathered once,
+        on the first step (and after loading state), then cached.
+
+        Raises:
+            RuntimeError: under ZeRO-3, or for a flat tensor no fragment mapping describes.
+        """
+        table = self._cut_tables.get(id(tensor))
+        if table is not None and table["tensor"] is tensor:
+            return table
+        if hasattr(self._original_params[group["names"][0]], "ds_id"):
+            fragments, process_group, misplaced = self._zero3_fragments(group, tensor)
+        else:
+            fragments, process_group, misplaced = self._mapped_fragments(group, tensor)
+        everyone = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(everyone, (misplaced, [(index, start, numel) for index, start, _, numel in fragments]),
+                               group=process_group)
+        misplaced = next((problem for problem, _ in everyone if problem is not None), None)
+        if misplaced is not None:
+            raise RuntimeError(
+                f"Adam-mini: shared_groups=True cannot find its pieces of the flat partition: {misplaced}. "
+                "DeepSpeed 0.19.8 builds its fragment mapping in the original parameter order under "
+                "round_robin_gradients=true (unless parameter alignment pads the group); disable "
+                "round_robin_gradients, or build the optimizer with shared_groups=False.")
+        cuts = set()
+        for _, rank_fragments in everyone:
+            for index, start, numel in rank_fragments:
+                layout = self._layouts[group["names"][index]]
+                for edge in (start, start + numel):
+                    if 0 < edge < layout.numel and layout.block_bounds(layout.block_of(edge))[0] != edge:
+                        cuts.add((index, layout.block_of(edge)))
+        table = {"tensor": tensor, "fragments": fragments, "process_group": process_group,
+                 "slots": {cut: slot for slot, cut in enumerate(sorted(cuts))}}
+        self._cut_tables[id(tensor)] = table
+        return table
+
+    @staticmethod
+    def _matches(master: torch.Tensor, weights: torch.Tensor) -> bool:
+        """Whether a master-weight piece holds these model weights: at the start of a step it
+        equals them, rounded to their dtype."""
+        return torch.equal(master.detach().to(weights.dtype), weights.detach())
+
+    def _mapped_fragments(self, group: dict, tensor: torch.Tensor) -> tuple:
+        """ZeRO-1/2 and the bf16 optimizer: this rank's pieces from DeepSpeed's `_hp_mapping`.
+
+        Returns (fragments as (index, start in parameter, start in partition, numel), process
+        group, what points elsewhere, or None).
+        """
+        fragments, process_group, misplaced = [], self.process_group, None
+        for index, name in enumerate(group["names"]):
+            param = self._original_params[name]
+            if not hasattr(param, "_hp_mapping"):
+                raise RuntimeError(f"Adam-mini: a shared group was presented as a flat tensor of {tensor.numel()} "
+                                   f"elements, but parameter {name!r} has no DeepSpeed fragment mapping "
+                                   "(_hp_mapping); shared_groups=True needs DeepSpeed ZeRO-1/2 or whole parameters")
+            process_group = getattr(param, "_dp_group", None) or process_group
+            mapping = param._hp_mapping
+            if mapping is None or mapping.hp_fragment.untyped_storage().data_ptr() != \
+                    tensor.untyped_storage().data_ptr():
+                continue
+            start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+            if misplaced is None and not self._matches(mapping.hp_fragment, param.reshape(-1)[start:start + numel]):
+                misplaced = f"the fragment mapping (_hp_mapping) of {name!r} does not point at its master weights"
+            fragments.append((index, start, mapping.hp_fragment_address.start, numel))
+        return sorted(fragments, key=lambda fragment: fragment[2]), process_group, misplaced
+
+    def _zero3_fragments(self, group: dict, tensor: torch.Tensor) -> tuple:
+        """ZeRO-3: the flat partition is each parameter's own slice, `partition_numel()` long
+        (end-padded), one after another in the group's order. Same return as _mapped_fragments.
+
+        DeepSpeed may cut the group into sub-groups of consecutive parameters (`sub_group_size`)
+        and step each alone; the run this tensor holds is the one whose slices add up to its
+        length and hold its values (at the start of a step the master copy equals them).
+        """
+        params = [self._original_params[name] for name in group["names"]]
+        process_group = getattr(params[0], "ds_process_group", None) or self.process_group
+        rank = dist.get_rank(process_group)
+        slice_numels = [param.partition_numel() for param in params]
+        for first in range(len(params)):
+            last, total = first, 0
+            while last < len(params) and total < tensor.numel():
+                total, last = total + slice_numels[last], last + 1
+            if total != tensor.numel():
+                continue
+            fragments, offset = [], 0
+            for index in range(first, last):
+                numel = self._layouts[group["names"][index]].numel
+                start = min(rank * slice_numels[index], numel)
+                valid = min(slice_numels[index], numel - start)
+                if valid and not self._matches(tensor.view(-1)[offset:offset + valid],
+                                               params[index].ds_tensor.view(-1)[:valid]):
+                    break
+                if valid:
+                    fragments.append((index, start, offset, valid))
+                offset += slice_numels[index]
+            else:
+                return fragments, process_group, None
+        return [], process_group, f"no run of parameter slices holds the {tensor.numel()} presented elements"
+
+    def _locate_fragments(self, group: dict, tensor: torch.Tensor, tables: list) -> list:
+        """One _Work per parameter piece in a shared group's flat partition; their state views
+        one flat `exp_avg` and one `block_sq_avg` (the pieces' blocks in partition order).
+
+        Raises:
+            ShardMismatchError: the saved state was made for other pieces (another world size).
+        """
+        table = self._fragment_table(group, tensor)
+        tables.append(table)
+        fragments, slots = table["fragments"], table["slots"]
+        blocks = [self._layouts[group["names"][index]].blocks_touched(start, start + numel)
+                  for index, start, _, numel in fragments]
+        described = torch.tensor([[index, start, numel] for index, start, _, numel in fragments],
+                                 dtype=torch.int64).view(-1, 3)
+        state = self.state[tensor]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(tensor)
+            state["block_sq_avg"] = torch.zeros(sum(last - first for first, last in blocks), dtype=tensor.dtype,
+                                                device=tensor.device)
+            state["fragments"] = described
+        elif not torch.equal(state.get("fragments", torch.empty(0, 3, dtype=torch.int64)), described):
+            raise ShardMismatchError(
+                "Adam-mini: saved state of a shared param group covers other parameter pieces than this rank "
+                "now holds: the checkpoint was written at another data-parallel world size. Resume with the "
+                "world size it was saved at, or start the optimizer afresh.")
+        flat_param, flat_grad = tensor.view(-1), tensor.grad.view(-1)
+        exp_avg, block_sq_avg = state["exp_avg"].view(-1), state["block_sq_avg"]
+        work, v_offset = [], 0
+        for (index, start, offset, numel), (first, last) in zip(fragments, blocks):
+            elements = slice(offset, offset + numel)
+            view = {"exp_avg": exp_avg[elements], "block_sq_avg": block_sq_avg[v_offset:v_offset + last - first]}
+            v_offset += last - first
+            cut = sorted({block for block in (first, last - 1) if (index, block) in slots})
+            work.append(_Work(self._layouts[group["names"][index]], flat_param[elements], flat_grad[elements], view,
+                              group, start, cut, table["process_group"], sharded=True, root=state,
+                              slots=[slots[(index, block)] for block in cut]))
+        return work
+
     # ---- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -239,23 +444,32 @@ class Adam_mini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, mismatch, names = [], None, set()
+        work, mismatch, names, tables = [], None, set(), []
         for group in self.param_groups:
             for tensor in group["params"]:
                 if tensor.grad is None:
                     continue
-                names.add(group["name"])
+                names.add(group.get("name", "shared"))
                 try:
-                    work.append(self._locate(group, tensor))
+                    if "names" not in group:
+                        work.append(self._locate(group, tensor))
+                    elif id(tensor) in self._name_of:  # unpartitioned: the parameter itself
+                        work.append(self._locate(group, tensor, self._name_of[id(tensor)]))
+                    else:
+                        work += self._locate_fragments(group, tensor, tables)
                 except ShardMismatchError as error:
                     mismatch = mismatch or error
-        self._agree_on_state(work, mismatch, names)
-        self._reduce_straddling_blocks(work)
-        for item in work:
-            item.state["step"] += 1
-        if self.implementation == "reference":
+        self._agree_on_state(work, mismatch, names, sharded=bool(tables))
+        self._reduce_straddling_blocks(work, tables)
+        for state in {id(item.root or item.state): item.root or item.state for item in work}.values():
+            state["step"] += 1
+        work = [piece for item in work for piece in _uniform_pieces(item)]
+        if self.implementation in ("reference", "compiled"):
             for item in work:
-                self._reference_update(item)
+                if self.implementation == "reference":
+                    self._reference_update(item)
+                else:
+                    compiled_update(item, self._hyper(item), list(self._segments(item)))
             return loss
         rest = []
         for item in work:
@@ -267,14 +481,15 @@ class Adam_mini(torch.optim.Optimizer):
             self._foreach_update(rest)
         return loss
 
-    def _agree_on_state(self, work: list, mismatch: Optional[ShardMismatchError], names: set) -> None:
+    def _agree_on_state(self, work: list, mismatch: Optional[ShardMismatchError], names: set,
+                        sharded: bool = False) -> None:
         """Raises on every rank if any rank holds state for another slice, before anything changes.
 
         Checked on the first step of each group after construction or loading, so that a rank
         whose own state happens to fit never waits alone in the block all-reduce.
         """
         unverified = names - self._verified_groups
-        sharded = any(item.sharded for item in work) or (mismatch is not None and mismatch.sharded)
+        sharded = sharded or any(item.sharded for item in work) or (mismatch is not None and mismatch.sharded)
         if unverified and sharded and dist.is_available() and dist.is_initialized():
             flag = torch.tensor([1.0 if mismatch else 0.0], device=work[0].param.device if work else "cpu")
             if "nccl" in str(dist.get_backend(self.process_group)) and flag.device.type == "cpu":
@@ -298,40 +513,46 @@ class Adam_mini(torch.optim.Optimizer):
             raise RuntimeError("Adam-mini: implementation='fused' but the CPU kernel could not be built")
         return available
 
-    def _reduce_straddling_blocks(self, work: list) -> None:
+    def _reduce_straddling_blocks(self, work: list, tables: Sequence[dict] = ()) -> None:
         """Sums, across ranks, the squared gradients of blocks cut by a shard boundary.
 
-        Every rank lists the same cut blocks in the same order, puts in its own partial sums
-        (zero for blocks it does not hold) and joins one all-reduce per process group.
+        One all-reduce per process group and step, of one slot per cut block: with one
+        parameter per group every rank lists the same cut blocks in the same order; a shared
+        group's slots come from its table (the same on every rank, whether or not this rank
+        holds any cut block). Each rank adds its partial sums, zero for blocks it lacks.
         """
-        by_group = {}
+        plans = {}  # id(process group) -> [process group, slot count, items]
+        for table in tables:
+            plan = plans.setdefault(id(table["process_group"]), [table["process_group"], 0, []])
+            plan[1] = max(plan[1], len(table["slots"]))
         for item in work:
-            if item.straddle_blocks:
-                by_group.setdefault(id(item.process_group), (item.process_group, []))[1].append(item)
-        for process_group, items in by_group.values():
-            sizes = [len(item.straddle_blocks) for item in items]
-            device = items[0].param.device
-            backend = dist.get_backend(process_group)
-            if "nccl" in str(backend) and device.type == "cpu":  # ZeRO-Offload: NCCL takes GPU tensors only
-                device = torch.device("cuda", torch.cuda.current_device())
-            partial = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-            offset = 0
-            for item, size in zip(items, sizes):
+            if not item.straddle_blocks:
+                continue
+            plan = plans.setdefault(id(item.process_group), [item.process_group, 0, []])
+            if item.slots is None:
+                item.slots = list(range(plan[1], plan[1] + len(item.straddle_blocks)))
+                plan[1] += len(item.straddle_blocks)
+            plan[2].append(item)
+        for process_group, slot_count, items in plans.values():
+            if not slot_count:
+                continue
+            device = items[0].param.device if items else (work[0].param.device if work else torch.device("cpu"))
+            if "nccl" in str(dist.get_backend(process_group)) and device.type == "cpu":
+                device = torch.device("cuda", torch.cuda.current_device())  # ZeRO-Offload: NCCL takes GPU tensors
+            partial = torch.zeros(slot_count, dtype=torch.float64, device=device)
+            for item in items:
                 for block, sq in self._edge_block_sums(item):
                     if block in item.straddle_blocks:
-                        partial[offset + item.straddle_blocks.index(block)] = sq
-                offset += size
+                        partial[item.slots[item.straddle_blocks.index(block)]] += sq
             dist.all_reduce(partial, group=process_group)
             totals = partial.tolist()
-            offset = 0
-            for item, size in zip(items, sizes):
+            for item in items:
                 first_block, last_block = item.blocks
-                for index, block in enumerate(item.straddle_blocks):
+                for slot, block in zip(item.slots, item.straddle_blocks):
                     if block == first_block:
-                        item.first_sq = totals[offset + index]
+                        item.first_sq = totals[slot]
                     if block == last_block - 1:
-                        item.last_sq = totals[offset + index]
-                offset += size
+                        item.last_sq = totals[slot]
 
     @staticmethod
     def _edge_block_sums(item: _Work) -> list:
@@ -339,20 +560,22 @@ class Adam_mini(torch.optim.Optimizer):
         first_block, last_block = item.blocks
         if last_block == first_block:
             return []
-        block_numel, grad = item.layout.block_numel, item.grad
-        head = min(grad.numel(), block_numel - item.block_offset)
+        layout, grad = item.layout, item.grad
+        head = min(grad.numel(), layout.block_bounds(first_block)[1] - item.start)
         sums = [(first_block, float(grad[:head].double().square().sum()))]
         if last_block - 1 > first_block:
-            tail = (item.start + grad.numel()) - (last_block - 1) * block_numel
+            tail = (item.start + grad.numel()) - layout.block_bounds(last_block - 1)[0]
             sums.append((last_block - 1, float(grad[grad.numel() - tail:].double().square().sum())))
         return sums
 
     @staticmethod
     def _hyper(item: _Work) -> dict:
-        group, step = item.group, item.state["step"]
+        group, step = item.group, item.step
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], lr=lr, weight_decay=group["weight_decay"],
+        # A shared group's weight decay applies to the parameters whose layout decays.
+        weight_decay = group["weight_decay"] if item.layout.weight_decay else 0.0
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], lr=lr, weight_decay=weight_decay,
                     bias_correction1=1 - beta1 ** step, bias_correction2_sqrt=math.sqrt(1 - beta2 ** step))
 
     def _fused_update(self, item: _Work) -> None:
@@ -448,7 +671,9 @@ class Adam_mini(torch.optim.Optimizer):
     def planned_state_numel(self, world_size: int = 1, rank: int = 0, zero_stage: int = 0) -> tuple[int, int]:
         """(m elements, v elements) `rank` will hold under ZeRO `zero_stage` at `world_size`.
 
-        Uses the same slice arithmetic and `BlockLayout.state_numel` that size the real state.
+        Uses the same slice arithmetic and `BlockLayout.state_numel` that size the real state,
+        for one group per parameter (the default); with `shared_groups=True` the pieces follow
+        DeepSpeed's flat partition of the whole group, and `state_bytes()` is the figure.
         """
         m_total = v_total = 0
         for layout in self._layouts.values():
