@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -48,7 +50,7 @@ from .chat_templates import resolve_chat_template
 from .config import DataConfig
 from .data_cache import cache_directory, file_digest, fingerprint, load_or_build, tokenizer_fingerprint
 
-SUFFIXES = (".json", ".jsonl", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")  # Anthropic/hh-rlhf ships train.jsonl.gz
 FORMATS = ("sft", "pairwise", "prompt", "chat")
 IGNORE_INDEX = -100  # labels the loss skips (torch cross_entropy's default ignore_index)
 HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH / rm-static turn markers; a prompt ends with the last assistant one
@@ -111,11 +113,17 @@ class DataReport:
 
 # ---- reading files ----------------------------------------------------------------------------------
 
+def _is_data_file(file: Path) -> bool:
+    return file.name.endswith(SUFFIXES)
+
+
 def _read_text(file: Path) -> str:
     try:
         data = file.read_bytes()
-    except OSError as error:
-        raise DataError(f"{file}: cannot read the file: {error.strerror or error}") from None
+        if file.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as error:
+        raise DataError(f"{file}: cannot read the file: {getattr(error, 'strerror', None) or error}") from None
     if not data.strip():
         raise DataError(f"{file}: the file is empty")
     try:
@@ -211,10 +219,10 @@ def _single_file(path: str) -> Optional[Path]:
     local = Path(path).expanduser()
     if local.is_dir():
         return None
-    if local.exists() or local.suffix in SUFFIXES or path.startswith((".", "/", "~")):
+    if local.exists() or _is_data_file(local) or path.startswith((".", "/", "~")):
         if not local.exists():
             raise DataError(f"{path}: file not found")
-        if local.suffix not in SUFFIXES:
+        if not _is_data_file(local):
             raise DataError(f"{path}: unknown file type {local.suffix!r}; use {', '.join(SUFFIXES)}")
         return local
     return None
@@ -254,7 +262,7 @@ def _snapshot_splits(directory: Path, choice: _Choice) -> dict:
         resolved = DataFilesDict.from_patterns(patterns, base_path=str(base))
     except FileNotFoundError as error:
         raise DataError(f"{directory}: {error}") from None
-    splits = {str(split): sorted(Path(f) for f in files if Path(f).suffix in SUFFIXES)
+    splits = {str(split): sorted(Path(f) for f in files if _is_data_file(Path(f)))
               for split, files in resolved.items()}
     splits = {split: files for split, files in splits.items() if files}
     if not splits:
@@ -274,8 +282,8 @@ def _load_named(name: str, split: str, field: str, choice: _Choice) -> Dataset:
         unknown = re.match(r"Unknown split \"(.*)\"\. Should be one of (\[.*\])", str(error))
         if unknown:
             raise _no_split(name, split, ast.literal_eval(unknown.group(2)), field) from None
-        if "BuilderConfig" in str(error) or "Config name is missing" in str(error):
-            raise DataError(f"{name}: {error} (set `data.subset`)") from None
+        if "config" in str(error).lower():  # an unknown or missing subset; datasets names those there are
+            raise DataError(f"{name}: {error} (set `data.subset`)".replace("\n", "; ")) from None
         cause = error
     except Exception as error:  # the hub client raises many types; the user needs the name and the cause
         cause = error
@@ -500,6 +508,9 @@ def _pairwise_texts(values: dict, tokenizer) -> _Texts:
         example = maybe_extract_prompt(example)  # implicit prompt: the shared leading messages
         if not example["prompt"]:
             raise _BadRow("chosen and rejected share no prompt")
+        for side in ("chosen", "rejected"):
+            if not example[side] or not example[side][-1]["content"].strip():
+                raise _BadRow(f"empty answer in '{side}'")
         if example["chosen"] == example["rejected"]:
             raise _BadRow("chosen equals rejected")
         rendered = _render(example, tokenizer)
@@ -697,14 +708,18 @@ def _build(source: _Source, fmt: str, tokenizer, config: DataConfig) -> tuple:
     outcomes = [o if isinstance(o, _BadRow) else next(tokenized) for o in outcomes]
 
     report = DataReport(path=source.label, total_rows=len(rows), kept_rows=0)
-    several_files = len({row.file for row in rows}) > 1
+    files = sorted({row.file for row in rows})
+    several_files = len(files) > 1
+    # A file's name, or its path inside the snapshot where names repeat (harmless-base/train.jsonl.gz).
+    unique = len({Path(f).name for f in files}) == len(files)
+    short_names = {f: Path(f).name if unique else os.path.relpath(f, os.path.commonpath(files)) for f in files}
     columns = {}
     for row, outcome in zip(rows, outcomes):
         if isinstance(outcome, _BadRow):
             if config.strict:
                 detail = f" ({outcome.detail})" if outcome.detail else ""
                 raise DataError(f"{row.file}: row {row.number}: {outcome.reason}{detail}")
-            reason = outcome.reason + (f" in {Path(row.file).name}" if several_files else "")
+            reason = outcome.reason + (f" in {short_names[row.file]}" if several_files else "")
             report.skipped.setdefault(reason, []).append(row.number)
             continue
         for name, value in outcome.items():
