@@ -1,23 +1,41 @@
-"""Rows in, token ids out: loading, validation and tokenisation shared by the SFT, reward and ReMax stages.
+"""Rows in, token ids out: choosing, loading, validation and tokenisation shared by the SFT, reward and
+ReMax stages.
 
     train, eval, report = prepare_dataset(config.data, tokenizer, seed=config.seed)
     print(report.summary())  # "data/train.jsonl: kept 97 of 100 rows; skipped 3 missing field 'chosen' (rows 4, 9, 17)"
     batch = collate_sft([train[i] for i in range(8)], tokenizer.pad_token_id)
 
-Formats (`data.format`) and the columns each produces, unpadded:
+Data (`data.path`): a JSON / JSON lines (also gzipped) / Parquet file, a local directory such as a
+dataset snapshot, or a dataset name for `datasets.load_dataset`. `data.split` picks the split: a
+directory's splits come from its README's `configs:` (`data.subset` picks one), else from its file
+and folder names (`data/train-00000-of-00001.parquet`, `test/`), as `datasets` reads them;
+`data.data_dir` and `data.data_files` narrow it down as in `load_dataset`.
 
-    sft      prompt + response | prompt + chosen (rm-static) | HH dialogue | messages  -> input_ids, labels
-    chat     messages, rendered with the tokenizer's chat template               -> input_ids, labels
-    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids, rejected_input_ids
-    prompt   prompt | messages | HH dialogue                                     -> prompt_input_ids, prompt
+Formats (`data.format`), the rows each reads (first match wins) and the columns it produces:
+
+    sft      messages | chosen (or completion) messages after an optional prompt list
+             | HH transcript in chosen | prompt + response (or completion, or chosen) text  -> input_ids, labels
+    chat     messages                                                                       -> input_ids, labels
+    pairwise chosen + rejected messages, prompt implicit (shared leading messages) or a list
+             | HH transcripts sharing a prefix | prompt + chosen + rejected text      -> chosen_input_ids, rejected_input_ids
+    prompt   prompt list | prompt text next to a conversation (a user turn) | messages or chosen minus the
+             last reply | HH transcript up to its last assistant turn | prompt text  -> prompt_input_ids, prompt
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
+Conversations are rendered with `data.chat_template` or the tokenizer's own (`pipeline.chat_templates`).
 
-Prompt and answer are joined as they are (rm-static answers start with a space) and tokenised
-together; the answer starts where that sequence leaves the tokenised prompt
-(`trl.data_utils.common_prefix_length`), as TRL's SFT and DPO trainers do, so tokens merging
-across the boundary never shift the loss mask. Plain text gets the tokenizer's special tokens
-(BOS); chat-rendered text does not, since the template writes them itself.
+SFT labels cover the answer and nothing else: the response of a prompt/response row, and every
+assistant turn of a conversation or HH transcript, each with the template's end-of-turn tokens. A
+token is an answer token when its first character lies in an answer (tokens straddling the start
+belong to the prompt), so merges across the boundary never shift the mask; a last answer holding no
+eos gets one. Pairwise and prompt rows join prompt and answer as they are (rm-static answers start
+with a space) and tokenise them together; the answer starts where that sequence leaves the
+tokenised prompt (`trl.data_utils.common_prefix_length`), as TRL's trainers do. Plain text gets the
+tokenizer's special tokens (BOS); chat-rendered text does not, since the template writes them itself.
+
+Tokenised splits are cached (`pipeline.data_cache`) under a fingerprint of the data, tokenizer,
+template, lengths and this code: the ranks of a run tokenise once between them, before or after
+joining the process group, and a later run with the same inputs loads the result.
 
 Rows are numbered from 1 as in their file: the line number in JSON lines, the item number
 in a JSON array, Parquet file or named dataset. Bad rows are skipped and counted in a

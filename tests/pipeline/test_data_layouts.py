@@ -288,3 +288,37 @@ def test_a_named_dataset_loads_offline_from_the_datasets_cache(tok, snapshots, m
                                         r"set `data.subset`"):
         prepare(tok, "mini-rlhf-tests/ultrafeedback_binarized", subset="other", split="train_prefs",
                 eval_split=None, format="pairwise", chat_template="chatml")
+
+
+# ---- the config keys ---------------------------------------------------------------------------------------
+
+def test_data_keys_are_checked_up_front(tmp_path):
+    from pipeline.config import ConfigError, RunConfig, load_config
+
+    file = tmp_path / "run.yaml"
+    file.write_text("model: {path: /models/x}\ndata: {path: d, split: test, eval_split: test, chat_template: llama2, "
+                    "data_files: {train: 3}}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, str(file))
+    assert error.value.problems == [
+        "`data.eval_split` is 'test', the training split; give a held-out split (e.g. test) or leave it unset to "
+        "split off `data.eval_fraction`",
+        "`data.data_files.train` is 3; give a file, a glob or a list of them",
+        "`data.chat_template` is 'llama2', which is neither a built-in template (llama-2, chatml, zephyr), an "
+        "existing template file, nor a Jinja string; did you mean 'llama-2'?"]
+
+
+def test_the_7b_configs_name_public_datasets_and_their_splits():
+    import yaml
+    splits = {"Anthropic/hh-rlhf": ("train", "test"), "Dahoas/rm-static": ("train", "test"),
+              "Dahoas/full-hh-rlhf": ("train", "test"), "HuggingFaceH4/ultrafeedback_binarized": public.UF_SPLITS,
+              "HuggingFaceH4/ultrachat_200k": public.UC_SPLITS, "trl-lib/ultrafeedback_binarized": ("train", "test")}
+    conversational = {"HuggingFaceH4/ultrafeedback_binarized", "HuggingFaceH4/ultrachat_200k",
+                      "trl-lib/ultrafeedback_binarized"}
+    for config in sorted(Path(__file__).resolve().parents[2].glob("configs/llama2-7b/*.yaml")):
+        data = yaml.safe_load(config.read_text())["data"]
+        assert data["path"] in splits, config.name
+        assert {data["split"], data["eval_split"]} <= set(splits[data["path"]]), config.name
+        assert data["split"] != data["eval_split"], config.name
+        # Llama-2 base has no chat template: conversational data must name one.
+        assert (data.get("chat_template") in BUILTIN_TEMPLATES) == (data["path"] in conversational), config.name
