@@ -322,3 +322,38 @@ def test_the_7b_configs_name_public_datasets_and_their_splits():
         assert data["split"] != data["eval_split"], config.name
         # Llama-2 base has no chat template: conversational data must name one.
         assert (data.get("chat_template") in BUILTIN_TEMPLATES) == (data["path"] in conversational), config.name
+
+
+# ---- bad data ----------------------------------------------------------------------------------------------
+
+def test_a_bad_conversation_row_is_named_by_file_row_and_field(tok, tmp_path):
+    rows = [public.UF_TRAIN[0], {**public.UF_TRAIN[1], "rejected": [user("Name a primary colour."),
+                                                                    {"content": None, "role": "assistant"}]}]
+    path = public.write_parquet(public.shard(tmp_path / "uf", "train_prefs"), rows, public.UF_SCHEMA)
+    _, _, report = prepare(tok, tmp_path / "uf", split="train_prefs", eval_split=None, format="pairwise",
+                           chat_template="chatml")
+    assert report.skipped == {"field 'rejected' is not a list of {role, content} messages": [2]}
+    with pytest.raises(DataError, match=rf"^{path}: row 2: field 'rejected' is not a list of \{{role, content\}} "
+                                        "messages$"):
+        prepare(tok, tmp_path / "uf", split="train_prefs", eval_split=None, format="pairwise", chat_template="chatml",
+                strict=True)
+
+
+def test_a_stage_refuses_a_missing_split_with_exit_code_2_and_no_traceback(tmp_path, snapshots):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, rank_env
+    from tests.tiny_models import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: {model}}}\n"
+                      f"data: {{path: {snapshots['ultrachat']}, split: train, chat_template: chatml}}\n")
+    result = subprocess.run([sys.executable, "-m", "stages.sft", "--config", str(config)], cwd=REPO_ROOT,
+                            env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {snapshots['ultrachat']}: no split 'train'; it has 'test_gen', 'test_sft', 'train_gen', 'train_sft'; "
+        "set `data.split`")
+    assert "Traceback" not in result.stderr
