@@ -60,7 +60,8 @@ class DataConfig:
     split: str = "train"              # the split to train on (a snapshot's splits come from its file names)
     # A held-out split of the same data (e.g. test_prefs), or of `eval_path` when that is set.
     eval_split: Optional[str] = None
-    eval_path: Optional[str] = None   # held-out data; without it or `eval_split`, `eval_fraction` of `path` is split off
+    # Held-out data; without it or `eval_split`, `eval_fraction` of the training split is held out.
+    eval_path: Optional[str] = None
     eval_fraction: float = 0.05
     subset: Optional[str] = None      # the dataset's config name (`load_dataset(path, subset)`)
     data_dir: Optional[str] = None    # a folder inside the dataset or snapshot

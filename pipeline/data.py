@@ -14,12 +14,15 @@ and folder names (`data/train-00000-of-00001.parquet`, `test/`), as `datasets` r
 Formats (`data.format`), the rows each reads (first match wins) and the columns it produces:
 
     sft      messages | chosen (or completion) messages after an optional prompt list
-             | HH transcript in chosen | prompt + response (or completion, or chosen) text  -> input_ids, labels
-    chat     messages                                                                       -> input_ids, labels
+             | HH transcript in chosen | prompt + response (or completion, or chosen) text
+             -> input_ids, labels
+    chat     messages -> input_ids, labels
     pairwise chosen + rejected messages, prompt implicit (shared leading messages) or a list
-             | HH transcripts sharing a prefix | prompt + chosen + rejected text      -> chosen_input_ids, rejected_input_ids
+             | HH transcripts sharing a prefix | prompt + chosen + rejected text
+             -> chosen_input_ids, rejected_input_ids
     prompt   prompt list | prompt text next to a conversation (a user turn) | messages or chosen minus the
-             last reply | HH transcript up to its last assistant turn | prompt text  -> prompt_input_ids, prompt
+             last reply | HH transcript up to its last assistant turn | prompt text
+             -> prompt_input_ids, prompt
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
 Conversations are rendered with `data.chat_template` or the tokenizer's own (`pipeline.chat_templates`).
@@ -521,7 +524,8 @@ def _sft_texts(values: dict, tokenizer) -> _Turns:
 def _pairwise_texts(values: dict, tokenizer) -> _Texts:
     if isinstance(values.get("chosen"), list) or isinstance(values.get("rejected"), list):
         example = {"chosen": _messages(values, "chosen"), "rejected": _messages(values, "rejected")}
-        if isinstance(values.get("prompt"), list):  # TRL's explicit prompt; a string one (UltraFeedback) repeats turn one
+        # TRL's explicit prompt; a string one (UltraFeedback) repeats the first turn of both sides.
+        if isinstance(values.get("prompt"), list):
             example["prompt"] = _messages(values, "prompt")
         example = maybe_extract_prompt(example)  # implicit prompt: the shared leading messages
         if not example["prompt"]:
@@ -798,11 +802,12 @@ def _check(path: Optional[str], fmt: str, tokenizer) -> None:
                         f"none; {TEMPLATE_HINT}, or use format 'sft' with prompt/response fields")
 
 
-def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None,
-                 split: Optional[str] = None) -> tuple[Dataset, DataReport]:
+def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None, split: Optional[str] = None,
+                 field: str = "data.split") -> tuple[Dataset, DataReport]:
     """Loads, validates and tokenises one whole split, `split` of `path` (default: `data.split` of
     `data.path`, with its subset, data_dir and data_files; another path's split "train"), as
-    `config.format`; returns (dataset, report). `data.chat_template` is set on the tokenizer first.
+    `config.format`; returns (dataset, report). `field` is the key a missing split is blamed on.
+    `data.chat_template` is set on the tokenizer first.
 
     Raises:
         DataError: naming the file: unreadable data (see `load_rows`), a bad row under
@@ -815,7 +820,7 @@ def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None,
     use_chat_template(tokenizer, config)
     choice = _Choice(config.subset, config.data_dir, config.data_files) if own else None
     split = split or (config.split if own else "train")
-    source = _select(path, split, "data.split" if split == config.split else "data.eval_split", choice)
+    source = _select(path, split, field, choice)
     return _prepare_source(source, config.format, tokenizer, config)
 
 
@@ -835,7 +840,8 @@ def prepare_dataset(config: DataConfig, tokenizer, seed: int) -> tuple[Dataset, 
     dataset, report = prepare_file(config, tokenizer)
     if config.eval_path is not None or config.eval_split is not None:
         eval_path = config.eval_path or config.path
-        eval_dataset, report.eval_report = prepare_file(config, tokenizer, eval_path, config.eval_split or "train")
+        eval_dataset, report.eval_report = prepare_file(config, tokenizer, eval_path, config.eval_split or "train",
+                                                        field="data.eval_split")
         return dataset, eval_dataset, report
     train, eval_dataset = _split(dataset, config.eval_fraction, seed)
     return train, eval_dataset, report

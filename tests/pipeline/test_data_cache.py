@@ -1,6 +1,5 @@
 """Tokenised once: the cache of prepare_dataset, shared by the ranks of a run and by later runs, and
 invalidated by whatever changes the token ids."""
-import json
 import shutil
 
 import pytest

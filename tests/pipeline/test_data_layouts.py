@@ -118,7 +118,8 @@ def test_ultrafeedback_sft_reads_messages_despite_the_prompt_column(tok, snapsho
                                   format="sft", chat_template="llama-2")
     assert report.skipped == {"empty assistant message": [4]}
     assert (report.kept_rows, len(test)) == (3, 1)
-    assert decode(tok, train[0]["input_ids"]) == "<s>[INST] What is the capital of France? [/INST] Paris is the capital. </s>"
+    assert decode(tok, train[0]["input_ids"]) == ("<s>[INST] What is the capital of France? [/INST] "
+                                                  "Paris is the capital. </s>")
     assert learned(tok, train[0]) == " Paris is the capital. </s>"
 
 
@@ -180,8 +181,8 @@ EXPECTED = {
 def test_builtin_templates_render_and_mask_exactly_the_assistant_turns(tok, tmp_path, name):
     public.write_parquet(tmp_path / "chat.parquet", [{"messages": CONVERSATION}],
                          public.pa.schema([("messages", public.MESSAGES)]))
-    train, _, _ = prepare_dataset(DataConfig(path=str(tmp_path / "chat.parquet"), eval_path=str(tmp_path / "chat.parquet"),
-                                             format="sft", chat_template=name), tok, seed=0)
+    file = str(tmp_path / "chat.parquet")
+    train, _, _ = prepare_dataset(DataConfig(path=file, eval_path=file, format="sft", chat_template=name), tok, seed=0)
     text, answers = EXPECTED[name]
     assert decode(tok, train[0]["input_ids"]) == text
     assert learned(tok, train[0]) == answers
