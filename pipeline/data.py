@@ -768,7 +768,13 @@ def _prepare_source(source: _Source, fmt: str, tokenizer, config: DataConfig) ->
         dataset, report = _build(source, fmt, tokenizer, config)
         return dataset, dataclasses.asdict(report)
 
-    dataset, meta, built = load_or_build(cache_directory(config.cache_dir), key, build)
+    directory = cache_directory(config.cache_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"`data.cache_dir` {directory}: cannot create it ({error.strerror or error}); set a writable "
+                        "directory, or `data.cache: false` to tokenise on every rank") from None
+    dataset, meta, built = load_or_build(directory, key, build)
     report = DataReport(**{**meta, "eval_report": None})
     report.from_cache = not built
     return dataset, report

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import prepare_dataset
+from pipeline.data import DataError, prepare_dataset
 from tests import public_datasets as public
 from tests.conftest import launch_ranks, read_json
 
@@ -72,3 +72,11 @@ def test_two_ranks_tokenise_once(ultrachat, tmp_path):
     assert sorted(r["eval_tokenised"] for r in results) == [False, True]
     assert results[0]["rows"] == results[1]["rows"] and results[0]["kept"] == 2
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2  # train and test, stored once
+
+
+def test_an_unusable_cache_directory_is_named(ultrachat, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match=rf"`data.cache_dir` {blocker / 'cache'}: cannot create it .*"
+                                        r"or `data.cache: false` to tokenise on every rank"):
+        prepare(public.byte_tokenizer(), ultrachat, blocker / "cache")
