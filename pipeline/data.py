@@ -326,6 +326,10 @@ def _select(path: str, split: str, field: str = "data.split", choice: Optional[_
         if split != "train":
             raise DataError(f"{path} is one file, which datasets reads as split 'train' only; `{field}` is "
                             f"{split!r}: point the path at a directory of split files or remove `{field}`")
+        chosen = [f"`data.{key}`" for key, value in dataclasses.asdict(choice).items() if value is not None]
+        if chosen:
+            raise DataError(f"{path} is one file; {', '.join(chosen)} choose files inside a directory or a "
+                            "named dataset: remove them or point `data.path` at the directory")
         return _Source(path, files=[file])
     directory = Path(path).expanduser()
     if directory.is_dir():

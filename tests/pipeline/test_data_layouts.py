@@ -233,6 +233,9 @@ def test_unknown_splits_and_subsets_name_the_ones_there_are(tok, snapshots):
     with pytest.raises(DataError, match=r"train-00000-of-00001.parquet is one file, which datasets reads as split "
                                         r"'train' only; `data.eval_split` is 'test'"):
         prepare(tok, single, format="pairwise")
+    with pytest.raises(DataError, match=r"train-00000-of-00001.parquet is one file; `data.subset` choose files "
+                                        r"inside a directory or a named dataset"):
+        prepare(tok, single, format="pairwise", eval_split=None, subset="default")
 
 
 def test_readme_configs_choose_the_subset(tok, tmp_path):
