@@ -64,14 +64,29 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    path: Optional[str] = None        # a JSON / JSONL / Parquet file, a directory of them, or a dataset name
-    eval_path: Optional[str] = None   # held-out file; without it `eval_fraction` of `path` is split off
+    # A JSON / JSONL / Parquet file, a directory of them (a local dataset snapshot), or a dataset name.
+    path: Optional[str] = None
+    split: str = "train"              # the split to train on (a snapshot's splits come from its file names)
+    # A held-out split of the same data (e.g. test_prefs), or of `eval_path` when that is set.
+    eval_split: Optional[str] = None
+    # Held-out data; without it or `eval_split`, `eval_fraction` of the training split is held out.
+    eval_path: Optional[str] = None
     eval_fraction: float = 0.05
+    subset: Optional[str] = None      # the dataset's config name (`load_dataset(path, subset)`)
+    data_dir: Optional[str] = None    # a folder inside the dataset or snapshot
+    data_files: Optional[dict] = None  # split -> file, glob or list of them, inside the dataset or snapshot
     format: str = "sft"               # sft | pairwise | prompt | chat
+    # Conversations are rendered with it: a built-in (llama-2, chatml, zephyr), a template file or a
+    # Jinja string; unset, the tokenizer's own template. It is set on the tokenizer the model is saved with.
+    chat_template: Optional[str] = None
     max_length: int = 512             # prompt + response tokens
     max_prompt_length: int = 256
     truncation: str = "skip"          # over-long rows: skip | truncate (prompt cut on the left, response on the right)
     strict: bool = False              # bad rows raise (with the row number) instead of being skipped
+    # Tokenised data is kept, keyed by data, tokenizer, template and lengths, so one rank tokenises
+    # and the others (and later runs) load it; default directory: under the `datasets` cache.
+    cache: bool = True
+    cache_dir: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -220,8 +235,31 @@ def common_problems(config: RunConfig) -> list:
         if changed:
             problems.append(f"`model.lora.{changed[0]}` is set but `model.lora.enabled` is false; "
                             "set `model.lora.enabled: true` for LoRA or remove the LoRA settings")
-    if config.data.path is None:
-        problems.append("`data.path` is not set; give a JSON / JSONL / Parquet file or a dataset name")
+    return problems + data_problems(config.data)
+
+
+def data_problems(data: DataConfig) -> list:
+    """The `data` section's own inconsistencies, each naming the field and the fix."""
+    from .chat_templates import chat_template_problem  # no heavy imports: a plain module
+
+    problems = []
+    if data.path is None:
+        problems.append("`data.path` is not set; give a JSON / JSONL / Parquet file, a directory or a dataset name")
+    if data.eval_split is not None and data.eval_path is None and data.eval_split == data.split:
+        problems.append(f"`data.eval_split` is {data.eval_split!r}, the training split; give a held-out split "
+                        "(e.g. test) or leave it unset to split off `data.eval_fraction`")
+    for field, value in (("data.split", data.split), ("data.eval_split", data.eval_split),
+                         ("data.subset", data.subset), ("data.data_dir", data.data_dir)):
+        if value is not None and not value.strip():
+            problems.append(f"`{field}` is empty; give a name or remove the key")
+    if data.data_files is not None:
+        for split, files in data.data_files.items():
+            names = files if isinstance(files, list) else [files]
+            if not names or not all(isinstance(name, str) and name.strip() for name in names):
+                problems.append(f"`data.data_files.{split}` is {files!r}; give a file, a glob or a list of them")
+    template = chat_template_problem(data.chat_template)
+    if template is not None:
+        problems.append(template)
     return problems
 
 

@@ -1,24 +1,44 @@
-"""Rows in, token ids out: loading, validation and tokenisation shared by the SFT, reward, ReMax and DPO stages.
+"""Rows in, token ids out: choosing, loading, validation and tokenisation shared by the SFT, reward,
+ReMax and DPO stages.
 
     train, eval, report = prepare_dataset(config.data, tokenizer, seed=config.seed)
     print(report.summary())  # "data/train.jsonl: kept 97 of 100 rows; skipped 3 missing field 'chosen' (rows 4, 9, 17)"
     batch = collate_sft([train[i] for i in range(8)], tokenizer.pad_token_id)
 
-Formats (`data.format`) and the columns each produces, unpadded:
+Data (`data.path`): a JSON / JSON lines (also gzipped) / Parquet file, a local directory such as a
+dataset snapshot, or a dataset name for `datasets.load_dataset`. `data.split` picks the split: a
+directory's splits come from its README's `configs:` (`data.subset` picks one), else from its file
+and folder names (`data/train-00000-of-00001.parquet`, `test/`), as `datasets` reads them;
+`data.data_dir` and `data.data_files` narrow it down as in `load_dataset`.
 
-    sft      prompt + response | prompt + chosen (rm-static) | HH dialogue | messages  -> input_ids, labels
-    chat     messages, rendered with the tokenizer's chat template               -> input_ids, labels
-    pairwise prompt + chosen + rejected | HH dialogues sharing a prefix          -> chosen_input_ids,
-                                                                                    rejected_input_ids, prompt_length
-    prompt   prompt | messages | HH dialogue                                     -> prompt_input_ids, prompt
+Formats (`data.format`), the rows each reads (first match wins) and the columns it produces:
+
+    sft      messages | chosen (or completion) messages after an optional prompt list
+             | HH transcript in chosen | prompt + response (or completion, or chosen) text
+             -> input_ids, labels
+    chat     messages -> input_ids, labels
+    pairwise chosen + rejected messages, prompt implicit (shared leading messages) or a list
+             | HH transcripts sharing a prefix | prompt + chosen + rejected text
+             -> chosen_input_ids, rejected_input_ids, prompt_length
+    prompt   prompt list | prompt text next to a conversation (a user turn) | messages or chosen minus the
+             last reply | HH transcript up to its last assistant turn | prompt text
+             -> prompt_input_ids, prompt
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
+Conversations are rendered with `data.chat_template` or the tokenizer's own (`pipeline.chat_templates`).
 
-Prompt and answer are joined as they are (rm-static answers start with a space) and tokenised
-together; the answer starts where that sequence leaves the tokenised prompt
-(`trl.data_utils.common_prefix_length`), as TRL's SFT and DPO trainers do, so tokens merging
-across the boundary never shift the loss mask. Plain text gets the tokenizer's special tokens
-(BOS); chat-rendered text does not, since the template writes them itself.
+SFT labels cover the answer and nothing else: the response of a prompt/response row, and every
+assistant turn of a conversation or HH transcript, each with the template's end-of-turn tokens. A
+token is an answer token when its first character lies in an answer (tokens straddling the start
+belong to the prompt), so merges across the boundary never shift the mask; a last answer holding no
+eos gets one. Pairwise and prompt rows join prompt and answer as they are (rm-static answers start
+with a space) and tokenise them together; the answer starts where that sequence leaves the
+tokenised prompt (`trl.data_utils.common_prefix_length`), as TRL's trainers do. Plain text gets the
+tokenizer's special tokens (BOS); chat-rendered text does not, since the template writes them itself.
+
+Tokenised splits are cached (`pipeline.data_cache`) under a fingerprint of the data, tokenizer,
+template, lengths and this code: the ranks of a run tokenise once between them, before or after
+joining the process group, and a later run with the same inputs loads the result.
 
 Rows are numbered from 1 as in their file: the line number in JSON lines, the item number
 in a JSON array, Parquet file or named dataset. Bad rows are skipped and counted in a
@@ -26,8 +46,12 @@ in a JSON array, Parquet file or named dataset. Bad rows are skipped and counted
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import gzip
 import json
+import os
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -37,15 +61,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard
 from trl.data_utils import apply_chat_template, common_prefix_length, extract_prompt, maybe_extract_prompt
 from trl.trainer.utils import pad
 
+from .chat_templates import resolve_chat_template
 from .config import DataConfig
+from .data_cache import cache_directory, file_digest, fingerprint, load_or_build, tokenizer_fingerprint
 
-SUFFIXES = (".json", ".jsonl", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")  # Anthropic/hh-rlhf ships train.jsonl.gz
 FORMATS = ("sft", "pairwise", "prompt", "chat")
 IGNORE_INDEX = -100  # labels the loss skips (torch cross_entropy's default ignore_index)
-HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH / rm-static turn marker; the prompt ends with the last one
+HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH / rm-static turn markers; a prompt ends with the last assistant one
+HH_HUMAN = "\n\nHuman:"
 
 
 class DataError(ValueError):
@@ -88,6 +118,7 @@ class DataReport:
     kept_rows: int
     skipped: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # reason -> 1-based row numbers
     eval_report: Optional["DataReport"] = None
+    from_cache: bool = False  # loaded as another process (or an earlier run) tokenised it
 
     def summary(self) -> str:
         """One line per file (the eval file's on a second line), e.g.
@@ -103,11 +134,17 @@ class DataReport:
 
 # ---- reading files ----------------------------------------------------------------------------------
 
+def _is_data_file(file: Path) -> bool:
+    return file.name.endswith(SUFFIXES)
+
+
 def _read_text(file: Path) -> str:
     try:
         data = file.read_bytes()
-    except OSError as error:
-        raise DataError(f"{file}: cannot read the file: {error.strerror or error}") from None
+        if file.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as error:
+        raise DataError(f"{file}: cannot read the file: {getattr(error, 'strerror', None) or error}") from None
     if not data.strip():
         raise DataError(f"{file}: the file is empty")
     try:
@@ -165,51 +202,161 @@ def _read_file(file: Path) -> list:
     return [_Row(str(file), number, values) for number, values in numbered]
 
 
-def _local_files(path: str) -> Optional[list]:
-    """The data files `path` names, or None when it names no local file (a dataset name, then)."""
+# ---- choosing the data: files, snapshot splits, named datasets -------------------------------------------
+
+@dataclasses.dataclass
+class _Source:
+    """One split of one dataset: local files read here, or a dataset `datasets.load_dataset` gave."""
+
+    label: str                        # names it in reports and errors
+    files: Optional[list] = None      # local data files, in order
+    dataset: Optional[Dataset] = None
+
+    def rows(self) -> list:
+        if self.files is None:
+            return [_Row(self.label, number, dict(values)) for number, values in enumerate(self.dataset, 1)]
+        return [row for file in self.files for row in _read_file(file)]
+
+    def fingerprint(self) -> str:
+        if self.files is None:
+            return self.dataset._fingerprint  # datasets' own: builder, config, data files and split
+        try:
+            return file_digest(self.files)
+        except OSError as error:
+            raise DataError(f"{error.filename}: cannot read the file: {error.strerror or error}") from None
+
+
+@dataclasses.dataclass
+class _Choice:
+    """Which part of a dataset: `data.subset`, `data.data_dir`, `data.data_files` (for `data.path` only)."""
+
+    subset: Optional[str] = None
+    data_dir: Optional[str] = None
+    data_files: Optional[dict] = None
+
+
+def _single_file(path: str) -> Optional[Path]:
+    """The file `path` names, or None when it names a directory or no local file (a dataset name, then)."""
     local = Path(path).expanduser()
     if local.is_dir():
-        files = sorted(f for f in local.iterdir() if f.suffix in SUFFIXES and f.is_file())
-        if not files:
-            raise DataError(f"{path}: the directory holds no {', '.join(SUFFIXES)} files")
-        return files
-    if local.exists() or local.suffix in SUFFIXES or path.startswith((".", "/", "~")):
+        return None
+    if local.exists() or _is_data_file(local) or path.startswith((".", "/", "~")):
         if not local.exists():
             raise DataError(f"{path}: file not found")
-        if local.suffix not in SUFFIXES:
+        if not _is_data_file(local):
             raise DataError(f"{path}: unknown file type {local.suffix!r}; use {', '.join(SUFFIXES)}")
-        return [local]
+        return local
     return None
 
 
-def _load_named(name: str) -> Dataset:
+def _snapshot_patterns(directory: Path, choice: _Choice) -> tuple:
+    """(split -> file patterns, base directory) as `datasets` reads a local dataset: `data_files`, else the
+    README's `configs:` (one per subset), else split names in file or folder names (train-*.parquet, test/)."""
+    base = directory / choice.data_dir if choice.data_dir else directory
+    if choice.data_files is not None:
+        return sanitize_patterns(choice.data_files), base
+    readme = directory / "README.md"
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) if readme.is_file() else {}
+    if configs and not choice.data_dir:
+        name = choice.subset or configs.get_default_config_name() or (next(iter(configs)) if len(configs) == 1
+                                                                      else None)
+        if name not in configs:
+            what = f"no subset {choice.subset!r}" if choice.subset else "several subsets"
+            raise DataError(f"{directory}: {what}; its README.md lists {', '.join(configs)}; set `data.subset`")
+        params = configs[name]
+        base = directory / params["data_dir"] if params.get("data_dir") else directory
+        if params.get("data_files") is not None:
+            return sanitize_patterns(params["data_files"]), base
+    elif choice.subset:
+        raise DataError(f"{directory}: `data.subset` is {choice.subset!r}, but the directory has no subsets "
+                        "(no `configs:` in a README.md); remove `data.subset` or use `data.data_dir`")
     try:
-        return datasets.load_dataset(name, split="train")
+        return get_data_patterns(str(base)), base
+    except EmptyDatasetError:
+        raise DataError(f"{base}: the directory holds no {', '.join(SUFFIXES)} files") from None
+
+
+def _snapshot_splits(directory: Path, choice: _Choice) -> dict:
+    """split -> sorted data files of a local directory (files of other types left out)."""
+    patterns, base = _snapshot_patterns(directory, choice)
+    try:
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(base))
+    except FileNotFoundError as error:
+        raise DataError(f"{directory}: {error}") from None
+    splits = {str(split): sorted(Path(f) for f in files if _is_data_file(Path(f)))
+              for split, files in resolved.items()}
+    splits = {split: files for split, files in splits.items() if files}
+    if not splits:
+        raise DataError(f"{directory}: the directory holds no {', '.join(SUFFIXES)} files")
+    return splits
+
+
+def _no_split(where: str, split: str, available, field: str) -> DataError:
+    return DataError(f"{where}: no split {split!r}; it has {', '.join(repr(s) for s in available)}; set `{field}`")
+
+
+def _load_named(name: str, split: str, field: str, choice: _Choice) -> Dataset:
+    try:
+        return datasets.load_dataset(name, choice.subset, split=split, data_dir=choice.data_dir,
+                                     data_files=choice.data_files)
+    except ValueError as error:
+        unknown = re.match(r"Unknown split \"(.*)\"\. Should be one of (\[.*\])", str(error))
+        if unknown:
+            raise _no_split(name, split, ast.literal_eval(unknown.group(2)), field) from None
+        if "config" in str(error).lower():  # an unknown or missing subset; datasets names those there are
+            raise DataError(f"{name}: {error} (set `data.subset`)".replace("\n", "; ")) from None
+        cause = error
     except Exception as error:  # the hub client raises many types; the user needs the name and the cause
-        raise DataError(f"{name}: not a local file or directory, and datasets.load_dataset could not load it "
-                        f"as a dataset name: {type(error).__name__}: {error}") from None
+        cause = error
+    offline = " Offline, a dataset loads only from the local datasets cache, as an earlier run loaded it." \
+        if datasets.config.HF_HUB_OFFLINE else ""
+    raise DataError(f"{name}: not a local file or directory, and datasets.load_dataset could not load it "
+                    f"as a dataset name: {type(cause).__name__}: {cause}{offline}")
 
 
-def _read_rows(path: str, files: Optional[list]) -> list:
-    if files is None:
-        return [_Row(path, number, dict(values)) for number, values in enumerate(_load_named(path), 1)]
-    return [row for file in files for row in _read_file(file)]
+def _select(path: str, split: str, field: str = "data.split", choice: Optional[_Choice] = None) -> _Source:
+    """The rows of `split` of `path`: a file (split "train" only), a local directory or a dataset name.
+
+    Raises:
+        DataError: naming the path: a missing file, a split or subset it does not have (naming those it has).
+    """
+    choice = choice or _Choice()
+    file = _single_file(path)
+    if file is not None:
+        if split != "train":
+            raise DataError(f"{path} is one file, which datasets reads as split 'train' only; `{field}` is "
+                            f"{split!r}: point the path at a directory of split files or remove `{field}`")
+        chosen = [f"`data.{key}`" for key, value in dataclasses.asdict(choice).items() if value is not None]
+        if chosen:
+            raise DataError(f"{path} is one file; {', '.join(chosen)} choose files inside a directory or a "
+                            "named dataset: remove them or point `data.path` at the directory")
+        return _Source(path, files=[file])
+    directory = Path(path).expanduser()
+    if directory.is_dir():
+        splits = _snapshot_splits(directory, choice)
+        if split not in splits:
+            raise _no_split(path, split, sorted(splits), field)
+        label = path if list(splits) == ["train"] and choice.subset is None else f"{path} [{split}]"
+        return _Source(label, files=splits[split])
+    dataset = _load_named(path, split, field, choice)
+    return _Source(f"{path}{f' ({choice.subset})' if choice.subset else ''} [{split}]", dataset=dataset)
 
 
-def load_rows(path: str) -> Dataset:
-    """Reads a `.json` (array or JSON lines), `.jsonl` or `.parquet` file, a directory of them, or a
-    dataset name for `datasets.load_dataset` (split "train").
+def load_rows(path: str, split: str = "train") -> Dataset:
+    """Reads a `.json` (array or JSON lines), `.jsonl` or `.parquet` file, a directory of them (its
+    `split`, from the file names as `datasets` reads a snapshot), or `split` of a dataset name.
 
     JSON is parsed here rather than by `datasets` so that errors carry line numbers.
 
     Raises:
         DataError: naming the file, for a missing, empty, unreadable, non-UTF-8 or malformed file
-            (with the line where the parser gives one), or rows that do not form one table.
+            (with the line where the parser gives one), a split the data does not have, or rows
+            that do not form one table.
     """
-    files = _local_files(path)
-    if files is None:
-        return _load_named(path)
-    rows = _read_rows(path, files)
+    source = _select(path, split)
+    if source.dataset is not None:
+        return source.dataset
+    rows = source.rows()
     names = list(dict.fromkeys(key for row in rows for key in row.values))  # union, first-seen order
     try:
         return Dataset.from_dict({name: [row.values.get(name) for row in rows] for name in names})
@@ -219,12 +366,22 @@ def load_rows(path: str) -> Dataset:
 
 
 # ---- rows to texts ---------------------------------------------------------------------------------
+#
+# pairwise and prompt rows become a prompt and its answers (`_Texts`); sft and chat rows become one text
+# with the character spans the loss is taken on (`_Turns`): every assistant turn of a conversation.
 
 @dataclasses.dataclass
 class _Texts:
     prompt: str
-    answers: tuple  # sft/chat: (response,); pairwise: (chosen, rejected); prompt: ()
+    answers: tuple  # pairwise: (chosen, rejected); prompt: ()
     chat: bool      # rendered by a chat template, which writes its own special tokens
+
+
+@dataclasses.dataclass
+class _Turns:
+    text: str
+    spans: tuple    # (start, end) characters of each answer (assistant turn), in order; the first starts after 0
+    chat: bool
 
 
 def _text(values: dict, field: str) -> str:
@@ -259,6 +416,55 @@ def _render(example: dict, tokenizer) -> dict:
         raise _BadRow("chat template failed", f"{type(error).__name__}: {error}") from None
 
 
+def _render_conversation(messages: list, tokenizer, generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise _NoChatTemplate()
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # as in _render
+        raise _BadRow("chat template failed", f"{type(error).__name__}: {error}") from None
+
+
+def _conversation_turns(messages: list, tokenizer) -> _Turns:
+    """The rendered conversation up to its last assistant message, and where each assistant message is
+    in it: from the end of the conversation before it (with the generation prompt) to the end of the
+    conversation through it, so the template's end-of-turn tokens are learned too."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise _BadRow("no assistant message")
+    if assistant[0] == 0:
+        raise _BadRow("no message before the assistant message")
+    if any(not messages[i]["content"].strip() for i in assistant):
+        raise _BadRow("empty assistant message")
+    messages = messages[:assistant[-1] + 1]
+    text = _render_conversation(messages, tokenizer, False)
+    spans = []
+    for i in assistant:
+        before = _render_conversation(messages[:i], tokenizer, True)
+        through = text if i == len(messages) - 1 else _render_conversation(messages[:i + 1], tokenizer, False)
+        if not (text.startswith(through) and through.startswith(before) and len(before) < len(through)):
+            raise _BadRow("chat template renders earlier turns differently once later turns follow")
+        spans.append((len(before), len(through)))
+    return _Turns(text, tuple(spans), chat=True)
+
+
+def _hh_turns(transcript: str) -> _Turns:
+    """An HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...", any number of turns) with each assistant turn
+    as an answer span: from after its marker to the next human marker."""
+    spans, marker = [], transcript.find(HH_ASSISTANT)
+    if marker < 0:
+        raise _BadRow("missing field 'prompt'", f"and no {HH_ASSISTANT!r} turn in 'chosen' to take it from")
+    while marker >= 0:
+        start = marker + len(HH_ASSISTANT)
+        end = transcript.find(HH_HUMAN, start)
+        end = len(transcript) if end < 0 else end
+        if not transcript[start:end].strip():
+            raise _BadRow("empty assistant turn in 'chosen'")
+        spans.append((start, end))
+        marker = transcript.find(HH_ASSISTANT, end)
+    return _Turns(transcript, tuple(spans), chat=False)
+
+
 def _split_hh(chosen: str, rejected: Optional[str]) -> tuple:
     """(prompt, chosen answer, rejected answer or None) from HH dialogues holding the prompt themselves."""
     if rejected is None:
@@ -281,8 +487,8 @@ def _split_hh(chosen: str, rejected: Optional[str]) -> tuple:
 
 
 def _hh_chosen(values: dict) -> tuple:
-    """(prompt, chosen answer) of an HH row without a prompt field, for SFT and generation prompts;
-    a differing `rejected` helps find the prompt where the dialogue has no assistant marker."""
+    """(prompt, chosen answer) of an HH row without a prompt field, for generation prompts; a differing
+    `rejected` helps find the prompt where the dialogue has no assistant marker."""
     chosen = _text(values, "chosen")
     rejected = values.get("rejected")
     usable = isinstance(rejected, str) and rejected.strip() and rejected != chosen
@@ -296,41 +502,43 @@ def _check_answers(names: tuple, answers: tuple) -> None:
             raise _BadRow(f"empty field '{name}'")
 
 
-def _chat_texts(values: dict, tokenizer, field: str = "messages") -> _Texts:
-    messages = _messages(values, field)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise _BadRow("no assistant message")
-    if last == 0:
-        raise _BadRow("no message before the assistant message")
-    if not messages[last]["content"].strip():
-        raise _BadRow("empty assistant message")
-    rendered = _render({"prompt": messages[:last], "completion": [messages[last]]}, tokenizer)
-    return _Texts(rendered["prompt"], (rendered["completion"],), chat=True)
+def _chat_texts(values: dict, tokenizer) -> _Turns:
+    return _conversation_turns(_messages(values, "messages"), tokenizer)
 
 
-def _sft_texts(values: dict, tokenizer) -> _Texts:
-    if values.get("prompt") is None and values.get("messages") is not None:
+def _sft_texts(values: dict, tokenizer) -> _Turns:
+    """Conversations (`messages`; `chosen` or `completion` messages after an optional `prompt` list) with
+    every assistant turn learned; HH transcripts likewise; else `prompt` + `response` (or `completion`,
+    or `chosen`) with the response learned."""
+    prompt = values.get("prompt")
+    if isinstance(values.get("messages"), list):  # UltraChat, UltraFeedback's *_sft: `prompt` repeats turn one
         return _chat_texts(values, tokenizer)
-    if values.get("prompt") is None and isinstance(values.get("chosen"), list):  # conversational HH
-        return _chat_texts(values, tokenizer, "chosen")
-    if values.get("prompt") is None and values.get("chosen") is not None:
-        prompt, response = _hh_chosen(values)
-        _check_answers(("chosen",), (response,))
-        return _Texts(prompt, (response,), chat=False)
+    answer_field = next((f for f in ("chosen", "completion") if isinstance(values.get(f), list)), None)
+    if answer_field is not None:  # conversational preference rows (their chosen side) or prompt-completion
+        head = _messages(values, "prompt") if isinstance(prompt, list) else []
+        return _conversation_turns(head + _messages(values, answer_field), tokenizer)
+    if prompt is None and values.get("chosen") is not None:  # HH transcripts
+        return _hh_turns(_text(values, "chosen"))
     prompt = _text(values, "prompt")
     field = next((f for f in ("response", "completion", "chosen") if values.get(f) is not None), "response")
-    return _Texts(prompt, (_text(values, field),), chat=False)
+    answer = _text(values, field)
+    return _Turns(prompt + answer, ((len(prompt), len(prompt) + len(answer)),), chat=False)
 
 
 def _pairwise_texts(values: dict, tokenizer) -> _Texts:
     if isinstance(values.get("chosen"), list) or isinstance(values.get("rejected"), list):
         example = {"chosen": _messages(values, "chosen"), "rejected": _messages(values, "rejected")}
-        if values.get("prompt") is not None:
-            example["prompt"] = values["prompt"]
+        # TRL's explicit prompt; a string one (UltraFeedback) repeats the first turn of both sides.
+        if isinstance(values.get("prompt"), list):
+            example["prompt"] = _messages(values, "prompt")
         example = maybe_extract_prompt(example)  # implicit prompt: the shared leading messages
         if not example["prompt"]:
             raise _BadRow("chosen and rejected share no prompt")
+        for side in ("chosen", "rejected"):
+            if not example[side] or not example[side][-1]["content"].strip():
+                raise _BadRow(f"empty answer in '{side}'")
+        if example["chosen"] == example["rejected"]:
+            raise _BadRow("chosen equals rejected")
         rendered = _render(example, tokenizer)
         answers, chat = (rendered["chosen"], rendered["rejected"]), True
         prompt = rendered["prompt"]
@@ -351,12 +559,15 @@ def _prompt_texts(values: dict, tokenizer) -> _Texts:
     if isinstance(prompt, list):
         return _Texts(_render({"prompt": _messages(values, "prompt")}, tokenizer)["prompt"], (), chat=True)
     field = "messages" if values.get("messages") is not None else "chosen"
-    if prompt is None and isinstance(values.get(field), list):
-        messages = _messages(values, field)
-        if messages[-1]["role"] == "assistant":  # a finished dialogue: generate the last reply afresh
-            messages = messages[:-1]
-        if not messages:
-            raise _BadRow("no message before the assistant message")
+    if isinstance(values.get(field), list):
+        if prompt is not None:  # UltraFeedback, UltraChat: the string prompt is the conversation's first user turn
+            messages = [{"role": "user", "content": _text(values, "prompt")}]
+        else:
+            messages = _messages(values, field)
+            if messages[-1]["role"] == "assistant":  # a finished dialogue: generate the last reply afresh
+                messages = messages[:-1]
+            if not messages:
+                raise _BadRow("no message before the assistant message")
         return _Texts(_render({"prompt": messages}, tokenizer)["prompt"], (), chat=True)
     if prompt is None and values.get("chosen") is not None:
         return _Texts(_hh_chosen(values)[0], (), chat=False)
@@ -364,57 +575,63 @@ def _prompt_texts(values: dict, tokenizer) -> _Texts:
 
 
 _TEXTS = {"sft": _sft_texts, "chat": _chat_texts, "pairwise": _pairwise_texts, "prompt": _prompt_texts}
-_ANSWER_NAMES = {"sft": ("response",), "chat": ("response",), "pairwise": ("chosen", "rejected"), "prompt": ()}
+_ANSWER_NAMES = {"pairwise": ("chosen", "rejected"), "prompt": ()}
 
 
 # ---- texts to token ids --------------------------------------------------------------------------------
 
-def _encode(tokenizer, texts: list, add_special: list) -> list:
-    """Token ids of each text; one batched call per value of `add_special`."""
-    ids = [None] * len(texts)
+def _encode(tokenizer, texts: list, add_special: list, offsets: bool = False) -> list:
+    """Token ids (with `offsets`: (ids, character offsets)) of each text; one batched call per value of
+    `add_special`."""
+    out = [None] * len(texts)
     for flag in (True, False):
         index = [i for i, special in enumerate(add_special) if special == flag]
         if index:
-            encoded = tokenizer([texts[i] for i in index], add_special_tokens=flag, verbose=False)["input_ids"]
-            for i, row_ids in zip(index, encoded):
-                ids[i] = list(row_ids)
-    return ids
+            encoded = tokenizer([texts[i] for i in index], add_special_tokens=flag, verbose=False,
+                                return_offsets_mapping=offsets)
+            for position, i in enumerate(index):
+                ids = list(encoded["input_ids"][position])
+                out[i] = (ids, encoded["offset_mapping"][position]) if offsets else ids
+    return out
+
+
+def _cut_prompt(prompt_ids: list, config: DataConfig) -> list:
+    if len(prompt_ids) > config.max_prompt_length:
+        if config.truncation == "skip":
+            raise _BadRow("prompt over max_prompt_length", f"{len(prompt_ids)} > {config.max_prompt_length} tokens")
+        prompt_ids = prompt_ids[-config.max_prompt_length:]  # the end of the prompt is what the answer follows
+    return prompt_ids
+
+
+def _cut_answer(answer: list, room: int, name: str, prompt_len: int, config: DataConfig) -> list:
+    if len(answer) > room:
+        if config.truncation == "skip":
+            raise _BadRow(f"prompt + {name} over max_length",
+                          f"{prompt_len + len(answer)} > {config.max_length} tokens")
+        answer = answer[:max(room, 0)]  # a cut answer loses its eos: it did not end there
+    return answer
 
 
 def _fit(prompt_ids: list, answers: list, names: tuple, config: DataConfig) -> tuple:
     """Applies `max_prompt_length` and `max_length`: cut the prompt on the left and each answer on
     the right, or refuse the row, as `config.truncation` says."""
-    if len(prompt_ids) > config.max_prompt_length:
-        if config.truncation == "skip":
-            raise _BadRow("prompt over max_prompt_length", f"{len(prompt_ids)} > {config.max_prompt_length} tokens")
-        prompt_ids = prompt_ids[-config.max_prompt_length:]  # the end of the prompt is what the answer follows
+    prompt_ids = _cut_prompt(prompt_ids, config)
     room = config.max_length - len(prompt_ids)
-    fitted = []
-    for name, answer_ids in zip(names, answers):
-        if len(answer_ids) > room:
-            if config.truncation == "skip":
-                raise _BadRow(f"prompt + {name} over max_length",
-                              f"{len(prompt_ids) + len(answer_ids)} > {config.max_length} tokens")
-            answer_ids = answer_ids[:max(room, 0)]  # a cut answer loses its eos: it did not end there
-        fitted.append(answer_ids)
-    return prompt_ids, fitted
+    return prompt_ids, [_cut_answer(answer, room, name, len(prompt_ids), config)
+                        for name, answer in zip(names, answers)]
 
 
 def _columns(fmt: str, texts: _Texts, prompt_ids: list, answers: list) -> dict:
     if fmt == "prompt":
         return {"prompt_input_ids": prompt_ids, "prompt": texts.prompt}
-    if fmt == "pairwise":
-        if not all(answers):
-            raise _BadRow("no room for the answers after the prompt")
-        return {"chosen_input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1],
-                "prompt_length": len(prompt_ids)}  # where both answers start: DPO sums the answers' log-probs
-    if not answers[0]:
-        raise _BadRow("all labels masked")
-    return {"input_ids": prompt_ids + answers[0], "labels": [IGNORE_INDEX] * len(prompt_ids) + answers[0]}
+    if not all(answers):
+        raise _BadRow("no room for the answers after the prompt")
+    return {"chosen_input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1],
+            "prompt_length": len(prompt_ids)}  # where both answers start: DPO sums the answers' log-probs
 
 
-def _tokenize(fmt: str, texts: list, tokenizer, config: DataConfig) -> list:
-    """Per row, the output columns, or the `_BadRow` that stops it."""
+def _tokenize_texts(fmt: str, texts: list, tokenizer, config: DataConfig) -> list:
+    """Per pairwise or prompt row, the output columns, or the `_BadRow` that stops it."""
     special = [not t.chat for t in texts]
     prompts = _encode(tokenizer, [t.prompt for t in texts], special)
     joined = _encode(tokenizer, [t.prompt + a for t in texts for a in t.answers],
@@ -435,16 +652,76 @@ def _tokenize(fmt: str, texts: list, tokenizer, config: DataConfig) -> list:
     return outcomes
 
 
+def _answer_tokens(tokenizer, turns: _Turns, ids: list, offsets, special: bool) -> list:
+    """Per span of `turns`, the indices of its tokens in `ids`: those whose first character lies in it
+    (a token straddling the start belongs to the prompt). Without offsets (a slow tokenizer), the
+    tokens past where each boundary's prefix, tokenised alone, leaves `ids`, as for pairwise rows."""
+    if offsets is not None:
+        return [[j for j, (first, after) in enumerate(offsets) if after > first and start <= first < end]
+                for start, end in turns.spans]
+    def boundary(position: int) -> int:
+        if position >= len(turns.text):
+            return len(ids)
+        prefix = tokenizer(turns.text[:position], add_special_tokens=special, verbose=False)["input_ids"]
+        return common_prefix_length(prefix, ids)
+    return [list(range(boundary(start), boundary(end))) for start, end in turns.spans]
+
+
+def _tokenize_turns(turns: list, tokenizer, config: DataConfig) -> list:
+    """Per sft or chat row, {input_ids, labels} with labels on the answer spans only, or the `_BadRow`."""
+    special = [not t.chat for t in turns]
+    encoded = _encode(tokenizer, [t.text for t in turns], special, offsets=tokenizer.is_fast)
+    eos = tokenizer.eos_token_id
+    outcomes = []
+    for row, flag, result in zip(turns, special, encoded):
+        ids, offsets = result if tokenizer.is_fast else (result, None)
+        spans = _answer_tokens(tokenizer, row, ids, offsets, flag)
+        learned = sorted({j for span in spans for j in span})
+        if not learned:
+            outcomes.append(_BadRow("all labels masked"))
+            continue
+        labels = [IGNORE_INDEX] * len(ids)
+        for j in learned:
+            labels[j] = ids[j]
+        # A last answer that holds no eos gets one, so the model learns to stop (templates that close a
+        # turn with eos, as llama-2's and zephyr's do, already have it).
+        if row.spans[-1][1] == len(row.text) and not any(ids[j] == eos for j in spans[-1]):
+            ids, labels = ids + [eos], labels + [eos]
+        try:
+            start = learned[0]
+            prompt_ids = _cut_prompt(ids[:start], config)
+            room = config.max_length - len(prompt_ids)
+            rest = _cut_answer(ids[start:], room, "response", len(prompt_ids), config)
+            rest_labels = labels[start:start + len(rest)]
+            if all(label == IGNORE_INDEX for label in rest_labels):
+                raise _BadRow("all labels masked")
+            outcomes.append({"input_ids": prompt_ids + rest,
+                             "labels": [IGNORE_INDEX] * len(prompt_ids) + rest_labels})
+        except _BadRow as bad:
+            outcomes.append(bad)
+    return outcomes
+
+
+def _tokenize(fmt: str, texts: list, tokenizer, config: DataConfig) -> list:
+    if fmt in ("sft", "chat"):
+        return _tokenize_turns(texts, tokenizer, config)
+    return _tokenize_texts(fmt, texts, tokenizer, config)
+
+
 # ---- the pipeline -------------------------------------------------------------------------------------
+
+TEMPLATE_HINT = ("set `data.chat_template` (a built-in: llama-2, chatml, zephyr; a template file; or a Jinja "
+                 "string)")
+
 
 def _no_template_error(row: _Row) -> DataError:
     return DataError(f"{row.file}: row {row.number} is a conversation, but the tokenizer has no chat template; "
-                     "set `tokenizer.chat_template` (a Jinja string) or give the rows as prompt/response text")
+                     f"{TEMPLATE_HINT}, or give the rows as prompt/response text")
 
 
-def _prepare_file(path: str, fmt: str, tokenizer, config: DataConfig) -> tuple:
-    """(tokenised Dataset, DataReport) for one file, directory or dataset name."""
-    rows = _read_rows(path, _local_files(path))
+def _build(source: _Source, fmt: str, tokenizer, config: DataConfig) -> tuple:
+    """(tokenised Dataset, DataReport) of one source's rows."""
+    rows = source.rows()
     outcomes = []
     for row in rows:
         try:
@@ -453,19 +730,23 @@ def _prepare_file(path: str, fmt: str, tokenizer, config: DataConfig) -> tuple:
             outcomes.append(bad)
         except _NoChatTemplate:
             raise _no_template_error(row) from None
-    texts = [o for o in outcomes if isinstance(o, _Texts)]
+    texts = [o for o in outcomes if not isinstance(o, _BadRow)]
     tokenized = iter(_tokenize(fmt, texts, tokenizer, config))
-    outcomes = [next(tokenized) if isinstance(o, _Texts) else o for o in outcomes]
+    outcomes = [o if isinstance(o, _BadRow) else next(tokenized) for o in outcomes]
 
-    report = DataReport(path=path, total_rows=len(rows), kept_rows=0)
-    several_files = len({row.file for row in rows}) > 1
+    report = DataReport(path=source.label, total_rows=len(rows), kept_rows=0)
+    files = sorted({row.file for row in rows})
+    several_files = len(files) > 1
+    # A file's name, or its path inside the snapshot where names repeat (harmless-base/train.jsonl.gz).
+    unique = len({Path(f).name for f in files}) == len(files)
+    short_names = {f: Path(f).name if unique else os.path.relpath(f, os.path.commonpath(files)) for f in files}
     columns = {}
     for row, outcome in zip(rows, outcomes):
         if isinstance(outcome, _BadRow):
             if config.strict:
                 detail = f" ({outcome.detail})" if outcome.detail else ""
                 raise DataError(f"{row.file}: row {row.number}: {outcome.reason}{detail}")
-            reason = outcome.reason + (f" in {Path(row.file).name}" if several_files else "")
+            reason = outcome.reason + (f" in {short_names[row.file]}" if several_files else "")
             report.skipped.setdefault(reason, []).append(row.number)
             continue
         for name, value in outcome.items():
@@ -474,6 +755,107 @@ def _prepare_file(path: str, fmt: str, tokenizer, config: DataConfig) -> tuple:
     if report.kept_rows == 0:
         raise DataError(f"no usable rows: {report.summary()}")
     return Dataset.from_dict(columns), report
+
+
+# Tokenised data from older code is not reused: the fingerprint covers these modules' source.
+_CODE_FINGERPRINT = fingerprint(*(Path(module).read_text(encoding="utf-8")
+                                  for module in (__file__, Path(__file__).with_name("chat_templates.py"))))
+
+
+def _prepare_source(source: _Source, fmt: str, tokenizer, config: DataConfig) -> tuple:
+    """`_build`, through the cache when `config.cache` is on: one process tokenises, the others load."""
+    if not config.cache:
+        return _build(source, fmt, tokenizer, config)
+    key = fingerprint(_CODE_FINGERPRINT, source.label, source.fingerprint(), fmt, tokenizer_fingerprint(tokenizer),
+                      config.max_length, config.max_prompt_length, config.truncation, config.strict)
+
+    def build() -> tuple:
+        dataset, report = _build(source, fmt, tokenizer, config)
+        return dataset, dataclasses.asdict(report)
+
+    directory = cache_directory(config.cache_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"`data.cache_dir` {directory}: cannot create it ({error.strerror or error}); set a writable "
+                        "directory, or `data.cache: false` to tokenise on every rank") from None
+    dataset, meta, built = load_or_build(directory, key, build)
+    report = DataReport(**{**meta, "eval_report": None})
+    report.from_cache = not built
+    return dataset, report
+
+
+def use_chat_template(tokenizer, config: DataConfig) -> None:
+    """Sets `data.chat_template` (when given) on the tokenizer: the data is rendered with it, and the model
+    is saved with it, so what serves the model later formats conversations as training did.
+
+    Raises:
+        DataError: naming `data.chat_template` when it names no template or its file cannot be read.
+    """
+    if config.chat_template is None:
+        return
+    try:
+        tokenizer.chat_template = resolve_chat_template(config.chat_template)
+    except (ValueError, OSError) as error:
+        raise DataError(str(error)) from None
+
+
+def _check(path: Optional[str], fmt: str, tokenizer) -> None:
+    if path is None:
+        raise DataError("`data.path` is not set; give a JSON / JSONL / Parquet file, a directory or a dataset name")
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: `data.format` is {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt != "prompt" and tokenizer.eos_token_id is None:
+        raise DataError(f"{path}: the tokenizer has no eos token, which ends every {fmt} answer; "
+                        "set `tokenizer.eos_token`")
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{path}: format 'chat' renders `messages` with a chat template, and the tokenizer has "
+                        f"none; {TEMPLATE_HINT}, or use format 'sft' with prompt/response fields")
+
+
+def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None, split: Optional[str] = None,
+                 field: str = "data.split") -> tuple[Dataset, DataReport]:
+    """Loads, validates and tokenises one whole split, `split` of `path` (default: `data.split` of
+    `data.path`, with its subset, data_dir and data_files; another path's split "train"), as
+    `config.format`; returns (dataset, report). `field` is the key a missing split is blamed on.
+    `data.chat_template` is set on the tokenizer first.
+
+    Raises:
+        DataError: naming the file: unreadable data (see `load_rows`), a bad row under
+            `config.strict` (with its row number), a conversation without a chat template, a tokenizer
+            without an eos token, or no rows left after filtering (with the report's summary).
+    """
+    own = path is None or path == config.path
+    path = config.path if path is None else path
+    _check(path, config.format, tokenizer)
+    use_chat_template(tokenizer, config)
+    choice = _Choice(config.subset, config.data_dir, config.data_files) if own else None
+    split = split or (config.split if own else "train")
+    source = _select(path, split, field, choice)
+    return _prepare_source(source, config.format, tokenizer, config)
+
+
+def prepare_dataset(config: DataConfig, tokenizer, seed: int) -> tuple[Dataset, Dataset, DataReport]:
+    """`prepare_file` of `data.split` of `data.path`; returns (train, eval, report).
+
+    Eval is `data.eval_split` of `data.eval_path` (or of `data.path`), split "train" of `data.eval_path`
+    when only that is given, each prepared the same way (its report in `report.eval_report`); else a
+    `seed`-determined `data.eval_fraction` of the kept rows.
+
+    Tokenised data goes through the cache (`data.cache`): the ranks of a run may call this together,
+    before or after joining the process group; one tokenises while the others wait on a file lock.
+
+    Raises:
+        DataError: as `prepare_file`.
+    """
+    dataset, report = prepare_file(config, tokenizer)
+    if config.eval_path is not None or config.eval_split is not None:
+        eval_path = config.eval_path or config.path
+        eval_dataset, report.eval_report = prepare_file(config, tokenizer, eval_path, config.eval_split or "train",
+                                                        field="data.eval_split")
+        return dataset, eval_dataset, report
+    train, eval_dataset = _split(dataset, config.eval_fraction, seed)
+    return train, eval_dataset, report
 
 
 def _split(dataset: Dataset, eval_fraction: float, seed: int) -> tuple:
@@ -485,47 +867,6 @@ def _split(dataset: Dataset, eval_fraction: float, seed: int) -> tuple:
     eval_index = sorted(order[:n_eval].tolist())
     train_index = sorted(order[n_eval:].tolist())
     return dataset.select(train_index), dataset.select(eval_index)
-
-
-def prepare_file(config: DataConfig, tokenizer, path: Optional[str] = None) -> tuple[Dataset, DataReport]:
-    """Loads, validates and tokenises one whole file, `path` (default `config.path`), as `config.format`;
-    returns (dataset, report).
-
-    Raises:
-        DataError: naming the file: unreadable data (see `load_rows`), a bad row under
-            `config.strict` (with its row number), a conversation without a chat template, a tokenizer
-            without an eos token, or no rows left after filtering (with the report's summary).
-    """
-    fmt, path = config.format, config.path if path is None else path
-    if path is None:
-        raise DataError("`data.path` is not set; give a JSON / JSONL / Parquet file or a dataset name")
-    if fmt not in FORMATS:
-        raise DataError(f"{path}: `data.format` is {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt != "prompt" and tokenizer.eos_token_id is None:
-        raise DataError(f"{path}: the tokenizer has no eos token, which ends every {fmt} answer; "
-                        "set `tokenizer.eos_token`")
-    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{path}: format 'chat' renders `messages` with the tokenizer's chat template, and "
-                        "this tokenizer has none; set `tokenizer.chat_template` (a Jinja string) or use format "
-                        "'sft' with prompt/response fields")
-    return _prepare_file(path, fmt, tokenizer, config)
-
-
-def prepare_dataset(config: DataConfig, tokenizer, seed: int) -> tuple[Dataset, Dataset, DataReport]:
-    """`prepare_file` of `config.path`; returns (train, eval, report).
-
-    Eval is `config.eval_path`, prepared the same way (its report in `report.eval_report`), or else a
-    `seed`-determined `config.eval_fraction` of the kept rows.
-
-    Raises:
-        DataError: as `prepare_file`.
-    """
-    dataset, report = prepare_file(config, tokenizer)
-    if config.eval_path is not None:
-        eval_dataset, report.eval_report = prepare_file(config, tokenizer, config.eval_path)
-        return dataset, eval_dataset, report
-    train, eval_dataset = _split(dataset, config.eval_fraction, seed)
-    return train, eval_dataset, report
 
 
 # ---- collators --------------------------------------------------------------------------------------------

@@ -1,11 +1,19 @@
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tokenised data (pipeline.data_cache) and datasets' own files go to a folder of this test session,
+# never the user's cache; ranks started by the tests inherit it.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mini-rlhf-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:

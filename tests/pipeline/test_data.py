@@ -120,12 +120,12 @@ def test_prompt_format_keeps_the_text_and_never_appends_eos(tokenizer):
     assert cut[0]["prompt_input_ids"] == [33, 14, UNK]  # the end of the prompt is kept
 
 
-def test_chat_prompt_is_everything_before_the_last_assistant_message(chat_tokenizer):
+def test_chat_labels_cover_every_assistant_turn(chat_tokenizer):
     train, _, _ = prepare(chat_tokenizer, DATA / "chat.jsonl", format="chat", strict=True)
-    prompt = ids("human what is red assistant red is good human what is the cat assistant")
-    response = ids("the cat is small") + [EOS]
-    assert train[1]["input_ids"] == prompt + response
-    assert train[1]["labels"] == [-100] * len(prompt) + response
+    first, second = ids("red is good"), ids("the cat is small") + [EOS]
+    assert train[1]["input_ids"] == ids("human what is red assistant") + first + ids(
+        "human what is the cat assistant") + second
+    assert train[1]["labels"] == [-100] * 5 + first + [-100] * 6 + second
     # sft accepts `messages` rows too, with the same result.
     sft, _, _ = prepare(chat_tokenizer, DATA / "chat.jsonl", format="sft", strict=True)
     assert list(sft["input_ids"]) == list(train["input_ids"])
