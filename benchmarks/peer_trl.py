@@ -83,11 +83,14 @@ class StepClock(logging.Handler):
 
     def __init__(self):
         super().__init__(level=logging.INFO)
-        self.step_ends = []
+        self.step_ends, self.engine_ready = [], None
 
     def emit(self, record):
-        if record.getMessage().startswith("step "):
+        message = record.getMessage()
+        if message.startswith("step "):
             self.step_ends.append(time.perf_counter())
+        elif message.startswith("training ") and self.engine_ready is None:  # logged once the engine is built
+            self.engine_ready = time.perf_counter()
 
 
 def run_ours(pair: str, inputs: dict, steps: int) -> dict:
@@ -126,7 +129,7 @@ def run_ours(pair: str, inputs: dict, steps: int) -> dict:
         logging.getLogger("pipeline.loop").removeHandler(clock)
     if code != 0:
         raise SystemExit(f"our {pair} stage failed (exit {code})")
-    return {"started": started, "step_ends": clock.step_ends}
+    return {"started": started, "step_ends": clock.step_ends, "engine_ready": clock.engine_ready}
 
 
 # ---- TRL ----------------------------------------------------------------------------------------
@@ -186,17 +189,22 @@ def run_trl(pair: str, inputs: dict, steps: int) -> dict:
 def summarise(timed: dict, warmup: int) -> dict:
     ends = timed["step_ends"]
     intervals = [b - a for a, b in zip(ends, ends[1:])][max(warmup - 1, 0):]
-    return {"step_ms": 1000 * statistics.median(intervals), "first_step_s": ends[0] - timed["started"],
-            "steps": len(ends)}
+    summary = {"step_ms": 1000 * statistics.median(intervals), "first_step_s": ends[0] - timed["started"],
+               "steps": len(ends)}
+    if timed.get("engine_ready") is not None:  # ours: data, model and DeepSpeed engine, then the first step
+        summary["setup_s"] = timed["engine_ready"] - timed["started"]
+    return summary
 
 
 def format_table(results: dict) -> str:
-    header = ("pair", "ours ms/step", "TRL ms/step", "step ratio", "ours first step s", "TRL first step s")
+    header = ("pair", "ours ms/step", "TRL ms/step", "step ratio", "ours first step s", "of which set-up s",
+              "TRL first step s")
     lines = [header]
     for pair, result in results.items():
         ours, trl = result["ours"], result["trl"]
         lines.append((pair, f"{ours['step_ms']:.1f}", f"{trl['step_ms']:.1f}", f"{ours['step_ms'] / trl['step_ms']:.2f}",
-                      f"{ours['first_step_s']:.1f}", f"{trl['first_step_s']:.1f}"))
+                      f"{ours['first_step_s']:.1f}", f"{ours.get('setup_s', float('nan')):.1f}",
+                      f"{trl['first_step_s']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
                      for line in lines)
