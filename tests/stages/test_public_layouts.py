@@ -50,7 +50,7 @@ def test_sft_on_ultrachat_then_reward_on_ultrafeedback(tmp_path, model_dir):
         tmp_path / "sft.yaml", sft_dir, model_dir,
         {"path": str(ultrachat), "split": "train_sft", "eval_split": "test_sft", "format": "sft",
          "chat_template": "zephyr", "cache_dir": str(tmp_path / "cache")})])
-    assert f"{ultrachat} [train_sft]: kept 8 of 8 rows" in result.stdout
+    assert f"{ultrachat} [train_sft]: kept 8 of 8 rows" in result.stdout + result.stderr
     assert AutoTokenizer.from_pretrained(sft_dir / "final").chat_template == BUILTIN_TEMPLATES["zephyr"]
     # Two ranks, two splits: each tokenised once, so two cache entries.
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
@@ -60,6 +60,6 @@ def test_sft_on_ultrachat_then_reward_on_ultrafeedback(tmp_path, model_dir):
         tmp_path / "reward.yaml", reward_dir, sft_dir / "final",
         {"path": str(ultrafeedback), "split": "train_prefs", "eval_split": "test_prefs", "format": "pairwise"})])
     assert (f"{ultrafeedback} [train_prefs]: kept 8 of 16 rows; skipped 4 chosen equals rejected (rows 3, 7, 11, 15), "
-            "4 empty answer in 'chosen' (rows 4, 8, 12, 16)") in result.stdout
+            "4 empty answer in 'chosen' (rows 4, 8, 12, 16)") in result.stdout + result.stderr
     metrics = [json.loads(line) for line in (reward_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in row for row in metrics)
