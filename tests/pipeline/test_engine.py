@@ -126,6 +126,12 @@ def _engine_worker_config():
 
 
 @pytest.mark.slow
+def test_ranks_leave_no_shared_memory_behind(two_ranks):
+    # DeepSpeed's CPU all-reduce makes a 66 MiB /dev/shm file per rank and never removes it.
+    assert two_ranks["shm_names_left"] == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["frozen_zero3", "frozen_zero3_offload"])
 def test_frozen_zero3_engine_shards_weights_and_keeps_outputs(two_ranks, case):
     result = two_ranks[case]
