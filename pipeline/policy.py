@@ -258,6 +258,38 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
     return loss, (clipped < unclipped) & mask.bool()
 
 
+# ---- critic parts (PPO) -------------------------------------------------------------------------
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple:
+    """Generalised advantage estimation over each row's response tokens (Schulman et al. 2016).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V past the response is 0), A_t = delta_t + gamma * lam * A_{t+1}.
+    rewards, values, mask: (B, T), mask 1 on a prefix of each row. Returns ((B, T) advantages,
+    (B, T) returns A + V), zero outside the mask, no grad.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards.detach() * mask, values.detach() * mask
+    advantages = torch.zeros_like(values)
+    running, next_value = torch.zeros_like(values[:, 0]), torch.zeros_like(values[:, 0])  # (B,)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip_range: float) -> torch.Tensor:
+    """PPO's value loss: 0.5 * token mean of max((V - R)^2, (V_clipped - R)^2), where V_clipped stays
+    within clip_range of the rollout's values. values (with grad), old_values, returns, mask: (B, T)."""
+    mask = mask.to(values.dtype)
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    per_token = torch.maximum((values - returns).square(), (clipped - returns).square())
+    return 0.5 * (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
 # ---- models and rollouts ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -543,7 +575,7 @@ def run_group_stage(config, section: PolicySection, name: str, estimator: Callab
 
 __all__ = ["run_group_stage", "BEST_DIR", "PolicySection", "section_problems", "KL_PENALTIES", "remax_advantage", "rloo_advantage",
            "grpo_advantage", "grouped", "sequence_log_ratio", "kl_penalized_reward", "k3_kl", "kl_penalized_rewards",
-           "discounted_returns", "reinforce_loss", "clipped_surrogate_loss", "Models", "build_models",
+           "discounted_returns", "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "Models", "build_models",
            "weights_for_generation", "reference_policy", "Rollout", "rollout", "sequence_kl", "repeat_prompts",
            "GroupRollout", "group_rollout", "policy_logprobs", "RolloutBuffer", "group_step", "group_step_metrics",
            "evaluate"]

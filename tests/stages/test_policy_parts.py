@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.policy import (RolloutBuffer, clipped_surrogate_loss, grpo_advantage, k3_kl, kl_penalized_reward,
-                             reinforce_loss, repeat_prompts, rloo_advantage)
+from pipeline.policy import (RolloutBuffer, clipped_surrogate_loss, clipped_value_loss, gae_advantages,
+                             grpo_advantage, k3_kl, kl_penalized_reward, reinforce_loss, repeat_prompts,
+                             rloo_advantage)
 from pipeline.run import EXIT_USER_ERROR, main
 from stages import grpo, rloo
 
@@ -99,6 +100,36 @@ def test_the_k3_loss_term_adds_kl_coef_times_k3_and_pulls_towards_the_reference(
     loss.backward()
     # d k3 / d log pi = 1 - exp(log pi_ref - log pi): positive where pi > pi_ref, zero where equal.
     assert logprobs.grad.tolist()[0] == pytest.approx([0.5 * (1 - math.exp(-1)) / 2, 0.0], abs=1e-6)
+
+
+# ---- critic parts ------------------------------------------------------------------------------
+
+def test_gae_matches_a_hand_computation_and_stops_at_each_response_end():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 0.5, 9.0]])  # row 1's third token is past its eos
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0: deltas 0.6 - 0.5, 0.7 - 0.6, 1 - 0.7; A2 = 0.3, A1 = 0.1 + 0.95 * 0.3, A0 = 0.1 + 0.95 * A1.
+    a1 = 0.1 + 0.95 * 0.3
+    # Row 1: V past the response is 0: delta1 = 2 - 0.5, delta0 = 0.5 - 1.
+    assert advantages.tolist() == [pytest.approx([0.1 + 0.95 * a1, a1, 0.3], abs=1e-6),
+                                   pytest.approx([-0.5 + 0.95 * 1.5, 1.5, 0.0], abs=1e-6)]
+    assert returns.tolist() == [pytest.approx([0.5 + 0.1 + 0.95 * a1, 0.6 + a1, 1.0], abs=1e-6),
+                                pytest.approx([1.0 - 0.5 + 0.95 * 1.5, 2.0, 0.0], abs=1e-6)]
+    # gamma = lam = 1: advantages are rewards-to-go minus the value, returns the rewards-to-go.
+    _, to_go = gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert to_go.tolist() == [pytest.approx([1.0, 1.0, 1.0]), pytest.approx([2.0, 2.0, 0.0])]
+
+
+def test_value_loss_takes_the_worse_of_the_clipped_and_unclipped_errors():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, -0.5, 0.1]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = clipped_value_loss(values, old, returns, torch.tensor([[1, 1, 0]]), clip_range=0.2)
+    # Token 0: (0.5 - 1)^2 = 0.25 vs clipped (0.2 - 1)^2 = 0.64 -> 0.64; token 1: 2.25 vs 1.44 -> 2.25.
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 2.25) / 2, abs=1e-6)
+    loss.backward()
+    assert values.grad.tolist()[0] == pytest.approx([0.0, 0.5 * 2 * (-1.5) / 2, 0.0], abs=1e-6)
 
 
 # ---- rollout plumbing ---------------------------------------------------------------------------
