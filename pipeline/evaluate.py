@@ -28,9 +28,9 @@ from pipeline.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
-# Plotted when present, in this order: ReMax first, then SFT and reward-model training, then DPO.
+# Plotted when present, in this order: ReMax (RLOO, GRPO) first, then SFT and reward-model training, then DPO.
 METRICS = ("eval/reward", "eval/gold_reward", "reward", "baseline_reward", "gold_reward", "eval/kl", "kl",
-           "response_length", "eval/sampled_reward", "loss", "eval/loss", "accuracy", "eval/accuracy",
+           "response_length", "eval/sampled_reward", "k3_kl", "clip_fraction", "loss", "eval/loss", "accuracy", "eval/accuracy",
            "rewards/margins", "eval/rewards/margins", "rewards/accuracy", "eval/rewards/accuracy")
 
 

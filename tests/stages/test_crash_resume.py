@@ -1,7 +1,8 @@
 """A stage killed with SIGKILL mid-training, then started again with the same command plus
 `checkpoint.resume=true`, ends exactly where a run that never stopped ends: final weights, the
 optimizer state of the last checkpoint and every logged metric bitwise equal (CPU fp32, 2 real
-DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, and DPO)."""
+DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, DPO, RLOO at ZeRO-2
+and GRPO at ZeRO-3 with two updates per rollout)."""
 import json
 import math
 import os
@@ -45,8 +46,9 @@ def inputs(tmp_path_factory):
 
 
 def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
-    data_format = {"sft": "sft", "reward": "pairwise", "remax": "prompt", "dpo": "pairwise"}[stage]
-    data_file = "prompts.jsonl" if stage == "remax" else "pairs.jsonl"
+    sampling = stage in ("remax", "rloo", "grpo")
+    data_format = "prompt" if sampling else {"sft": "sft", "reward": "pairwise", "dpo": "pairwise"}[stage]
+    data_file = "prompts.jsonl" if sampling else "pairs.jsonl"
     config = dict(seed=0, model={"path": str(inputs / "model")},
                   data={"path": str(inputs / data_file), "format": data_format, "eval_fraction": 0.125,
                         "max_length": 24, "max_prompt_length": 12},
@@ -58,6 +60,11 @@ def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
     if stage == "remax":
         config["remax"] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
                            "ref_zero_stage": 3, "reward_zero_stage": 3}
+    if stage in ("rloo", "grpo"):
+        config[stage] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
+                         "num_samples": 2, "ref_zero_stage": 3, "reward_zero_stage": 3}
+    if stage == "grpo":  # the kept rollout: resumed at step 2 or 4, between two rollouts
+        config["grpo"]["updates_per_rollout"] = 2
     if stage == "dpo":  # the frozen reference sharded with the policy at ZeRO-3, a full copy at ZeRO-2
         config["dpo"] = {"beta": 0.1, "ref_zero_stage": 3 if zero_stage == 3 else 0}
     return config
@@ -130,7 +137,8 @@ def assert_same_tensors(expected: dict, actual: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("stage, zero_stage", [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3),
-                                               ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3)])
+                                               ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3),
+                                               ("rloo", 2), ("grpo", 3)])
 def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(inputs, tmp_path, stage, zero_stage):
     config_file = tmp_path / f"{stage}.yaml"
     config_file.write_text(yaml.safe_dump(stage_config(stage, zero_stage, inputs)))
@@ -148,7 +156,7 @@ def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(i
     assert_same_tensors(optimizer_state_of(uninterrupted / last_checkpoint),
                         optimizer_state_of(crashed / last_checkpoint), "optimizer state")
     assert strip_timing(crashed) == strip_timing(uninterrupted)
-    if stage == "remax":
+    if stage in ("remax", "rloo", "grpo"):
         assert (json.loads((crashed / "best" / "best.json").read_text())
                 == json.loads((uninterrupted / "best" / "best.json").read_text()))
 

@@ -12,7 +12,7 @@ from tests.conftest import REPO_ROOT, rank_env
 
 pytestmark = pytest.mark.slow
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",
-           "dpo": "stages.dpo"}
+           "dpo": "stages.dpo", "rloo": "stages.rloo", "grpo": "stages.grpo"}
 
 
 def dry_run(name: str) -> str:
@@ -40,7 +40,7 @@ def test_config_dry_runs_with_a_plan(name):
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
-    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo"))
+    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo", "rloo", "grpo"))
 
 
 def test_configs_carry_the_reference_settings():
@@ -58,6 +58,9 @@ def test_configs_carry_the_reference_settings():
     dpo = settings["dpo"]
     assert (dpo["optim"]["lr"], dpo["dpo"]["beta"], dpo["dpo"]["loss_type"]) == (5e-7, 0.1, "sigmoid")
     assert dpo["data"]["format"] == "pairwise" and dpo["dpo"]["ref_offload"]
+    rloo, grpo = settings["rloo"]["rloo"], settings["grpo"]["grpo"]
+    assert (rloo["num_samples"], rloo["kl_penalty"], grpo["num_samples"], grpo["kl_penalty"]) == (4, "reward", 8, "loss")
+    assert all(section["ref_offload"] and section["reward_offload"] for section in (rloo, grpo))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
