@@ -8,8 +8,11 @@ directory belongs to `pipeline.rundir`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import io
+import logging
 import math
 import os
 import socket
@@ -25,6 +28,8 @@ import torch.distributed as dist  # noqa: E402
 
 from .config import RunConfig  # noqa: E402
 from .optim import build_optimizer  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 class EngineConfigError(ValueError):
@@ -76,7 +81,12 @@ def init_distributed() -> int:
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed prints "... shm_comm_op built successfully" from every rank: kept for --debug only.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        for line in printed.getvalue().splitlines():
+            logger.debug(line)
         release_shared_memory_names()
     return dist.get_world_size()
 
