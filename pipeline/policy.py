@@ -69,17 +69,18 @@ class PolicySection:
     missing_eos_penalty: Optional[float] = None  # subtracted from responses cut by max_new_tokens (as ReMax)
 
 
-def section_problems(config, section: PolicySection, name: str) -> list:
-    """Every problem of a `PolicySection` named `name` within `config`, each naming its field."""
+def section_problems(config, section: PolicySection, name: str, min_samples: int = 2) -> list:
+    """Every problem of a `PolicySection` named `name` within `config`, each naming its field
+    (`min_samples`: 2 where the baseline comes from the other samples of a prompt, 1 with a critic)."""
     problems = []
     if config.data.format != "prompt":
         problems.append(f"`data.format` is {config.data.format!r}; {name} generates from prompts: use prompt")
     if section.reward_model_path is None:
         problems.append(f"`{name}.reward_model_path` is not set; give the directory of a trained reward model "
                         "(the export of stages.reward)")
-    if section.num_samples < 2:
-        problems.append(f"`{name}.num_samples` is {section.num_samples}; the baseline comes from the other samples "
-                        "of the same prompt: use 2 or more")
+    if section.num_samples < min_samples:
+        why = "the baseline comes from the other samples of the same prompt: " if min_samples > 1 else ""
+        problems.append(f"`{name}.num_samples` is {section.num_samples}; {why}use {min_samples} or more")
     if section.kl_coef < 0:
         problems.append(f"`{name}.kl_coef` is {section.kl_coef}; it must not be negative (0 turns the KL off)")
     if section.kl_penalty not in KL_PENALTIES:
@@ -244,12 +245,15 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
 
     Per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) with rho = pi / pi_old, plus
     kl_coef * k3(pi, pi_ref) when `ref_logprobs` is given. logprobs (with grad), old_logprobs,
-    ref_logprobs, mask: (N, T); advantage: (N,), credited to every token of its response.
+    ref_logprobs, mask: (N, T); advantage: (N,), credited to every token of its response, or (N, T)
+    per token (PPO's GAE).
     Returns (loss, (N, T) bool: tokens whose ratio the clip held back).
     """
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs.detach())
-    advantage = advantage.detach().to(logprobs.dtype).unsqueeze(-1)  # (N, 1)
+    advantage = advantage.detach().to(logprobs.dtype)
+    if advantage.dim() == 1:
+        advantage = advantage.unsqueeze(-1)  # (N, 1)
     unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip_range, 1 + clip_range) * advantage
     per_token = -torch.minimum(unclipped, clipped)
     if ref_logprobs is not None and kl_coef:
@@ -288,6 +292,19 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     per_token = torch.maximum((values - returns).square(), (clipped - returns).square())
     return 0.5 * (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the tokens in `mask` (the micro-batch's response tokens), zero outside
+    it: PPO's advantage normalisation. values, mask: (B, T). Fewer than two tokens: centred only."""
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    mean = (values * mask).sum() / count.clamp(min=1)
+    centred = (values - mean) * mask
+    if count < 2:
+        return centred
+    variance = centred.square().sum() / (count - 1)
+    return centred * torch.rsqrt(variance + eps)
 
 
 # ---- models and rollouts ------------------------------------------------------------------------
@@ -575,7 +592,7 @@ def run_group_stage(config, section: PolicySection, name: str, estimator: Callab
 
 __all__ = ["run_group_stage", "BEST_DIR", "PolicySection", "section_problems", "KL_PENALTIES", "remax_advantage", "rloo_advantage",
            "grpo_advantage", "grouped", "sequence_log_ratio", "kl_penalized_reward", "k3_kl", "kl_penalized_rewards",
-           "discounted_returns", "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "Models", "build_models",
+           "discounted_returns", "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "masked_whiten", "Models", "build_models",
            "weights_for_generation", "reference_policy", "Rollout", "rollout", "sequence_kl", "repeat_prompts",
            "GroupRollout", "group_rollout", "policy_logprobs", "RolloutBuffer", "group_step", "group_step_metrics",
            "evaluate"]

@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.run import main  # noqa: E402
 
-CONFIG_CLASSES = {"stages.rloo": "RlooConfig", "stages.grpo": "GrpoConfig", "stages.remax": "RemaxConfig"}
+CONFIG_CLASSES = {"stages.rloo": "RlooConfig", "stages.grpo": "GrpoConfig", "stages.remax": "RemaxConfig",
+                  "stages.ppo": "PpoConfig"}
 
 if __name__ == "__main__":
     args = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]

@@ -1,6 +1,6 @@
-"""RLOO and GRPO end to end on 2 real DeepSpeed CPU ranks, both in one launch: every metric logged,
+"""RLOO, GRPO and PPO end to end on 2 real DeepSpeed CPU ranks, all in one launch: every metric logged,
 the reward rising, the KL moving off zero, the best checkpoint kept (GRPO with two updates per rollout
-at ZeRO-3, its frozen models sharded)."""
+at ZeRO-3, its frozen models sharded; PPO at ZeRO-2 with its critic's value loss falling)."""
 import json
 import math
 import random
@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow
 
 STEP_METRICS = ("reward", "advantage_mean", "advantage_std", "kl", "k3_kl", "clip_fraction", "response_length",
                 "entropy", "gold_reward", "grad_norm", "lr", "loss")
+PPO_STEP_METRICS = ("reward", "kl", "k3_kl", "value_loss", "value_mean", "return_mean", "clip_fraction",
+                    "response_length", "entropy", "gold_reward", "grad_norm", "critic_grad_norm", "lr", "loss")
 EVAL_METRICS = ("eval/reward", "eval/sampled_reward", "eval/kl", "eval/response_length", "eval/gold_reward")
 STEPS = 16
 
@@ -49,7 +51,8 @@ def runs(tmp_path_factory):
     write_prompts(root / "eval.jsonl", 8, seed=2)
     configs = {"rloo": stage_values("rloo", root, root / "rloo", 2),
                "grpo": stage_values("grpo", root, root / "grpo", 3, updates_per_rollout=2, kl_coef=0.01,
-                                    ref_zero_stage=3, reward_zero_stage=3)}
+                                    ref_zero_stage=3, reward_zero_stage=3),
+               "ppo": stage_values("ppo", root, root / "ppo", 2, kl_coef=0.01, critic_lr=1e-3)}
     args = []
     for name, values in configs.items():
         path = root / f"{name}.yaml"
@@ -60,7 +63,7 @@ def runs(tmp_path_factory):
             for name in configs} | {"root": root}
 
 
-@pytest.mark.parametrize("name", ["rloo", "grpo"])
+@pytest.mark.parametrize("name", ["rloo", "grpo", "ppo"])
 def test_two_rank_run_logs_every_metric_and_raises_the_reward(runs, name):
     metrics = runs[name]
     steps = [row for row in metrics if "reward" in row]
@@ -68,7 +71,7 @@ def test_two_rank_run_logs_every_metric_and_raises_the_reward(runs, name):
     assert [row["step"] for row in steps] == list(range(1, STEPS + 1))
     assert [row["step"] for row in evals] == [0, 8, 16]
     for row in steps:
-        for metric in STEP_METRICS:
+        for metric in PPO_STEP_METRICS if name == "ppo" else STEP_METRICS:
             assert math.isfinite(row[metric]), (row["step"], metric, row.get(metric))
         assert 1 <= row["response_length"] <= 6 and 0 <= row["clip_fraction"] <= 1
     for row in evals:
@@ -93,3 +96,16 @@ def test_rloo_on_policy_never_clips_and_grpo_reuses_each_rollout_for_two_updates
         assert first["clip_fraction"] == 0.0
     assert any(row["clip_fraction"] > 0 for row in grpo[1::2])
     assert grpo[2]["reward"] != grpo[0]["reward"]  # a fresh rollout on step 3
+
+
+def test_ppo_trains_its_critic_checkpoints_it_with_the_actor_and_exports_it(runs):
+    steps = [row for row in runs["ppo"] if "reward" in row]
+    first, last = [row["value_loss"] for row in steps[:4]], [row["value_loss"] for row in steps[-4:]]
+    assert sum(last) < 0.5 * sum(first), (first, last)
+    assert all(row["critic_skipped_steps"] == 0 and row["critic_grad_norm"] > 0 for row in steps)
+    # Two updates per rollout: the second one's ratio has moved off 1 (the first's is exactly 1).
+    assert all(row["clip_fraction"] == 0.0 for row in steps[::2])
+    assert any(row["clip_fraction"] > 0 for row in steps[1::2])
+    run_dir = runs["root"] / "ppo"
+    assert list((run_dir / "checkpoints" / "step_8" / "critic").glob("*optim_states.pt"))
+    assert (run_dir / "critic" / "v_head.safetensors").exists() and (run_dir / "critic" / "reward_model.json").exists()
