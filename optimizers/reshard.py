@@ -58,7 +58,8 @@ def _rank_pieces(path: Path) -> tuple:
     """(zero stage, [(name, start, exp_avg, fp32 master, first block, block_sq_avg, step)]) of one rank's file."""
     saved = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed pickles its own objects
     zero = saved.get("optimizer_state_dict", {})
-    stage = int(zero.get("zero_stage", 0))
+    # DeepSpeed's bf16 optimizer (its ZeRO-1, files named bf16_zero_pp_rank_*) records no stage.
+    stage = int(zero.get("zero_stage", 1 if path.name.startswith("bf16_") else 0))
     if stage == 3:
         base, masters = zero.get("optimizer_state_dict"), zero.get("fp32_flat_groups")
     else:
