@@ -429,7 +429,8 @@ class Adam_mini(torch.optim.Optimizer):
                 "Adam-mini: saved state of a shared param group covers other parameter pieces than this rank "
                 "now holds: the checkpoint was written at another data-parallel world size. Resume with the "
                 "world size it was saved at, or start the optimizer afresh.")
-        state.setdefault("pieces", self._describe_pieces(fragments, blocks))  # state saved before it was recorded
+        if "pieces" not in state:  # state saved before it was recorded
+            state["pieces"] = self._describe_pieces(fragments, blocks)
         flat_param, flat_grad = tensor.view(-1), tensor.grad.view(-1)
         exp_avg, block_sq_avg = state["exp_avg"].view(-1), state["block_sq_avg"]
         work, v_offset = [], 0
