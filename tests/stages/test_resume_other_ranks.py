@@ -1,6 +1,8 @@
 """A stage saved on 2 ranks continues on 3 (checkpoint.resume=true, optimizers.reshard): the same
 rows per step (engine.global_batch_size), the data position re-derived and said so in the log, and
-the run ends where the 2-rank run that never stopped ends (SFT, Adam-mini, ZeRO-2, CPU fp32).
+the run ends where the 2-rank run that never stopped ends (SFT, Adam-mini, CPU fp32). ZeRO-3, whose
+model-states files and weight partitions are per rank; ZeRO-2 passed the same test (final weights
+within 6e-8, step-5 loss within 3e-8 relative) and shares all but those paths.
 
 One row per micro-batch, so each row's loss is averaged the same way on 2 ranks (accumulation 3)
 and on 3 (accumulation 2): the two runs differ only in the order of floating-point sums."""
@@ -17,7 +19,9 @@ from tests.stages.test_crash_resume import inputs, safetensors_of, stage_args, s
 pytestmark = pytest.mark.slow
 
 STEPS, CHECKPOINT_AT = 5, 3  # 56 rows, 6 per step: the checkpoint falls in the middle of the first epoch
-CLOSE = 1e-5  # measured: see the assertions
+# The issue's bound. Measured: final weights 1.2e-7 apart (they moved 0.039), step-5 loss 6e-8 relative
+# (ZeRO-2: 6e-8 and 3e-8).
+CLOSE = 1e-6
 
 
 def train_rows(output_dir) -> list:
@@ -26,7 +30,7 @@ def train_rows(output_dir) -> list:
 
 
 def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path):  # noqa: F811 (the imported fixture)
-    config = stage_config("sft", 2, inputs)
+    config = stage_config("sft", 3, inputs)
     config["engine"].update(micro_batch_size=1, global_batch_size=6)
     config["training"].update(max_steps=STEPS, eval_every_steps=CHECKPOINT_AT)
     config["checkpoint"].update(every_steps=CHECKPOINT_AT)
