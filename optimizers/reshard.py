@@ -46,8 +46,8 @@ def _rank_files(checkpoint: Path) -> list:
                 raise ReshardError(f"{path}: model-parallel checkpoints (mp_rank > 0) are not supported")
             found[int(match.group(2))] = path
     if not found:
-        raise ReshardError(f"{checkpoint} holds no ZeRO optimizer files (*zero_pp_rank_<r>_mp_rank_00_optim_states.pt); "
-                           "only ZeRO-1/2/3 checkpoints are sharded by rank")
+        raise ReshardError(f"{checkpoint} holds no ZeRO optimizer files (*zero_pp_rank_<r>_mp_rank_00_optim_states"
+                           ".pt); only ZeRO-1/2/3 checkpoints are sharded by rank")
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
         raise ReshardError(f"{checkpoint} lacks the optimizer files of ranks {missing}")

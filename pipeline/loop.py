@@ -366,6 +366,7 @@ def is_due(step: int, every: Optional[int], total_steps: int) -> bool:
     return bool(every and step % every == 0) or step == total_steps
 
 
-__all__ = ["Position", "position_on_other_ranks", "Stage", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "train", "total_optimizer_steps",
-           "train_loader", "eval_loader", "sum_over_ranks", "add_sums", "per_micro_batch_means",
-           "optimizer_steps_per_epoch", "optimizer_step", "to_device", "is_due", "micro_batches"]
+__all__ = ["Position", "position_on_other_ranks", "Stage", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "train",
+           "total_optimizer_steps", "train_loader", "eval_loader", "sum_over_ranks", "add_sums",
+           "per_micro_batch_means", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "is_due",
+           "micro_batches"]

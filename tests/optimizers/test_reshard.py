@@ -25,7 +25,8 @@ def launches(tmp_path_factory):
     launch_ranks(3, ["tests/optimizers/reshard_worker.py", "--out", out / "save3.json", "--save-dir", out / "ranks3"])
     launch_ranks(2, ["tests/optimizers/reshard_worker.py", "--out", out / "run2.json", "--save-dir", out / "ranks2",
                      "--resume-dir", out / "ranks3"])
-    launch_ranks(3, ["tests/optimizers/reshard_worker.py", "--out", out / "resume3.json", "--resume-dir", out / "ranks2"])
+    launch_ranks(3, ["tests/optimizers/reshard_worker.py", "--out", out / "resume3.json",
+                     "--resume-dir", out / "ranks2"])
     return {"3to2": read_json(out / "run2.json"), "2to3": read_json(out / "resume3.json"),
             "saved3": read_json(out / "save3.json"), "dir": out}
 
