@@ -23,7 +23,8 @@ from tests.rank_tools import full_fp32_params, max_delta, write_results
 from tests.tiny_models import tiny_llama, token_batches
 
 GLOBAL_BATCH, SAVE_AT, STEPS = 6, 5, 15  # 10 steps after the resume
-CASES = {"zero2": (2, False), "zero3": (3, False), "zero2_shared": (2, True), "zero3_shared": (3, True)}
+CASES = {"zero1": (1, False), "zero2": (2, False), "zero3": (3, False), "zero2_shared": (2, True),
+         "zero3_shared": (3, True)}
 
 
 def make_optimizer(model, shared_groups=False):

@@ -1,5 +1,5 @@
-"""Adam-mini saved on W DeepSpeed ranks continues on W' ranks (optimizers.reshard), at ZeRO-2 and 3,
-one group per parameter and shared groups, from 3 ranks to 2 and from 2 to 3.
+"""Adam-mini saved on W DeepSpeed ranks continues on W' ranks (optimizers.reshard), at ZeRO-1, 2 and 3
+with one group per parameter and ZeRO-2 and 3 with shared groups, from 3 ranks to 2 and from 2 to 3.
 
 Three launches (reshard_worker.py): 3 ranks save; 2 ranks save and resume the 3-rank checkpoints;
 3 ranks resume the 2-rank checkpoints. Each step trains the same 6 rows at any world size, so the
@@ -16,7 +16,7 @@ from tests.optimizers.test_zero import EXACT
 
 pytestmark = pytest.mark.slow
 
-CASES = ["zero2", "zero3", "zero2_shared", "zero3_shared"]
+CASES = ["zero1", "zero2", "zero3", "zero2_shared", "zero3_shared"]
 
 
 @pytest.fixture(scope="module")
