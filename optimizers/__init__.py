@@ -6,7 +6,8 @@
 
 `shared_groups=True` puts every parameter in one param group, so DeepSpeed runs its per-group
 collectives once (as for AdamW); `implementation="compiled"` runs the update as one
-`torch.compile`d function on any device.
+`torch.compile`d function on any device. `optimizers.reshard` continues a ZeRO-1/2/3 checkpoint
+on another number of ranks.
 """
 from .adam_mini import Adam_mini, ShardMismatchError, shard_bounds
 from .partition import (BlockLayout, Geometry, PartitionReport, applies_weight_decay, classify,

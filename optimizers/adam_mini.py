@@ -237,6 +237,7 @@ class Adam_mini(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        self._pending_full_state = None  # the loaded state replaces any full state given before
         self._verified_groups = set()  # loaded state must be checked against this rank's slices
         self._cut_tables = {}
 
@@ -281,6 +282,9 @@ class Adam_mini(torch.optim.Optimizer):
                 else torch.zeros(valid, dtype=tensor.dtype, device=tensor.device)
             state["block_sq_avg"] = torch.zeros(last_block - first_block, dtype=tensor.dtype, device=tensor.device)
             state["shard_start"] = start
+            state["block_start"] = first_block  # with shard_start, places this piece in the whole (optimizers.reshard)
+            self._fill_from_full_state(state, layout.name, flat_param, state["exp_avg"].view(-1),
+                                       state["block_sq_avg"], start, (first_block, last_block))
         elif (state.get("shard_start", 0) != start or state["exp_avg"].numel() != valid
               or state["block_sq_avg"].numel() != last_block - first_block):
             raise ShardMismatchError(
@@ -418,11 +422,15 @@ class Adam_mini(torch.optim.Optimizer):
             state["block_sq_avg"] = torch.zeros(sum(last - first for first, last in blocks), dtype=tensor.dtype,
                                                 device=tensor.device)
             state["fragments"] = described
+            state["pieces"] = self._describe_pieces(fragments, blocks)
+            self._fill_fragments_from_full_state(state, group, tensor, fragments, blocks)
         elif not torch.equal(state.get("fragments", torch.empty(0, 3, dtype=torch.int64)), described):
             raise ShardMismatchError(
                 "Adam-mini: saved state of a shared param group covers other parameter pieces than this rank "
                 "now holds: the checkpoint was written at another data-parallel world size. Resume with the "
                 "world size it was saved at, or start the optimizer afresh.")
+        if "pieces" not in state:  # state saved before it was recorded
+            state["pieces"] = self._describe_pieces(fragments, blocks)
         flat_param, flat_grad = tensor.view(-1), tensor.grad.view(-1)
         exp_avg, block_sq_avg = state["exp_avg"].view(-1), state["block_sq_avg"]
         work, v_offset = [], 0
@@ -435,6 +443,79 @@ class Adam_mini(torch.optim.Optimizer):
                               group, start, cut, table["process_group"], sharded=True, root=state,
                               slots=[slots[(index, block)] for block in cut]))
         return work
+
+    @staticmethod
+    def _describe_pieces(fragments: list, blocks: list) -> torch.Tensor:
+        """(offset in the flat partition, first block, last block + 1) of each fragment, in
+        partition order: with `fragments` it places every piece of the state in its parameter."""
+        return torch.tensor([[offset, first, last] for (_, _, offset, _), (first, last) in zip(fragments, blocks)],
+                            dtype=torch.int64).view(-1, 3)
+
+    # ---- state in a form that does not depend on the number of ranks --------------------------
+
+    def load_full_state(self, full_state: dict) -> None:
+        """Continues from whole-parameter state, such as `optimizers.reshard.consolidate` builds
+        from a checkpoint written by any number of ranks.
+
+        `full_state["params"]` maps a parameter name to {"step", "exp_avg" (numel), "block_sq_avg"
+        (num_blocks), and optionally "fp32" (numel, the master weights)}. Nothing is copied now:
+        on the first step each presented piece takes its elements and blocks from it (and the
+        fp32 master piece DeepSpeed presents takes its weights), so the pieces follow this run's
+        sharding, whatever the world size was. Parameters it does not name start afresh.
+
+        Raises:
+            ValueError: a name this optimizer does not train, or a tensor of the wrong size.
+        """
+        params = full_state["params"]
+        problems = []
+        for name, entry in params.items():
+            layout = self._layouts.get(name)
+            if layout is None:
+                problems.append(f"{name!r} is not a parameter this optimizer trains")
+                continue
+            for key, expected in (("exp_avg", layout.numel), ("block_sq_avg", layout.num_blocks),
+                                  ("fp32", layout.numel)):
+                if key in entry and entry[key].numel() != expected:
+                    problems.append(f"{name!r}: {key} has {entry[key].numel()} elements, expected {expected}")
+        if problems:
+            raise ValueError("Adam-mini: the full state does not fit this model: " + "; ".join(problems))
+        self.state.clear()
+        self._pending_full_state = params
+        self._verified_groups = set()
+        self._cut_tables = {}
+
+    def _fill_from_full_state(self, state: dict, name: str, master: torch.Tensor, exp_avg: torch.Tensor,
+                              block_sq_avg: torch.Tensor, start: int, blocks: tuple) -> None:
+        """Fresh state of one piece (elements from `start`, `blocks`) from `load_full_state`'s, if given."""
+        entry = (self.__dict__.get("_pending_full_state") or {}).get(name)
+        if entry is None:
+            return
+        numel = exp_avg.numel()
+        state["step"] = int(entry["step"])
+        exp_avg.copy_(entry["exp_avg"].view(-1)[start:start + numel])
+        block_sq_avg.copy_(entry["block_sq_avg"].view(-1)[blocks[0]:blocks[1]])
+        if "fp32" in entry:
+            master.copy_(entry["fp32"].view(-1)[start:start + numel])
+
+    def _fill_fragments_from_full_state(self, state: dict, group: dict, tensor: torch.Tensor, fragments: list,
+                                        blocks: list) -> None:
+        pending = self.__dict__.get("_pending_full_state")
+        if not pending:
+            return
+        flat_param, exp_avg, block_sq_avg = tensor.view(-1), state["exp_avg"].view(-1), state["block_sq_avg"]
+        v_offset, steps = 0, set()
+        for (index, start, offset, numel), (first, last) in zip(fragments, blocks):
+            name = group["names"][index]
+            elements = slice(offset, offset + numel)
+            self._fill_from_full_state(state, name, flat_param[elements], exp_avg[elements],
+                                       block_sq_avg[v_offset:v_offset + last - first], start, (first, last))
+            if name in pending:
+                steps.add(int(pending[name]["step"]))
+            v_offset += last - first
+        if len(steps) > 1:
+            raise ValueError(f"Adam-mini: the full state gives one shared param group's parameters different step "
+                             f"counts ({sorted(steps)}); a shared group steps all its parameters together")
+        state["step"] = steps.pop() if steps else 0
 
     # ---- the step ----------------------------------------------------------------------------
 

@@ -6,10 +6,16 @@ One checkpoint is `output_dir/checkpoints/step_<N>/`:
     rng_rank<r>.pt        each rank's python / numpy / torch (and CUDA) RNG states
     trainer_state.json    {"step": N, the data position (epoch, batch index), stage extras}
     <name>/               DeepSpeed's files of each further training engine (PPO's `critic/`)
+    ranks.json            the rank count, batch split, ZeRO stage and optimizer it was written with
     COMPLETE              written by rank 0 last, once every rank has finished writing
 
 A directory without COMPLETE was cut off mid-write and is never loaded. All ranks must see
 the same `output_dir` (a shared filesystem), as DeepSpeed's own checkpoints require.
+
+A checkpoint continues on another number of ranks when Adam-mini wrote it under ZeRO-1/2/3 and the
+global batch (rows per optimizer step) stays the same: `optimizers.reshard` puts the ranks' pieces
+together once (`adam_mini_full_state.pt`, beside the checkpoint's files) and each new rank takes its
+own. With the same global batch every step sees the same rows and the schedule keeps its length.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch.distributed as dist
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
+RANKS_FILE = "ranks.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -155,6 +162,7 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_las
     torch.save(capture_rng_state(), rng_file(checkpoint, rank))
     if rank == 0:
         (checkpoint / TRAINER_STATE_FILE).write_text(state_text + "\n", encoding="utf-8")
+        (checkpoint / RANKS_FILE).write_text(json.dumps(_ranks_record(engine), indent=1) + "\n", encoding="utf-8")
     dist.barrier()  # every rank's files are written
     if rank == 0:
         (checkpoint / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
@@ -164,35 +172,70 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_las
     return checkpoint
 
 
-def check_resumable(output_dir, world_size: int) -> Optional[Path]:
+def _ranks_record(engine) -> dict:
+    """What decides whether a checkpoint can continue on another number of ranks."""
+    return {"world_size": dist.get_world_size(), "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "zero_stage": engine.zero_optimization_stage(),
+            "optimizer": type(getattr(engine, "basic_optimizer", None)).__name__}
+
+
+def check_resumable(output_dir, world_size: int, global_batch_size: Optional[int] = None) -> Optional[Path]:
     """The checkpoint a resumed run will load (None: it starts from step 0), checked against this
-    run's rank count before any model is built or any file written.
+    run's rank count (and global batch) before any model is built or any file written.
 
     Raises:
-        ResumeError: the checkpoint was written by a different number of ranks.
+        ResumeError: the checkpoint was written by a different number of ranks and cannot continue on
+            this many (see `_check_rank_count`).
     """
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
-        _check_rank_count(checkpoint, world_size)
+        _check_rank_count(checkpoint, world_size, global_batch_size)
     return checkpoint
 
 
-def _check_rank_count(checkpoint: Path, world_size: int) -> None:
+def _check_rank_count(checkpoint: Path, world_size: int, global_batch_size: Optional[int] = None) -> Optional[dict]:
+    """None when `checkpoint` was written by `world_size` ranks; its ranks.json record when it was
+    written by another number and can continue here (Adam-mini, ZeRO-1/2/3, the same global batch).
+
+    Raises:
+        ResumeError: another number of ranks, and one of those conditions fails; the message says which.
+    """
     saved_ranks = len(list(Path(checkpoint).glob("rng_rank*.pt")))
-    if saved_ranks != world_size:
-        raise ResumeError(f"{checkpoint} was written by {saved_ranks} ranks but this run has {world_size}: ZeRO "
-                          "shards, Adam-mini's per-block state and each rank's data order depend on the rank count. "
-                          f"Resume with {saved_ranks} ranks (NUM_GPUS={saved_ranks}), or start a new run from its "
-                          "weights (model.path=<run>/final, or export this checkpoint) without checkpoint.resume")
+    if saved_ranks == world_size:
+        return None
+    record_file = Path(checkpoint) / RANKS_FILE
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
+    if record is None:
+        reason = f"it has no {RANKS_FILE} (written before checkpoints could continue on another number of ranks)"
+    elif record["optimizer"] != "Adam_mini" or record["zero_stage"] not in (1, 2, 3):
+        reason = (f"it holds {record['optimizer']} state under ZeRO-{record['zero_stage']}; only Adam-mini's under "
+                  "ZeRO-1/2/3 is re-cut for another rank count")
+    else:
+        saved_batch = record["micro_batch_size"] * record["gradient_accumulation_steps"] * record["world_size"]
+        if global_batch_size is None or global_batch_size == saved_batch:
+            return record
+        reason = (f"a run continues on another number of ranks only with the same global batch, so that every "
+                  f"step sees the same rows: it trained on {saved_batch} rows per step (micro-batch "
+                  f"{record['micro_batch_size']} x accumulation {record['gradient_accumulation_steps']} x "
+                  f"{record['world_size']} ranks), this run's is {global_batch_size}; set "
+                  f"engine.global_batch_size={saved_batch} (accumulation then follows the rank count)")
+    raise ResumeError(f"{checkpoint} was written by {saved_ranks} ranks but this run has {world_size}: {reason}. "
+                      f"Resume with {saved_ranks} ranks (NUM_GPUS={saved_ranks}), or start a new run from its "
+                      "weights (model.path=<run>/final, or export this checkpoint) without checkpoint.resume")
 
 
 def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = None) -> dict:
     """Loads DeepSpeed's state into `engine` (and each of `extra_engines` from `<checkpoint>/<name>/`), restores this rank's RNG states and returns
     the trainer state (with "step"); every rank calls it.
 
+    A checkpoint written by another number of ranks (see `_check_rank_count`) is loaded through
+    `optimizers.reshard`; the trainer state then also holds "resharded_from" (its ranks.json), from
+    which the loop re-derives the data position.
+
     Raises:
-        ResumeError: the checkpoint has no COMPLETE marker or was written by a different number of
-            ranks (checked before anything is loaded).
+        ResumeError: the checkpoint has no COMPLETE marker, or was written by a different number of
+            ranks and cannot continue on this many (checked before anything is loaded).
         RuntimeError: DeepSpeed could not load it.
     """
     checkpoint = Path(checkpoint)
@@ -200,7 +243,14 @@ def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = No
         raise ResumeError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} marker: it was cut off "
                           "while being written); use latest_checkpoint() to find one")
     rank = dist.get_rank()
-    _check_rank_count(checkpoint, dist.get_world_size())
+    record = _check_rank_count(checkpoint, dist.get_world_size(), engine.train_batch_size())
+    if record is not None:
+        if extra_engines:
+            raise ResumeError(f"{checkpoint} was written by {record['world_size']} ranks but this run has "
+                              f"{dist.get_world_size()}: only the policy's Adam-mini state is re-cut for another "
+                              f"number of ranks, not {', '.join(extra_engines)}'s. Resume with "
+                              f"{record['world_size']} ranks (NUM_GPUS={record['world_size']})")
+        return _load_on_other_rank_count(engine, checkpoint, record)
     loads = [(engine, checkpoint.parent, checkpoint.name)]
     loads += [(extra, checkpoint, name) for name, extra in (extra_engines or {}).items()]
     for target, directory, tag in loads:
@@ -210,6 +260,50 @@ def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = No
                                "returned no path; its log above says why)")
     restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _load_on_other_rank_count(engine, checkpoint: Path, record: dict) -> dict:
+    """Weights, Adam-mini state, schedule and DeepSpeed's counters from a checkpoint of another rank count.
+
+    Rank 0 puts the ranks' pieces together once (kept beside the checkpoint's files for a later
+    resume); each rank then takes its own pieces. A rank with no saved RNG state (more ranks than
+    before) keeps the one its seed gave it.
+    """
+    from optimizers.reshard import FULL_STATE_FILE, ReshardError, consolidate, load_full_state, restore, save_full_state
+
+    rank, full_state_file = dist.get_rank(), checkpoint / FULL_STATE_FILE
+    problem = [None]
+    if rank == 0 and not full_state_file.is_file():
+        try:
+            save_full_state(consolidate(checkpoint), full_state_file)
+        except ReshardError as error:
+            problem[0] = str(error)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ResumeError(f"{checkpoint} cannot continue on {dist.get_world_size()} ranks: {problem[0]}")
+    restore(engine, engine.basic_optimizer, load_full_state(full_state_file))
+    _restore_engine_counters(engine, checkpoint)
+    if rng_file(checkpoint, rank).is_file():
+        restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
+    state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    return {**state, "resharded_from": record}
+
+
+def _restore_engine_counters(engine, checkpoint: Path) -> None:
+    """The learning-rate schedule and DeepSpeed's step counters, as `engine.load_checkpoint` restores them."""
+    # ZeRO-1/2 write one model-states file, ZeRO-3 one per rank with the same counters; memory-mapped,
+    # so the module weights in it are not read.
+    states_file = sorted(checkpoint.glob("*mp_rank_00_model_states.pt"))[0]
+    saved = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed's own pickle
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and saved.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(saved["lr_scheduler"])
+        # The optimizer's rates are part of its saved state in a plain resume; here they follow the schedule.
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = saved["global_steps"]
+    engine.global_samples = saved.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = saved["skipped_steps"]
 
 
 def export_final(engine, tokenizer, output_dir) -> list:

@@ -58,6 +58,32 @@ def total_optimizer_steps(config, num_rows: int, plan: BatchPlan) -> int:
     return min(total, config.training.max_steps) if config.training.max_steps else total
 
 
+def position_on_other_ranks(position: Position, saved: dict, plan: BatchPlan) -> Position:
+    """The data position of a checkpoint written by `saved["world_size"]` ranks, on `plan`'s.
+
+    The sampler's order over all ranks depends only on (seed, epoch), and each optimizer step
+    takes the next global-batch rows of it, however they are split among ranks. A checkpoint
+    continues on another rank count only with the same global batch (`checkpoint._check_rank_count`),
+    so the steps taken in the epoch carry over and only the per-rank micro-batch count changes.
+
+    Raises:
+        ValueError: the saved position is not at the end of an accumulation window.
+    """
+    saved_accumulation = saved["gradient_accumulation_steps"]
+    if position.micro_batch % saved_accumulation:
+        raise ValueError(f"the checkpoint's data position (micro-batch {position.micro_batch} of epoch "
+                         f"{position.epoch}) is not at the end of an accumulation window of {saved_accumulation}")
+    steps_in_epoch = position.micro_batch // saved_accumulation
+    moved = Position(position.step, position.epoch, steps_in_epoch * plan.gradient_accumulation_steps)
+    logger.info("data position re-derived for %d rank(s): the checkpoint was written by %d (micro-batch %d x "
+                "accumulation %d); epoch %d continues after its first %d steps (%d rows of the same order), from "
+                "micro-batch %d of each rank (was %d), %d rows per step as before", plan.world_size,
+                saved["world_size"], saved["micro_batch_size"], saved_accumulation, moved.epoch, steps_in_epoch,
+                steps_in_epoch * plan.global_batch_size, moved.micro_batch, position.micro_batch,
+                plan.global_batch_size)
+    return moved
+
+
 def train_loader(dataset, collate, plan: BatchPlan, seed: int, position: Position) -> DataLoader:
     """This rank's micro-batches for `position.epoch`, from `position.micro_batch` on.
 
@@ -253,6 +279,8 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
     position, state = Position(), run.resume(engine, stage.engines)
     if state is not None:
         position = Position(state["step"], state["epoch"], state["micro_batch"])
+        if "resharded_from" in state:
+            position = position_on_other_ranks(position, state["resharded_from"], plan)
         stage.load_state(state)
     rank = dist.get_rank() if dist.is_initialized() else 0
     eval_every = stage.eval_every_steps or config.training.eval_every_steps
@@ -342,6 +370,7 @@ def is_due(step: int, every: Optional[int], total_steps: int) -> bool:
     return bool(every and step % every == 0) or step == total_steps
 
 
-__all__ = ["Position", "Stage", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "train", "total_optimizer_steps",
-           "train_loader", "eval_loader", "sum_over_ranks", "add_sums", "per_micro_batch_means",
-           "optimizer_steps_per_epoch", "optimizer_step", "to_device", "is_due", "micro_batches"]
+__all__ = ["Position", "position_on_other_ranks", "Stage", "StepOutcome", "SkipGuard", "NonFiniteStepsError", "train",
+           "total_optimizer_steps", "train_loader", "eval_loader", "sum_over_ranks", "add_sums",
+           "per_micro_batch_means", "optimizer_steps_per_epoch", "optimizer_step", "to_device", "is_due",
+           "micro_batches"]

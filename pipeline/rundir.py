@@ -1,7 +1,7 @@
 """The run directory (`output_dir`) and everything written into it, owned by one object.
 
     run = RunDirectory(config)         # nothing touched yet
-    run.check(world_size)              # before loading: refuses to clobber a run or resume across rank counts
+    run.check(world_size)              # before loading: refuses to clobber a run, or a resume it cannot continue
     ...load data and models, build engines...
     run.claim(ds_config)               # the first write: config.yaml, ds_config.json (old outputs removed
                                        # under checkpoint.overwrite)
@@ -59,7 +59,8 @@ class RunDirectory:
 
         Raises:
             RunDirError: naming the directory and both ways forward.
-            ResumeError: with `checkpoint.resume`, the newest checkpoint was written by another number of ranks.
+            ResumeError: with `checkpoint.resume`, the newest checkpoint was written by another number of ranks
+                and cannot continue on this many (another optimizer or global batch).
         """
         checkpoint = self.config.checkpoint
         existing = [name for name in RUN_OUTPUTS if (self.path / name).exists()]
@@ -70,7 +71,9 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"`output_dir` {self.path} is a file, not a directory; choose another output_dir")
         if checkpoint.resume:
-            check_resumable(self.path, world_size)
+            from .engine import batch_plan  # imported here: the engine module pulls in DeepSpeed
+
+            check_resumable(self.path, world_size, batch_plan(self.config, world_size).global_batch_size)
 
     def claim(self, ds_config: Optional[dict] = None) -> Path:
         """Takes `output_dir` for this run: an overwritten run's outputs go, the resolved config and the
