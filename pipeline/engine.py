@@ -8,6 +8,7 @@ directory belongs to `pipeline.rundir`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -171,11 +172,8 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
 
 
-def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stage: Optional[int] = None,
-                         offload: bool = False):
-    """A forward-only engine (reference policy, reward model): no optimizer, no gradients.
-
-    `zero_stage=3` shards the weights over the ranks; `offload` keeps them in CPU memory.
+def frozen_ds_config(config: RunConfig, zero_stage: Optional[int] = None, offload: bool = False) -> dict:
+    """The DeepSpeed config of a forward-only engine; `zero_stage` defaults to `engine.zero_stage`.
 
     Raises:
         EngineConfigError: offload without ZeRO-3.
@@ -183,9 +181,7 @@ def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stag
     stage = config.engine.zero_stage if zero_stage is None else zero_stage
     if offload and stage != 3:
         raise EngineConfigError(f"offloading a frozen model needs ZeRO-3, got zero stage {stage}")
-    check_device(config)
     world_size = init_distributed()
-    model.requires_grad_(False)
     zero = {"stage": stage if stage == 3 else 0}  # without an optimizer only ZeRO-3 shards anything
     if offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -194,6 +190,50 @@ def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stag
                  "gradient_accumulation_steps": 1,
                  "gradient_clipping": 0.0, "zero_optimization": zero, "steps_per_print": 10**9}
     ds_config.update(_precision_section(config.engine.precision))
+    return ds_config
+
+
+def training_ds_config(config: RunConfig) -> dict:
+    """The DeepSpeed config `create_engine` will use, for creating the model sharded beforehand."""
+    return build_ds_config(config, batch_plan(config, init_distributed()))
+
+
+@contextlib.contextmanager
+def sharded_creation(ds_config: dict):
+    """Models built inside (transformers' from_pretrained / from_config) are partitioned as they are
+    created when `ds_config` is ZeRO-3: each parameter is split over the ranks the moment its layer
+    exists, and only rank 0 reads the checkpoint (memory-mapped) one layer at a time. No rank ever
+    holds the whole model. Outside ZeRO-3 this does nothing.
+
+    transformers finds the config through a weak reference, so the object is kept alive here for
+    the duration and unregistered afterwards (later loads, e.g. a ZeRO-0 frozen model, stay whole).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stage: Optional[int] = None,
+                         offload: bool = False):
+    """A forward-only engine (reference policy, reward model): no optimizer, no gradients.
+
+    `zero_stage=3` shards the weights over the ranks (build the model inside
+    `sharded_creation(frozen_ds_config(...))` so it is never whole); `offload` keeps them in CPU memory.
+
+    Raises:
+        EngineConfigError: offload without ZeRO-3.
+    """
+    ds_config = frozen_ds_config(config, zero_stage, offload)
+    check_device(config)
+    model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
