@@ -27,6 +27,20 @@ from .config import RunConfig  # noqa: E402
 from .optim import build_optimizer  # noqa: E402
 
 
+# DeepSpeed's buffer sizes (elements), stated explicitly so the memory plan reads the numbers the engine uses.
+REDUCE_BUCKET_ELEMENTS = 500_000_000        # gradients reduced per bucket (ZeRO 1-3)
+ALLGATHER_BUCKET_ELEMENTS = 500_000_000     # ZeRO-1/2: updated weights gathered per bucket
+PREFETCH_BUCKET_ELEMENTS = 50_000_000       # ZeRO-3: weights fetched ahead of the layer that needs them
+MAX_LIVE_PARAMETERS = 1_000_000_000         # ZeRO-3: gathered weights kept between forward and backward
+SUB_GROUP_ELEMENTS = 1_000_000_000          # ZeRO-3: optimizer step granularity
+
+
+def reduce_bucket_elements(trainable_numel: int) -> int:
+    """A gradient bucket no larger than the gradients it collects: DeepSpeed allocates the whole bucket
+    up front, so a 5e8-element bucket for a LoRA run would be ~1 GB of nothing."""
+    return max(1, min(REDUCE_BUCKET_ELEMENTS, trainable_numel))
+
+
 class EngineConfigError(ValueError):
     """A combination the engine cannot run here, named with its fields."""
 
@@ -106,8 +120,10 @@ def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMENTS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS)
     if engine.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS,
+                    stage3_max_live_parameters=MAX_LIVE_PARAMETERS, sub_group_size=SUB_GROUP_ELEMENTS)
     ds_config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -161,6 +177,8 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     world_size = init_distributed()
     plan = batch_plan(config, world_size)
     ds_config = build_ds_config(config, plan)
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(trainable)
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(optimizer, config, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
