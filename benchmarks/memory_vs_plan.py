@@ -110,14 +110,15 @@ def build_models(root: Path) -> tuple:
 
 
 def write_data(root: Path) -> dict:
-    """Rows long enough to fill `data.max_length`, so every batch is as long as the plan assumes."""
+    """Rows of one word per token that just fit `data.max_length` (256; prompts: `max_prompt_length` 96), so
+    every batch is as long as the plan assumes (rows over the limit would be dropped, not cut)."""
     import random
 
     rng = random.Random(0)
     text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    files = {"sft": [{"prompt": text(80), "response": text(200)} for _ in range(64)],
-             "pairs": [{"prompt": text(80), "chosen": text(200), "rejected": text(200)} for _ in range(64)],
-             "prompts": [{"prompt": text(120)} for _ in range(64)]}
+    files = {"sft": [{"prompt": text(60), "response": text(190)} for _ in range(64)],
+             "pairs": [{"prompt": text(60), "chosen": text(190), "rejected": text(190)} for _ in range(64)],
+             "prompts": [{"prompt": text(92)} for _ in range(64)]}
     paths = {}
     for name, rows in files.items():
         paths[name] = root / f"{name}.jsonl"
@@ -187,9 +188,11 @@ def launch(stage: str, config_path: Path, out: Path, world_size: int) -> list:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
                str(port), "--module", "benchmarks.memory_vs_plan", "--rank-run", stage, str(config_path), str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
+    ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(world_size)
+             if Path(f"{out}.rank{rank}.json").is_file()]
+    if result.returncode != 0 or len(ranks) < world_size or any(rank["exit"] for rank in ranks):
         raise SystemExit(f"{stage} failed:\n{(result.stdout + result.stderr)[-4000:]}")
-    return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(world_size)]
+    return ranks
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,10 @@ per element). On top, per rank:
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
   frozen models   reference policy and reward model weights (ReMax, DPO)
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
-The peak is model states + frozen models + the largest of the phases (forward/backward, generation,
-scoring, optimizer step); "fits" is decided on it.
+The peak is what persists between steps (weights, the gradients DeepSpeed keeps, optimizer state,
+frozen models) plus the largest of the phases (forward/backward, generation, scoring, optimizer step;
+ZeRO-2's fp32 gradient partition exists only in the step); "fits" is decided on it. Checked against
+measured peaks on 2 CPU ranks by benchmarks/memory_vs_plan.py.
 """
 from __future__ import annotations
 
@@ -125,27 +127,35 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Wor
 def layer_activation_bytes_per_token(g: Geometry, a: int) -> int:
     """Bytes a decoder layer saves for its backward per token (activations in `a` bytes).
 
-    Two RMSNorms each keep their fp32 input (4H) and normalised output (aH); SDPA keeps q, k, v, its
-    output and a logsumexp per head; o_proj keeps its input; the gated MLP keeps gate, act(gate), up and
-    their product (4 x I)."""
-    norms = 2 * (4 * g.hidden + a * g.hidden)
-    attention = a * (g.heads * g.head_dim + 2 * g.kv_heads * g.head_dim) + 2 * a * g.heads * g.head_dim + 4 * g.heads
+    Two RMSNorms each keep their fp32 input (4H), the rsqrt (4), the normalised value cast back (aH)
+    and its product with the weight (aH, the next matmul's input); SDPA keeps q, k, v (after RoPE),
+    its output (whose layout o_proj reads as is) and an fp32 logsumexp per head; the gated MLP keeps
+    gate, up, act(gate) and their product (4 x I). Counted from the tensors autograd saves (see
+    tests/pipeline/test_plan.py)."""
+    norms = 2 * (4 * g.hidden + 4 + 2 * a * g.hidden)
+    attention = a * (2 * g.heads * g.head_dim + 2 * g.kv_heads * g.head_dim) + 4 * g.heads
     mlp = 4 * a * g.intermediate
     return norms + attention + mlp
 
 
-def activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing: bool) -> int:
-    """Activations kept for the backward of one micro-batch, plus the backward's gradients of one layer."""
+def saved_activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing: bool) -> int:
+    """What the forward of one micro-batch leaves for the backward: every layer's saved tensors, or with
+    gradient checkpointing each layer's input; the additive attention mask (B x T x T, shared by the
+    layers); the final norm and the LM head's input; the token ids and RoPE's tables. Measured for
+    Llama without grouped KV heads (Llama-2-7B's layout)."""
     tokens = rows * seq_len
-    layer = layer_activation_bytes_per_token(g, a) * tokens
-    mask = rows * seq_len * seq_len  # the 4-D boolean attention mask, shared by the layers
-    final_norm = (4 + a) * g.hidden * tokens
-    if checkpointing:
-        # Each layer's input is kept; the backward rebuilds one layer at a time.
-        kept = g.layers * a * g.hidden * tokens + layer
-    else:
-        kept = g.layers * layer
-    return kept + layer + mask + final_norm  # + one layer's gradients in flight during the backward
+    per_layer = a * g.hidden if checkpointing else layer_activation_bytes_per_token(g, a)
+    mask = a * rows * seq_len * seq_len
+    final_norm = (4 * g.hidden + 4 + 2 * a * g.hidden) * tokens
+    ids_and_rope = 8 * tokens + 2 * a * seq_len * g.head_dim  # int64 token ids; RoPE's cos and sin
+    return g.layers * per_layer * tokens + mask + final_norm + ids_and_rope
+
+
+def activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing: bool) -> int:
+    """Activations at the peak of one micro-batch's backward: what the forward saved, plus one layer's
+    worth of gradients in flight, plus (with checkpointing) the one layer the backward rebuilds."""
+    layer = layer_activation_bytes_per_token(g, a) * rows * seq_len
+    return saved_activation_bytes(g, rows, seq_len, a, checkpointing) + layer + (layer if checkpointing else 0)
 
 
 def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: bool) -> int:
@@ -208,9 +218,15 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
     bucket = reduce_bucket_elements(trainable) * (4 if stage == 1 and a == 2 else a) if stage >= 1 else 0
     live = a * min(MAX_LIVE_PARAMETERS, total) * (1 - 1 / world_size) if stage == 3 else 0
     deepspeed = int(bucket + live)
-    # The step: ZeRO 1/2 flatten this rank's 16-bit gradient partition before casting it to fp32;
-    # ZeRO-3 flattens its fp32 partition per sub-group. Fused AdamW and Adam-mini add only per-block values.
-    if stage in (1, 2) and a == 2:
+    # Gradients: ZeRO-2 keeps this rank's 16-bit gradient partition between steps and builds the fp32
+    # one only for the step (flattened from the 16-bit one, then cast); ZeRO-3 keeps its fp32 partition
+    # (allocated once) and flattens it per sub-group for the step. Fused AdamW and Adam-mini add only
+    # per-block values to that.
+    kept_grads = row["grads_bytes"]
+    if stage == 2 and a == 2:
+        kept_grads = a * trainable / world_size
+        step = (4 + a) * trainable / world_size
+    elif stage == 1 and a == 2:
         step = a * trainable / world_size
     elif stage == 3:
         step = 4 * min(SUB_GROUP_ELEMENTS, trainable / world_size)
@@ -231,8 +247,9 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         # Actor and reference log-probs without gradients: logits of the response and their upcast.
         scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
     forward_backward = activations + logits + deepspeed
-    peak = row["model_states_bytes"] + frozen + max(forward_backward, generation, scoring, step)
-    return dict(row, activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
+    kept = row["params_bytes"] + kept_grads + row["optimizer_bytes"]
+    peak = kept + frozen + max(forward_backward, generation, scoring, step)
+    return dict(row, kept_bytes=int(kept), kept_grads_bytes=int(kept_grads), activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
                 optimizer_step_bytes=int(step), frozen_bytes=int(frozen), generation_bytes=int(generation),
                 scoring_bytes=int(scoring), total_bytes=int(peak), stage=w.stage)
 
@@ -290,7 +307,7 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
              f"  parameters            {total:>16,}",
              f"  trainable parameters  {trainable:>16,}",
              f"  weights per rank      {chosen['params_bytes'] / GIB:>12.2f} GiB",
-             f"  gradients per rank    {chosen['grads_bytes'] / GIB:>12.2f} GiB",
+             f"  gradients kept        {chosen['kept_grads_bytes'] / GIB:>12.2f} GiB",
              "  optimizer state per rank (fp32):"]
     for name in OPTIMIZERS:
         mark = "  <- chosen" if name == config.optim.name else ""
@@ -304,6 +321,8 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
                        ("scoring_bytes", "scoring")):
         if chosen[key] or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
+    lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
+                 "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)")
     lines.append("  peak per rank:")
     for name, row in rows.items():
         mark = "  <- chosen" if name == config.optim.name else ""
@@ -315,6 +334,7 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
     header = ["optimizer", "ZeRO", "ranks", "params GiB", "grads GiB", "optim GiB"]
     keys = ["params_bytes", "grads_bytes", "optimizer_bytes"]
     if rows and "activations_bytes" in rows[0]:
+        keys[1] = "kept_grads_bytes"  # what persists between steps; the fp32 rest is in the step column
         header += ["activ. GiB", "logits GiB", "DS GiB", "step GiB", "frozen GiB", "gen. GiB"]
         keys += ["activations_bytes", "logits_bytes", "deepspeed_bytes", "optimizer_step_bytes", "frozen_bytes",
                  "generation_bytes"]
