@@ -122,7 +122,8 @@ def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMENTS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS)
     if engine.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS,
+        zero.update(stage3_gather_16bit_weights_on_model_save=True,
+                    stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS,
                     stage3_max_live_parameters=MAX_LIVE_PARAMETERS, sub_group_size=SUB_GROUP_ELEMENTS)
     ds_config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,

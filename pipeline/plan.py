@@ -238,7 +238,8 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         numel = numel if numel is not None else total
         frozen += 0 if offload else (a * numel / world_size if zero3 else a * numel)
         if zero3:  # gathered while it runs (from CPU when offloaded)
-            frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - (0 if offload else 1 / world_size)))
+            own_shard = 0 if offload else 1 / world_size
+            frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - own_shard))
     generation = scoring = 0
     if w.stage == "remax":
         gathered = a * total * (1 - 1 / world_size) if stage == 3 else 0  # `generate` runs on whole weights
@@ -249,8 +250,9 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
     forward_backward = activations + logits + deepspeed
     kept = row["params_bytes"] + kept_grads + row["optimizer_bytes"]
     peak = kept + frozen + max(forward_backward, generation, scoring, step)
-    return dict(row, kept_bytes=int(kept), kept_grads_bytes=int(kept_grads), activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
-                optimizer_step_bytes=int(step), frozen_bytes=int(frozen), generation_bytes=int(generation),
+    return dict(row, kept_bytes=int(kept), kept_grads_bytes=int(kept_grads), activations_bytes=int(activations),
+                logits_bytes=int(logits), deepspeed_bytes=deepspeed, optimizer_step_bytes=int(step),
+                frozen_bytes=int(frozen), generation_bytes=int(generation),
                 scoring_bytes=int(scoring), total_bytes=int(peak), stage=w.stage)
 
 

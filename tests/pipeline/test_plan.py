@@ -37,8 +37,8 @@ def test_tiny_model_bytes_by_hand():
     sharded = row(rows, "adamw", 2, 2)
     assert sharded["params_bytes"] == 4 * numel and sharded["grads_bytes"] == 2 * numel
     assert 8 * numel / 2 <= sharded["optimizer_bytes"] <= 8 * numel / 2 * 1.001
-    assert all(r["total_bytes"] == r["model_states_bytes"] == r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
-               for r in rows)
+    assert all(r["total_bytes"] == r["model_states_bytes"]
+               == r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in rows)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 8])
