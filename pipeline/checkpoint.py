@@ -5,6 +5,7 @@ One checkpoint is `output_dir/checkpoints/step_<N>/`:
     DeepSpeed's files     model, ZeRO optimizer shards, scheduler (`engine.save_checkpoint`)
     rng_rank<r>.pt        each rank's python / numpy / torch (and CUDA) RNG states
     trainer_state.json    {"step": N, the data position (epoch, batch index), stage extras}
+    <name>/               DeepSpeed's files of each further training engine (PPO's `critic/`)
     COMPLETE              written by rank 0 last, once every rank has finished writing
 
 A directory without COMPLETE was cut off mid-write and is never loaded. All ranks must see
@@ -117,11 +118,13 @@ def prune_checkpoints(output_dir, keep_last: int, protect: Optional[Path] = None
 
 # ---- save and load ------------------------------------------------------------------------------
 
-def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_last: int,
+                    extra_engines: Optional[dict] = None) -> Path:
     """Writes `output_dir/checkpoints/step_<step>/` (see the module docstring); every rank calls it.
 
     `trainer_state` is what the stage needs to continue (epoch, batch index, extras); it is
     written, with "step", to trainer_state.json and also handed to DeepSpeed as client_state.
+    `extra_engines` ({name: engine}) are saved into `<checkpoint>/<name>/`, before COMPLETE.
     Afterwards rank 0 prunes old checkpoints (`prune_checkpoints`). Returns the directory.
 
     Raises:
@@ -147,6 +150,8 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_las
         _remove(checkpoint)
     dist.barrier()
     engine.save_checkpoint(str(checkpoint.parent), tag=checkpoint.name, client_state={"trainer_state": state})
+    for name, extra in (extra_engines or {}).items():
+        extra.save_checkpoint(str(checkpoint), tag=name, save_latest=False)
     torch.save(capture_rng_state(), rng_file(checkpoint, rank))
     if rank == 0:
         (checkpoint / TRAINER_STATE_FILE).write_text(state_text + "\n", encoding="utf-8")
@@ -181,8 +186,8 @@ def _check_rank_count(checkpoint: Path, world_size: int) -> None:
                           "weights (model.path=<run>/final, or export this checkpoint) without checkpoint.resume")
 
 
-def load_checkpoint(engine, checkpoint: Path) -> dict:
-    """Loads DeepSpeed's state into `engine`, restores this rank's RNG states and returns
+def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = None) -> dict:
+    """Loads DeepSpeed's state into `engine` (and each of `extra_engines` from `<checkpoint>/<name>/`), restores this rank's RNG states and returns
     the trainer state (with "step"); every rank calls it.
 
     Raises:
@@ -196,10 +201,13 @@ def load_checkpoint(engine, checkpoint: Path) -> dict:
                           "while being written); use latest_checkpoint() to find one")
     rank = dist.get_rank()
     _check_rank_count(checkpoint, dist.get_world_size())
-    load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint} (engine.load_checkpoint returned "
-                           "no path; its log above says why)")
+    loads = [(engine, checkpoint.parent, checkpoint.name)]
+    loads += [(extra, checkpoint, name) for name, extra in (extra_engines or {}).items()]
+    for target, directory, tag in loads:
+        load_path, _ = target.load_checkpoint(str(directory), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory / tag} (engine.load_checkpoint "
+                               "returned no path; its log above says why)")
     restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import io
+import logging
 import math
 import os
 import socket
@@ -25,6 +28,8 @@ import torch.distributed as dist  # noqa: E402
 
 from .config import RunConfig  # noqa: E402
 from .optim import build_optimizer  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 # DeepSpeed's buffer sizes (elements), stated explicitly so the memory plan reads the numbers the engine uses.
@@ -90,8 +95,33 @@ def init_distributed() -> int:
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed prints "... shm_comm_op built successfully" from every rank: kept for --debug only.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        for line in printed.getvalue().splitlines():
+            logger.debug(line)
+        release_shared_memory_names()
     return dist.get_world_size()
+
+
+def shared_memory_names(port, rank="*") -> list:
+    """The /dev/shm files DeepSpeed's CPU all-reduce made for the ranks meeting on `port`."""
+    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"))
+
+
+def release_shared_memory_names() -> None:
+    """Unlinks this rank's DeepSpeed CPU all-reduce buffer (66 MiB in /dev/shm, that is RAM).
+
+    DeepSpeed never unlinks it, so every CPU run used to leave one per rank behind until the machine
+    ran out of memory. Once `init_distributed` returns, each rank has mapped every peer's buffer; after
+    a barrier the names can go, and the memory is freed when the last rank exits, even on SIGKILL.
+    """
+    if torch.cuda.is_available() or "MASTER_PORT" not in os.environ:
+        return
+    dist.barrier()
+    for name in shared_memory_names(os.environ["MASTER_PORT"], dist.get_rank()):
+        os.unlink(name)
 
 
 def _precision_section(precision: str) -> dict:

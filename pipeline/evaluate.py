@@ -28,10 +28,12 @@ from pipeline.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
-# Plotted when present, in this order: ReMax first, then SFT and reward-model training, then DPO.
+# Plotted when present, in this order: ReMax (RLOO, GRPO) first, then SFT and reward-model training, then DPO.
 METRICS = ("eval/reward", "eval/gold_reward", "reward", "baseline_reward", "gold_reward", "eval/kl", "kl",
-           "response_length", "eval/sampled_reward", "loss", "eval/loss", "accuracy", "eval/accuracy",
+           "response_length", "eval/sampled_reward", "k3_kl", "clip_fraction", "loss", "eval/loss", "accuracy", "eval/accuracy",
            "rewards/margins", "eval/rewards/margins", "rewards/accuracy", "eval/rewards/accuracy")
+
+WALL_CLOCK_METRICS = ("eval/gold_reward", "eval/reward", "eval/kl")
 
 
 class EvaluateError(ValueError):
@@ -103,6 +105,14 @@ def summarize(rows: list) -> dict:
         values = series(rows, name)[1]
         summary[f"first_{name}"] = values[0] if values else None
         summary[f"final_{name}"] = values[-1] if values else None
+    gold_steps, gold = series(rows, "eval/gold_reward")
+    best_gold = max(range(len(gold)), key=gold.__getitem__) if gold else None
+    summary["best_eval/gold_reward"] = gold[best_gold] if gold else None
+    summary["best_gold_step"] = gold_steps[best_gold] if gold else None
+    kls = series(rows, "eval/kl")[1]
+    summary["final_eval/kl"] = kls[-1] if kls else None
+    state = series(rows, "optimizer_state_bytes")[1]
+    summary["optimizer_state_bytes"] = max(state) if state else None
     step_times = series(rows, "step_time")[1]
     optimizer_times = series(rows, "optimizer_step_time")[1]
     memory = series(rows, "peak_memory_bytes")[1]
@@ -140,7 +150,33 @@ def plot_curves(runs: dict, out_dir: Path, smoothing: float) -> list:
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
+    for name in WALL_CLOCK_METRICS:  # the same curves against training time: algorithms differ in cost per step
+        curves = {run: wall_clock_series(rows, name) for run, rows in runs.items()}
+        curves = {run: curve for run, curve in curves.items() if curve[0]}
+        if not curves:
+            continue
+        figure, axes = plt.subplots(figsize=(6, 3.6))
+        for index, (run, (seconds, values)) in enumerate(curves.items()):
+            axes.plot(seconds, smooth(values, smoothing), color=colors[index % len(colors)], linewidth=2, label=run)
+        axes.set_xlabel("training time (s, summed step times)")
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = out_dir / f"{name.replace('/', '_')}_vs_time.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
     return written
+
+
+def wall_clock_series(rows: list, name: str) -> tuple:
+    """(seconds, values) of one metric against training time: each point at the summed `step_time`
+    of the steps up to its own (evaluation time left out, so the axis is the training's cost)."""
+    step_times = dict(zip(*series(rows, "step_time")))
+    steps, values = series(rows, name)
+    seconds = [sum(t for step, t in step_times.items() if step <= at) for at in steps]
+    return (seconds, values) if step_times else ([], [])
 
 
 def _cell(value) -> str:
@@ -221,6 +257,42 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
     problems += comparison_problems(runs, summaries)
     return {"plots": plot_curves(runs, out_dir, smoothing), "summary": write_summary(summaries, problems, out_dir),
             "summaries": summaries, "problems": problems}
+
+
+def algorithm_table(run_dirs: list, out: Path) -> str:
+    """One row per policy-optimisation run: the held-out scores of its final policy (`eval_policy.json`
+    in the run directory, from `python -m pipeline.evaluate policy`), the best gold reward its own
+    evaluations saw, and what it cost (training time, peak memory and optimizer state per rank).
+
+    Raises:
+        EvaluateError: a run directory without readable metrics.
+    """
+    columns = ("greedy gold (final)", "sampled gold (final)", "win rate vs SFT", "KL to SFT", "best eval gold (step)",
+               "train s", "peak memory / rank (MiB)", "optimizer state / rank (MiB)")
+    lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    baseline_gold = None
+    for run_dir in map(Path, run_dirs):
+        rows, _ = read_metrics(run_dir)
+        summary = summarize(rows)
+        scores = run_dir / "eval_policy.json"
+        policy = json.loads(scores.read_text(encoding="utf-8")) if scores.exists() else None
+        if policy is not None and policy.get("baseline_greedy"):
+            baseline_gold = policy["baseline_greedy"]["gold_reward"]
+        mib = lambda value: None if value is None else value / 2**20  # noqa: E731
+        best = summary["best_eval/gold_reward"]
+        lines.append("| " + " | ".join([
+            run_dir.name,
+            _cell(policy and policy["greedy"]["gold_reward"]), _cell(policy and policy["sampled"]["gold_reward"]),
+            _cell(policy and policy["win_rate"]), _cell(policy and policy["kl"]),
+            "-" if best is None else f"{best:.3g} ({summary['best_gold_step']})",
+            _cell(summary["train_seconds"]), _cell(mib(summary["peak_memory_bytes"])),
+            _cell(mib(summary["optimizer_state_bytes"]))]) + " |")
+    if baseline_gold is not None:
+        lines += ["", f"The SFT policy they all start from: greedy gold reward {baseline_gold:.3g}."]
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return text
 
 
 # ---- policy: a policy's responses to held-out prompts, scored ------------------------------------
@@ -526,7 +598,17 @@ def main(argv=None) -> int:
     policy_parser.add_argument("--config", required=True, help="YAML scorer config (fields of PolicyEvalConfig)")
     policy_parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     policy_parser.add_argument("overrides", nargs="*", help="key=value settings applied after the file")
+    table_parser = commands.add_parser("algorithms", help="one table row per policy-optimisation run")
+    table_parser.add_argument("runs", nargs="+", help="run directories (metrics.jsonl, optionally eval_policy.json)")
+    table_parser.add_argument("--out", required=True, help="the Markdown file to write")
     args = parser.parse_args(argv)
+    if args.command == "algorithms":
+        try:
+            print(algorithm_table(args.runs, Path(args.out)), end="")
+        except EvaluateError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "policy":
         return run_policy(args.config, args.overrides, args.debug)
     if not 0 <= args.smoothing < 1:

@@ -240,6 +240,9 @@ class Stage:
     load_state: Callable[[dict], None] = lambda state: None
     progress: tuple = ("loss",)                     # metrics on the progress line
     eval_every_steps: Optional[int] = None          # None: `training.eval_every_steps`
+    # Further training engines the stage steps itself (PPO's critic), {name: engine}: checkpointed into
+    # the actor's checkpoint directory and resumed with it.
+    engines: dict = dataclasses.field(default_factory=dict)
 
 
 def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dict:
@@ -247,7 +250,7 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
     engine, plan, device = built.engine, built.plan, built.engine.device
     total_steps = total_optimizer_steps(config, len(stage.train_set), plan)
     run.claim(built.ds_config)
-    position, state = Position(), run.resume(engine)
+    position, state = Position(), run.resume(engine, stage.engines)
     if state is not None:
         position = Position(state["step"], state["epoch"], state["micro_batch"])
         stage.load_state(state)
@@ -315,7 +318,8 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
                 last_eval = evaluate()
             every = config.checkpoint.every_steps
             if every and position.step % every == 0 and position.step < total_steps:  # the export covers the last
-                run.save_checkpoint(engine, position.step, {**dataclasses.asdict(position), **stage.state()})
+                run.save_checkpoint(engine, position.step, {**dataclasses.asdict(position), **stage.state()},
+                                    stage.engines)
             meter.start()
         bar.close()
     final = run.export(engine, stage.tokenizer, "final")

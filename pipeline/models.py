@@ -411,8 +411,10 @@ class RewardModel(nn.Module):
         """The backbone's config (hidden size, heads) for geometry helpers."""
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids, attention_mask: (B, T). Returns scores (B,)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                per_token: bool = False) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T). Returns scores (B,), or with `per_token` the v_head value
+        at every position (B, T): a critic's values (PPO), called through its DeepSpeed engine."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {}
@@ -423,6 +425,8 @@ class RewardModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                **extra).last_hidden_state  # (B, T, H)
         values = self.v_head(hidden).squeeze(-1)  # (B, T)
+        if per_token:
+            return values
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     @classmethod

@@ -37,7 +37,13 @@ from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, l
 from .optim import OPTIMIZERS, planned_state_bytes
 
 GIB = 2**30
-STAGES = ("sft", "reward", "dpo", "remax")
+# Policy optimisation stages: generation from prompts, a frozen reference and reward model. Their
+# config section carries the same fields (reward_model_path, ref_/reward_zero_stage, max_new_tokens...).
+POLICY_STAGES = ("remax", "rloo", "grpo", "ppo")
+STAGES = ("sft", "reward", "dpo") + POLICY_STAGES
+CONFIG_CLASSES = {"remax": ("stages.remax", "RemaxConfig"), "rloo": ("stages.rloo", "RlooConfig"),
+                  "grpo": ("stages.grpo", "GrpoConfig"), "ppo": ("stages.ppo", "PpoConfig"),
+                  "dpo": ("stages.dpo", "DpoConfig")}
 
 
 def build_meta_model(config: RunConfig, stage: str = "sft"):
@@ -110,15 +116,17 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Wor
             ("reference", frozen_numels.get("reference"), getattr(dpo, "ref_zero_stage", 0) == 3,
              getattr(dpo, "ref_offload", False)),)
         return Workload(stage, 2 * batch, length, length, checkpointing, frozen=frozen)
-    if stage == "remax":
-        remax = config.remax
-        frozen = [("reward", frozen_numels.get("reward"), remax.reward_zero_stage == 3, remax.reward_offload)]
-        if not (config.model.lora.enabled and remax.ref_model_path is None):
-            frozen.insert(0, ("reference", frozen_numels.get("reference"), remax.ref_zero_stage == 3,
-                              remax.ref_offload))
+    if stage in POLICY_STAGES:
+        section = getattr(config, stage)
+        frozen = [("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3, section.reward_offload)]
+        if not (config.model.lora.enabled and section.ref_model_path is None):
+            frozen.insert(0, ("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
+                              section.ref_offload))
         prompt = config.data.max_prompt_length
-        return Workload(stage, batch, prompt + remax.max_new_tokens, remax.max_new_tokens + 1, checkpointing,
-                        prompt_len=prompt, new_tokens=remax.max_new_tokens, frozen=tuple(frozen))
+        # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
+        rows = batch * getattr(section, "num_samples", 1)
+        return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
+                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen))
     return Workload(stage, batch, length, length, checkpointing)
 
 
@@ -241,7 +249,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
             own_shard = 0 if offload else 1 / world_size
             frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - own_shard))
     generation = scoring = 0
-    if w.stage == "remax":
+    if w.stage in POLICY_STAGES:
         gathered = a * total * (1 - 1 / world_size) if stage == 3 else 0  # `generate` runs on whole weights
         per_step_logits = 2 * w.rows * g.vocab * 4
         generation = gathered + kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits
@@ -269,23 +277,24 @@ def frozen_numels(config, stage: str) -> dict:
     """Parameter counts of the frozen models, from their config.json where it exists (else the trained
     model's architecture is assumed)."""
     numels = {}
-    if stage == "remax":
-        path = config.remax.reward_model_path
+    if stage in POLICY_STAGES:
+        path = getattr(config, stage).reward_model_path
         if path and (Path(path) / "config.json").is_file():
             numels["reward"] = count_parameters(RewardModel.from_pretrained(path, device="meta"))[0]
         else:
             numels["reward"] = count_parameters(RewardModel.from_causal_lm(
                 dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False)),
                 device="meta"))[0]
-    if stage in ("remax", "dpo"):
+    if stage in POLICY_STAGES + ("dpo",):
         base = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False))
         numels["reference"] = count_parameters(load_causal_lm(base, device="meta"))[0]
     return numels
 
 
 def stage_of(config) -> str:
-    """The stage a config is for: its own section (remax, dpo), else pairwise data means reward."""
-    for stage in ("remax", "dpo"):
+    """The stage a config is for: its own section (remax, rloo, grpo, ppo, dpo), else pairwise data
+    means reward."""
+    for stage in POLICY_STAGES + ("dpo",):
         if hasattr(config, stage):
             return stage
     return "reward" if config.data.format == "pairwise" else "sft"
@@ -358,13 +367,12 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
 
 def config_class(stage: str):
     """The stage's config class (its own section validated with the rest)."""
-    if stage == "remax":
-        from stages.remax import RemaxConfig
-        return RemaxConfig
-    if stage == "dpo":
-        from stages.dpo import DpoConfig
-        return DpoConfig
-    return RunConfig
+    if stage not in CONFIG_CLASSES:
+        return RunConfig
+    import importlib
+
+    module, name = CONFIG_CLASSES[stage]
+    return getattr(importlib.import_module(module), name)
 
 
 def _stage_in_file(path: str) -> str:
@@ -378,7 +386,7 @@ def _stage_in_file(path: str) -> str:
         return "sft"
     if not isinstance(values, dict):
         return "sft"
-    for stage in ("remax", "dpo"):
+    for stage in POLICY_STAGES + ("dpo",):
         if stage in values:
             return stage
     data = values.get("data") or {}

@@ -89,15 +89,15 @@ class RunDirectory:
         _barrier()
         return self.path
 
-    def resume(self, engine) -> Optional[dict]:
-        """With `checkpoint.resume`, loads the newest complete checkpoint into `engine` (and every rank's
-        RNG states) and returns its trainer state; None when the run starts from step 0."""
+    def resume(self, engine, extra_engines: Optional[dict] = None) -> Optional[dict]:
+        """With `checkpoint.resume`, loads the newest complete checkpoint into `engine` (and `extra_engines`,
+        and every rank's RNG states) and returns its trainer state; None when the run starts from step 0."""
         if not self.config.checkpoint.resume:
             return None
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:
             return None
-        state = load_checkpoint(engine, checkpoint)
+        state = load_checkpoint(engine, checkpoint, extra_engines)
         logger.info("resumed from %s (step %d)", checkpoint, state["step"])
         return state
 
@@ -106,8 +106,9 @@ class RunDirectory:
         return MetricsLogger(self.path, rank=_rank(), tensorboard=self.config.logging.tensorboard,
                              resume_step=resume_step)
 
-    def save_checkpoint(self, engine, step: int, trainer_state: dict) -> Path:
-        return save_checkpoint(engine, self.path, step, trainer_state, self.config.checkpoint.keep_last)
+    def save_checkpoint(self, engine, step: int, trainer_state: dict, extra_engines: Optional[dict] = None) -> Path:
+        return save_checkpoint(engine, self.path, step, trainer_state, self.config.checkpoint.keep_last,
+                               extra_engines)
 
     def export(self, engine, tokenizer, name: str = "final", metadata: Optional[dict] = None) -> Path:
         """The model as a Hugging Face directory `output_dir/<name>` (with `<name>.json` holding

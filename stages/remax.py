@@ -15,27 +15,25 @@ KL is against the policy itself rather than its tempered sampling distribution.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import logging
 import math
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 import torch.distributed as dist
-from trl.models.utils import add_hooks, remove_hooks
 
 from pipeline.config import RunConfig
 from pipeline.data import prepare_dataset
-from pipeline.engine import (batch_plan, create_engine, create_frozen_engine, frozen_ds_config, init_distributed,
-                             sharded_creation, training_ds_config)
-from pipeline.generation import (GOLD_REWARDS, Responses, collate_with_prompts, generate_responses,
-                                 generation_configs, load_gold_reward, response_logprobs, scored)
-from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
-from pipeline.models import (RewardModel, adapters_disabled, apply_lora, last_token_index, load_causal_lm,
-                             load_reference, load_tokenizer, model_dtype)
+from pipeline.engine import batch_plan, init_distributed
+from pipeline.generation import GOLD_REWARDS, collate_with_prompts, generation_configs, response_logprobs
+from pipeline.loop import Stage, total_optimizer_steps, train
+from pipeline.models import load_tokenizer
+# The parts ReMax is made of, shared with RLOO and GRPO (and importable from here as before).
+from pipeline.policy import (Models, Rollout, discounted_returns, evaluate, kl_penalized_rewards,  # noqa: F401
+                             reference_policy, reinforce_loss, remax_advantage, rollout, sequence_kl,
+                             weights_for_generation)
+from pipeline.policy import build_models as build_policy_models
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -127,69 +125,6 @@ class RemaxConfig(RunConfig):
         return self.remax.eval_every_steps or self.training.eval_every_steps
 
 
-# ---- the loss, as pure functions ----------------------------------------------------------------
-
-def remax_advantage(sample_reward: torch.Tensor, greedy_reward: torch.Tensor,
-                    clip: Optional[float]) -> torch.Tensor:
-    """r(x, y) - r(x, y_hat), clipped to [-clip, clip] (no clipping when clip is None).
-
-    sample_reward, greedy_reward: (B,). Returns (B,).
-    """
-    advantage = sample_reward - greedy_reward
-    return advantage if clip is None else advantage.clamp(-clip, clip)
-
-
-def kl_penalized_rewards(actor_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                         advantage: torch.Tensor, kl_ctl: float) -> torch.Tensor:
-    """Per-token rewards: -kl_ctl * (log pi(y_t) - log pi_ref(y_t)) on every response token, plus the
-    advantage on each row's last response token.
-
-    actor_logprobs, ref_logprobs, mask: (B, T), mask 1 on a prefix of each row; advantage: (B,).
-    Returns (B, T), zero outside the mask (a row without response tokens gets nothing).
-    """
-    mask = mask.to(actor_logprobs.dtype)
-    rewards = -kl_ctl * (actor_logprobs - ref_logprobs) * mask  # (B, T)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    last = last_token_index(mask)  # (B,)
-    return rewards.index_put((rows, last), advantage.to(rewards.dtype) * mask[rows, last], accumulate=True)
-
-
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} over each row's response tokens.
-
-    rewards, mask: (B, T). Returns (B, T), zero outside the mask.
-    """
-    mask = mask.to(rewards.dtype)
-    rewards = rewards * mask
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])  # (B,)
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
-        returns[:, t] = running
-    return returns * mask
-
-
-def reinforce_loss(logprobs: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token mean of -G_t * log pi(y_t) over the response tokens; the returns are constants.
-
-    logprobs, returns, mask: (B, T). Returns a scalar (0 when the mask is empty).
-    """
-    mask = mask.to(logprobs.dtype)
-    return -(returns.detach() * logprobs * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ---- models and their passes --------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Models:
-    actor: object        # training DeepSpeed engine
-    reference: object    # frozen engine: the policy the KL is measured against; None: the LoRA actor without adapters
-    reward: object       # frozen engine around a RewardModel
-    tokenizer: object
-    gold_reward: Optional[Callable]  # (prompts, responses) -> list of floats, or None
-    missing_eos_penalty: Optional[float] = None
-
-
 def build_models(config: RemaxConfig, tokenizer, total_steps: int):
     """(Models, the actor's TrainingEngine): actor from `model`, reference and reward model frozen.
 
@@ -197,101 +132,7 @@ def build_models(config: RemaxConfig, tokenizer, total_steps: int):
         ModelLoadError: naming `model.path`, `remax.ref_model_path` or `remax.reward_model_path`.
         EngineConfigError: as create_engine / create_frozen_engine.
     """
-    remax = config.remax
-    # Every model loads in the precision it runs in (bf16 engines: bf16 straight from safetensors).
-    dtype = model_dtype(config.model, config.engine.precision)
-    # One model at a time: each is created (sharded from the start where its engine is ZeRO-3) and
-    # wrapped in its engine before the next loads, so load transients never stack. The frozen models
-    # first: a wrong path fails before minutes of loading the actor.
-    reward_ds = frozen_ds_config(config, remax.reward_zero_stage, remax.reward_offload)
-    with sharded_creation(reward_ds):
-        reward = RewardModel.from_pretrained(remax.reward_model_path, dtype=dtype,
-                                             attn_implementation=config.model.attn_implementation,
-                                             trust_remote_code=config.model.trust_remote_code,
-                                             field="remax.reward_model_path")
-    reward = create_frozen_engine(config, reward, zero_stage=remax.reward_zero_stage, offload=remax.reward_offload)
-    # From its own files (memory-mapped), never a copy of the actor; None with LoRA: the actor with its
-    # adapters disabled is the reference, with no second copy of the weights at all.
-    with sharded_creation(frozen_ds_config(config, remax.ref_zero_stage, remax.ref_offload)):
-        reference = load_reference(config.model, remax.ref_model_path, dtype=dtype)
-    copy_reference = reference is None and not config.model.lora.enabled
-    # A fresh model (`model.config`) has no files: its reference is a copy of its starting weights,
-    # so it is built whole (only test and demo models are built from a config).
-    with contextlib.nullcontext() if copy_reference else sharded_creation(training_ds_config(config)):
-        actor = load_causal_lm(config.model, dtype=dtype)
-    if copy_reference:
-        # DeepSpeed casts it as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq).
-        reference = copy.deepcopy(actor)
-    if reference is not None:
-        reference = create_frozen_engine(config, reference, zero_stage=remax.ref_zero_stage, offload=remax.ref_offload)
-    if config.model.lora.enabled:
-        actor = apply_lora(actor, config.model.lora)
-    built = create_engine(config, actor, total_steps)
-    models = Models(actor=built.engine, reference=reference, reward=reward, tokenizer=tokenizer,
-                    gold_reward=load_gold_reward(remax.gold_reward, "remax.gold_reward"),
-                    missing_eos_penalty=remax.missing_eos_penalty)
-    return models, built
-
-
-@contextlib.contextmanager
-def weights_for_generation(engine):
-    """The actor's module, ready for `generate`. Under ZeRO-3 the full weights are gathered once and
-    DeepSpeed's hooks removed for the duration (as TRL does): one all-gather instead of one per
-    generated token, and ranks whose responses end sooner need not keep stepping with the others.
-    Each rank briefly holds the whole actor."""
-    if engine.zero_optimization_stage() != 3:
-        yield engine.module
-        return
-    from deepspeed import zero  # imported here, after pipeline.engine has picked the accelerator
-
-    with zero.GatheredParameters(list(engine.module.parameters())):
-        remove_hooks(engine)
-        try:
-            yield engine.module
-        finally:
-            add_hooks(engine)
-
-
-@contextlib.contextmanager
-def reference_policy(models: Models):
-    """The frozen reference, or the LoRA actor with its adapters disabled when there is none."""
-    if models.reference is not None:
-        yield models.reference
-    else:
-        with adapters_disabled(models.actor) as reference:
-            yield reference
-
-
-@dataclasses.dataclass
-class Rollout:
-    sampled: Responses
-    greedy: Responses
-    actor_logprobs: torch.Tensor  # (B, T) of the sampled response, no grad
-    ref_logprobs: torch.Tensor    # (B, T)
-    entropy: torch.Tensor         # (B, T) the actor's token entropy along the sampled response
-
-
-@torch.no_grad()
-def rollout(models: Models, batch: dict, sample_config, greedy_config) -> Rollout:
-    """Samples and greedily decodes one response per prompt, scores both, and takes the actor's and
-    the reference's log-probs of the sampled one. Collective under ZeRO-3: every rank calls it."""
-    models.actor.eval()
-    with weights_for_generation(models.actor) as actor:
-        sampled = generate_responses(actor, batch, sample_config, models.tokenizer)
-        greedy = generate_responses(actor, batch, greedy_config, models.tokenizer)
-    penalty = (models.tokenizer.eos_token_id, models.missing_eos_penalty)
-    sampled, greedy = scored(models.reward, *sampled, *penalty), scored(models.reward, *greedy, *penalty)
-    response_length = sampled.mask.shape[1]
-    actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
-                                                response_length, with_entropy=True)
-    with reference_policy(models) as reference:
-        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length)
-    return Rollout(sampled, greedy, actor_logprobs, ref_logprobs, entropy)
-
-
-def sequence_kl(experience: Rollout) -> torch.Tensor:
-    """(B,) summed log pi - log pi_ref over each sampled response: the usual sample estimate of KL(pi || pi_ref)."""
-    return ((experience.actor_logprobs - experience.ref_logprobs) * experience.sampled.mask).sum(-1)
+    return build_policy_models(config, config.remax, "remax", tokenizer, total_steps)
 
 
 # ---- one step, evaluation, the best checkpoint --------------------------------------------------
@@ -337,25 +178,6 @@ def step_metrics(total: dict) -> dict:
     if "gold_reward" in total:
         metrics["gold_reward"] = total["gold_reward"] / n
     return metrics
-
-
-@torch.no_grad()
-def evaluate(models: Models, loader, generation: tuple, device) -> dict:
-    """Held-out prompts: greedy reward (`eval/reward`, the number the best checkpoint follows), sampled
-    reward, KL of the samples and greedy response length, averaged over every rank's prompts."""
-    total = {}
-    for batch in loader:
-        experience = rollout(models, to_device(batch, device), *generation)
-        sampled, greedy = experience.sampled, experience.greedy
-        sums = {"sequences": len(greedy.reward), "eval/reward": greedy.reward.sum(),
-                "eval/sampled_reward": sampled.reward.sum(), "eval/kl": sequence_kl(experience).sum(),
-                "eval/response_length": greedy.lengths.sum()}
-        if models.gold_reward is not None:
-            sums["eval/gold_reward"] = sum(models.gold_reward(batch["prompt"], greedy.texts(models.tokenizer)))
-        total = add_sums(total, sums)
-    total = sum_over_ranks(total, device)
-    count = total.pop("sequences")
-    return {name: value / count for name, value in total.items()}
 
 
 # ---- the run ------------------------------------------------------------------------------------

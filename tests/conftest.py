@@ -1,7 +1,10 @@
 import atexit
+import contextlib
+import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,10 +23,27 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+LAUNCH_PORTS = set()  # every master port handed out, so the ranks' /dev/shm files can be swept
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    LAUNCH_PORTS.add(port)
+    return port
+
+
+def sweep_shared_memory(ports) -> None:
+    """Removes DeepSpeed's CPU all-reduce buffers (66 MiB of RAM each) left by ranks meeting on `ports`:
+    workers that call deepspeed.initialize directly never unlink theirs (the stages do, pipeline.engine)."""
+    for port in ports:
+        for name in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
+atexit.register(lambda: sweep_shared_memory(LAUNCH_PORTS))
 
 
 def rank_env() -> dict:
@@ -34,10 +54,22 @@ def rank_env() -> dict:
 
 def launch_ranks(world_size: int, args: list, timeout: int = 900) -> subprocess.CompletedProcess:
     """Starts `world_size` real DeepSpeed ranks on CPU with the deepspeed launcher."""
+    port = free_port()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-               "--master_port", str(free_port()), *map(str, args)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True,
-                            timeout=timeout)
+               "--master_port", str(port), *map(str, args)]
+    # A session of its own: on a timeout the ranks go too, not only the launcher (the ranks would
+    # otherwise hold the output pipes open and the test would wait for ever).
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=rank_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{world_size}-rank launch timed out after {timeout} s:\n{(stdout + stderr)[-6000:]}")
+    finally:
+        sweep_shared_memory([port])
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-6000:]
         pytest.fail(f"{world_size}-rank launch failed (exit {result.returncode}):\n{tail}")

@@ -1,4 +1,7 @@
 """Tiny models built in code for the tests; nothing is downloaded."""
+import json
+import random
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,3 +71,16 @@ def save_tiny_reward_dir(directory, policy_dir, seed: int = 0):
     torch.manual_seed(seed)
     RewardModel.from_causal_lm(ModelConfig(path=str(policy_dir))).save_pretrained(directory)
     return directory
+
+
+def write_separable_pairs(path, count: int, seed: int = 0):
+    """`count` preference pairs an easy rule separates (chosen "... is good", rejected "... is bad"), as JSONL."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        topic = rng.choice(["cat", "dog", "park", "mat"])
+        filler = rng.choice(["the", "a", "big", "small"])
+        rows.append({"prompt": f"human what is the {topic} assistant",
+                     "chosen": f" {filler} {topic} is good", "rejected": f" {filler} {topic} is bad"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

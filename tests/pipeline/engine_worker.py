@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoint import export_final
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
-from pipeline.engine import build_scheduler, create_engine, create_frozen_engine, init_distributed
+from pipeline.engine import (build_scheduler, create_engine, create_frozen_engine, init_distributed,
+                             shared_memory_names)
 from pipeline.optim import build_optimizer
 from pipeline.rundir import RunDirectory
 from tests.rank_tools import full_fp32_params, write_results
@@ -120,10 +121,13 @@ def main():
     args = parser.parse_args()
     world_size = init_distributed()
     rank = dist.get_rank()
+    # DeepSpeed's CPU all-reduce buffers exist (all-reduce works below) but their names are gone.
+    shm_names_left = shared_memory_names(os.environ["MASTER_PORT"])
     batches = token_batches(STEPS, world_size * ACCUMULATION, MICRO)
     results = {f"zero{stage}": train_case(stage, batches, rank, world_size) for stage in (2, 3)}
     results["frozen_zero3"] = frozen_case(batches, offload=False)
     results["frozen_zero3_offload"] = frozen_case(batches, offload=True)
+    results["shm_names_left"] = shm_names_left
     write_results(args.out, results)
 
 

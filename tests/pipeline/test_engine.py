@@ -75,6 +75,15 @@ def test_adam_mini_is_injected_with_the_models_geometry():
     assert decays["model.layers.0.self_attn.q_proj.weight"] == 0.1
 
 
+def test_adam_mini_shares_one_param_group_when_asked():
+    model = tiny_llama()
+    shared = build_optimizer(OptimConfig(lr=2e-5, weight_decay=0.1, shared_groups=True), model)
+    assert isinstance(shared, Adam_mini) and len(shared.param_groups) == 1
+    assert shared.partition_report.as_dict()["rule_counts"] == {"element": 6, "lora": 0, "head": 4, "row": 12,
+                                                                 "tensor": 5}
+    assert len(build_optimizer(OptimConfig(lr=2e-5), model).param_groups) == len(list(model.parameters()))
+
+
 def test_adamw_excludes_norms_and_biases_from_weight_decay():
     model = tiny_llama()
     optimizer = build_optimizer(OptimConfig(name="adamw", weight_decay=0.1), model)
@@ -132,6 +141,12 @@ def test_factory_engine_matches_unsharded_training_on_two_ranks(two_ranks, stage
 
 def _engine_worker_config():
     return config(optim=OptimConfig(lr=1e-3, warmup_steps=2, scheduler="cosine", min_lr_ratio=0.1))
+
+
+@pytest.mark.slow
+def test_ranks_leave_no_shared_memory_behind(two_ranks):
+    # DeepSpeed's CPU all-reduce makes a 66 MiB /dev/shm file per rank and never removes it.
+    assert two_ranks["shm_names_left"] == []
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.evaluate import EvaluateError, area_under, curves, main, smooth
+from pipeline.evaluate import EvaluateError, algorithm_table, area_under, curves, main, smooth, wall_clock_series
 
 
 def write_run(directory, rows, extra_lines=()):
@@ -74,3 +74,26 @@ def test_smoothing_and_area():
     assert smooth([1.0, 1.0, 1.0], 0.6) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected: no drag to 0
     assert smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, (0.5 * 10) / (1 - 0.25)])
     assert area_under([0, 2], [1.0, 3.0]) == 4.0 and math.isnan(area_under([1], [1.0]))
+
+
+def test_curves_against_training_time_sum_the_step_times_up_to_each_point():
+    rows = [{"step": 0, "eval/gold_reward": 0.1}, {"step": 1, "step_time": 0.5}, {"step": 2, "step_time": 1.5},
+            {"step": 2, "eval/gold_reward": 0.4}, {"step": 3, "step_time": 1.0}, {"step": 4, "step_time": 2.0},
+            {"step": 4, "eval/gold_reward": 0.3}]
+    assert wall_clock_series(rows, "eval/gold_reward") == ([0.0, 2.0, 5.0], [0.1, 0.4, 0.3])
+
+
+def test_algorithm_table_rows_from_metrics_and_policy_scores(tmp_path):
+    rows = remax_rows([0.0, 2.0, 1.0], [0.0, 0.5, 0.9])
+    rows += [{"step": 0, "eval/gold_reward": 0.05}, {"step": 10, "eval/gold_reward": 0.6},
+             {"step": 20, "eval/gold_reward": 0.5}, {"step": 10, "optimizer_state_bytes": 3 * 2**20}]
+    grpo = write_run(tmp_path / "grpo", rows)
+    score = lambda gold: {"reward_mean": 1.0, "gold_reward": gold}  # noqa: E731
+    (grpo / "eval_policy.json").write_text(json.dumps({"greedy": score(0.55), "sampled": score(0.4), "win_rate": 0.9,
+                                                       "kl": 2.5, "baseline_greedy": score(0.08)}))
+    dpo = write_run(tmp_path / "dpo", [{"step": 1, "loss": 0.6, "step_time": 2.0, "peak_memory_bytes": 2**21}])
+    text = algorithm_table([grpo, dpo], tmp_path / "report" / "algorithms.md")
+    assert "| grpo | 0.55 | 0.4 | 0.9 | 2.5 | 0.6 (10) | 5 | 0.0009632 | 3 |" in text
+    assert "| dpo | - | - | - | - | - | 2 | 2 | - |" in text  # no policy scores yet, no gold evaluations
+    assert "greedy gold reward 0.08" in text
+    assert (tmp_path / "report" / "algorithms.md").read_text() == text

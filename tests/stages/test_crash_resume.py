@@ -1,7 +1,8 @@
 """A stage killed with SIGKILL mid-training, then started again with the same command plus
 `checkpoint.resume=true`, ends exactly where a run that never stopped ends: final weights, the
 optimizer state of the last checkpoint and every logged metric bitwise equal (CPU fp32, 2 real
-DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, and DPO)."""
+DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, DPO, RLOO at ZeRO-2,
+GRPO at ZeRO-3 with two updates per rollout, and PPO at ZeRO-2 with its critic's engine)."""
 import json
 import math
 import os
@@ -45,8 +46,9 @@ def inputs(tmp_path_factory):
 
 
 def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
-    data_format = {"sft": "sft", "reward": "pairwise", "remax": "prompt", "dpo": "pairwise"}[stage]
-    data_file = "prompts.jsonl" if stage == "remax" else "pairs.jsonl"
+    sampling = stage in ("remax", "rloo", "grpo", "ppo")
+    data_format = "prompt" if sampling else {"sft": "sft", "reward": "pairwise", "dpo": "pairwise"}[stage]
+    data_file = "prompts.jsonl" if sampling else "pairs.jsonl"
     config = dict(seed=0, model={"path": str(inputs / "model")},
                   data={"path": str(inputs / data_file), "format": data_format, "eval_fraction": 0.125,
                         "max_length": 24, "max_prompt_length": 12},
@@ -58,6 +60,14 @@ def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
     if stage == "remax":
         config["remax"] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
                            "ref_zero_stage": 3, "reward_zero_stage": 3}
+    if stage in ("rloo", "grpo"):
+        config[stage] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
+                         "num_samples": 2, "ref_zero_stage": 3, "reward_zero_stage": 3}
+    if stage == "ppo":  # two updates per rollout (the default), the critic from the reward model
+        config["ppo"] = {"reward_model_path": str(inputs / "reward"), "max_new_tokens": 6, "eval_every_steps": 3,
+                         "ref_zero_stage": 3, "reward_zero_stage": 3}
+    if stage == "grpo":  # the kept rollout: resumed at step 2 or 4, between two rollouts
+        config["grpo"]["updates_per_rollout"] = 2
     if stage == "dpo":  # the frozen reference sharded with the policy at ZeRO-3, a full copy at ZeRO-2
         config["dpo"] = {"beta": 0.1, "ref_zero_stage": 3 if zero_stage == 3 else 0}
     return config
@@ -104,7 +114,8 @@ def safetensors_of(directory: Path) -> dict:
 
 
 def optimizer_state_of(checkpoint: Path) -> dict:
-    """Every tensor in DeepSpeed's per-rank optimizer files, keyed by file and path in the nested state."""
+    """Every tensor in DeepSpeed's per-rank optimizer files (PPO's critic's in `critic/` too), keyed by file
+    and path in the nested state."""
     found = {}
 
     def walk(value, key):
@@ -117,9 +128,10 @@ def optimizer_state_of(checkpoint: Path) -> dict:
             for index, item in enumerate(value):
                 walk(item, f"{key}/{index}")
 
-    for path in sorted(checkpoint.glob("*optim_states.pt")):
+    for path in sorted(checkpoint.rglob("*optim_states.pt")):
         # DeepSpeed's own files, written by this test's runs (they hold more than tensors).
-        walk(torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"], path.name)
+        walk(torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"],
+             str(path.relative_to(checkpoint)))
     return found
 
 
@@ -130,7 +142,8 @@ def assert_same_tensors(expected: dict, actual: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("stage, zero_stage", [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3),
-                                               ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3)])
+                                               ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3),
+                                               ("rloo", 2), ("grpo", 3), ("ppo", 2)])
 def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(inputs, tmp_path, stage, zero_stage):
     config_file = tmp_path / f"{stage}.yaml"
     config_file.write_text(yaml.safe_dump(stage_config(stage, zero_stage, inputs)))
@@ -148,7 +161,10 @@ def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(i
     assert_same_tensors(optimizer_state_of(uninterrupted / last_checkpoint),
                         optimizer_state_of(crashed / last_checkpoint), "optimizer state")
     assert strip_timing(crashed) == strip_timing(uninterrupted)
-    if stage == "remax":
+    if stage == "ppo":  # the critic resumed with the actor: its export is bitwise the uninterrupted one's
+        assert any("critic/" in key for key in optimizer_state_of(crashed / last_checkpoint))
+        assert_same_tensors(safetensors_of(uninterrupted / "critic"), safetensors_of(crashed / "critic"), "critic")
+    if stage in ("remax", "rloo", "grpo", "ppo"):
         assert (json.loads((crashed / "best" / "best.json").read_text())
                 == json.loads((uninterrupted / "best" / "best.json").read_text()))
 

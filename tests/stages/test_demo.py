@@ -71,5 +71,6 @@ def test_the_console_shows_what_a_person_needs_and_nothing_else(demo):
     assert console.count("kept 2000 of 2000 rows") == 2  # SFT and reward data, reported by rank 0 only
     assert "step 118/118 loss" in console and "eval at step 0: " in console
     # Launcher chatter, per-rank FutureWarnings and export progress bars stay behind --debug / DS_LOG_LEVEL.
-    for noise in ("[launch.py", "[runner.py", "FutureWarning", "Writing model shards", "untested optimizer"):
+    for noise in ("[launch.py", "[runner.py", "FutureWarning", "Writing model shards", "untested optimizer",
+                  "built successfully"):
         assert noise not in console, noise

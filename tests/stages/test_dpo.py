@@ -2,7 +2,6 @@
 DeepSpeed CPU ranks; bad settings refused by field."""
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from pipeline.evaluate import curves
 from pipeline.run import EXIT_USER_ERROR, main
 from stages.dpo import DpoConfig, dpo_loss, pair_means, reward_sums, run, sequence_logprobs
 from tests.conftest import launch_ranks
-from tests.tiny_models import save_tiny_model_dir
+from tests.tiny_models import save_tiny_model_dir, write_separable_pairs
 
 
 def log_sigmoid(x: float) -> float:
@@ -135,16 +134,7 @@ def test_data_without_pairs_is_refused_naming_the_file_and_rows(tmp_path, capsys
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """Pairs an easy rule separates: the chosen answer is good, the rejected one bad; 8 held out."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(64):
-        topic = rng.choice(["cat", "dog", "park", "mat"])
-        filler = rng.choice(["the", "a", "big", "small"])
-        rows.append({"prompt": f"human what is the {topic} assistant",
-                     "chosen": f" {filler} {topic} is good", "rejected": f" {filler} {topic} is bad"})
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_separable_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 64)
 
 
 DATA = dict(format="pairwise", eval_fraction=0.125, max_length=24, max_prompt_length=16)

@@ -12,7 +12,8 @@ from tests.conftest import REPO_ROOT, rank_env
 
 pytestmark = pytest.mark.slow
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",
-           "dpo": "stages.dpo"}
+           "dpo": "stages.dpo", "rloo": "stages.rloo", "grpo": "stages.grpo",
+           "ppo": "stages.ppo"}
 
 
 def dry_run(name: str) -> str:
@@ -43,7 +44,7 @@ def test_config_dry_runs_with_a_plan(name):
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
-    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo"))
+    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo", "rloo", "grpo", "ppo"))
 
 
 def test_configs_carry_the_reference_settings():
@@ -61,6 +62,11 @@ def test_configs_carry_the_reference_settings():
     dpo = settings["dpo"]
     assert (dpo["optim"]["lr"], dpo["dpo"]["beta"], dpo["dpo"]["loss_type"]) == (5e-7, 0.1, "sigmoid")
     assert dpo["data"]["format"] == "pairwise" and dpo["dpo"]["ref_offload"]
+    rloo, grpo = settings["rloo"]["rloo"], settings["grpo"]["grpo"]
+    assert (rloo["num_samples"], rloo["kl_penalty"], grpo["num_samples"], grpo["kl_penalty"]) == (4, "reward", 8, "loss")
+    ppo = settings["ppo"]["ppo"]
+    assert (ppo["num_samples"], ppo["critic_init"], ppo["updates_per_rollout"]) == (1, "reward", 2)
+    assert all(section["ref_offload"] and section["reward_offload"] for section in (rloo, grpo, ppo))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

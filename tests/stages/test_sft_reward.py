@@ -1,7 +1,6 @@
 """SFT (full and LoRA) and reward-model training as users run them: `deepspeed --module stages.X`
 on 2 CPU ranks at ZeRO-2, on a tiny model and data built here."""
 import json
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.models import RewardModel
 from stages.reward import pairwise_loss
 from tests.conftest import launch_ranks
-from tests.tiny_models import save_tiny_model_dir
+from tests.tiny_models import save_tiny_model_dir, write_separable_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +36,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def preference_data(tmp_path_factory):
     """Pairs an easy rule separates: the chosen answer is good, the rejected one bad."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        topic = rng.choice(["cat", "dog", "park", "mat"])
-        filler = rng.choice(["the", "a", "big", "small"])
-        rows.append({"prompt": f"human what is the {topic} assistant",
-                     "chosen": f" {filler} {topic} is good", "rejected": f" {filler} {topic} is bad"})
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_separable_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 48)
 
 
 def base_config(run_dir, model, data, data_format, **engine):

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Policy optimisation side by side on the demo task: SFT and a reward model once, then every
+# algorithm from that same SFT policy (and reward model where it uses one), on NUM_GPUS ranks
+# (default 2) with Adam-mini. Writes to OUTPUT_ROOT/report: overlaid curves of held-out greedy gold
+# reward, reward-model score and KL against step and against training time, and algorithms.md,
+# a table of each final policy's held-out scores and of what its run cost.
+#   bash training_scripts/compare_algorithms.sh [OUTPUT_ROOT] [key.sub=value ...]
+# OUTPUT_ROOT defaults to runs/algorithms and is replaced; overrides go to every stage.
+# ALGORITHMS="remax rloo grpo dpo" picks the algorithms (default: every one with a configs/tiny file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="${1:-runs/algorithms}"
+[ "$#" -gt 0 ] && shift
+export NUM_GPUS="${NUM_GPUS:-2}"
+if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+read -ra algorithms <<< "${ALGORITHMS:-remax rloo grpo ppo dpo}"
+start=$SECONDS
+sft="$root/sft/final"
+reward="$root/reward/final"
+bash training_scripts/sft/run_sft_full.sh configs/tiny/sft_full.yaml "output_dir=$root/sft" \
+    checkpoint.overwrite=true "$@"
+bash training_scripts/reward/run_reward.sh configs/tiny/reward.yaml "output_dir=$root/reward" \
+    "model.path=$sft" checkpoint.overwrite=true "$@"
+runs=()
+for algorithm in "${algorithms[@]}"; do
+    config="configs/tiny/$algorithm.yaml"
+    if [ ! -f "$config" ]; then
+        echo "skipping $algorithm: no $config" >&2
+        continue
+    fi
+    case "$algorithm" in
+        dpo) script=training_scripts/dpo/run_dpo.sh; models=() ;;  # the pairs alone: no reward model
+        *) script="training_scripts/po/$algorithm/run_$algorithm.sh"
+           models=("$algorithm.reward_model_path=$reward") ;;
+    esac
+    run="$root/$algorithm"
+    algorithm_start=$SECONDS
+    bash "$script" "$config" "output_dir=$run" "model.path=$sft" "${models[@]}" checkpoint.overwrite=true "$@"
+    echo "$algorithm trained in $((SECONDS - algorithm_start)) s"
+    # Every final policy scored the same way: greedy and sampled gold reward, win rate and KL against SFT.
+    "$python" -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml "policy_path=$run/final" \
+        "reward_model_path=$reward" "baseline_policy_path=$sft" "ref_model_path=$sft" \
+        "output=$run/eval_policy.json" > /dev/null
+    runs+=("$run")
+done
+"$python" -m pipeline.evaluate curves "${runs[@]}" --out "$root/report" > /dev/null
+"$python" -m pipeline.evaluate algorithms "${runs[@]}" --out "$root/report/algorithms.md"
+echo "compared ${#runs[@]} algorithms in $((SECONDS - start)) s; curves and algorithms.md in $root/report"
