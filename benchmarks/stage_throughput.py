@@ -32,7 +32,10 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
-OPTIMIZERS = ("adamw", "adam_mini")  # AdamW first: the baseline every ratio divides by
+# AdamW first: the baseline every ratio divides by. Each variant is the config overrides it runs with.
+OPTIMIZERS = {"adamw": ["optim.name=adamw"],
+              "adam_mini": ["optim.name=adam_mini"],                                # one group per parameter
+              "adam_mini_shared": ["optim.name=adam_mini", "optim.shared_groups=true"]}
 STAGES = ("sft", "remax")
 TOKENIZER = "data/demo/tokenizer"
 LAUNCH_TIMEOUT_S = 1200
@@ -181,7 +184,7 @@ def measure(stage: str, optimizer: str, zero_stage: int, repeat: int, config_pat
     """One launch; its timed steps, rank 0's peak RSS and optimizer state, or `failed` with the reason."""
     run_dir = root / f"{stage}-zero{zero_stage}-{optimizer}-r{repeat}"
     log_path = root / f"{run_dir.name}.log"
-    overrides = [f"optim.name={optimizer}", f"engine.zero_stage={zero_stage}", f"output_dir={run_dir}",
+    overrides = [*OPTIMIZERS[optimizer], f"engine.zero_stage={zero_stage}", f"output_dir={run_dir}",
                  "checkpoint.overwrite=true"]
     started = time.perf_counter()
     failure = launch(stage, config_path, overrides, log_path, LAUNCH_TIMEOUT_S)
@@ -328,7 +331,7 @@ def run_all(args, root: Path) -> tuple:
         for zero_stage in args.zero:
             runs = {name: [] for name in OPTIMIZERS}
             for repeat in range(args.repeats):
-                order = OPTIMIZERS if repeat % 2 == 0 else OPTIMIZERS[::-1]
+                order = list(OPTIMIZERS) if repeat % 2 == 0 else list(OPTIMIZERS)[::-1]
                 for optimizer in order:
                     run = measure(stage, optimizer, zero_stage, repeat, config_path, root, args.warmup)
                     print(f"  {stage} ZeRO-{zero_stage} {optimizer} run {repeat}: "

@@ -143,7 +143,7 @@ def assert_same_tensors(expected: dict, actual: dict, what: str) -> None:
 
 @pytest.mark.parametrize("stage, zero_stage", [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3),
                                                ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3),
-                                               ("rloo", 2), ("grpo", 3), ("ppo", 2)])
+                                               ("rloo", 2), ("grpo", 3), ("ppo", 2), ("ppo", 3)])
 def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(inputs, tmp_path, stage, zero_stage):
     config_file = tmp_path / f"{stage}.yaml"
     config_file.write_text(yaml.safe_dump(stage_config(stage, zero_stage, inputs)))
