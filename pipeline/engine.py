@@ -32,6 +32,20 @@ from .optim import build_optimizer  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+# DeepSpeed's buffer sizes (elements), stated explicitly so the memory plan reads the numbers the engine uses.
+REDUCE_BUCKET_ELEMENTS = 500_000_000        # gradients reduced per bucket (ZeRO 1-3)
+ALLGATHER_BUCKET_ELEMENTS = 500_000_000     # ZeRO-1/2: updated weights gathered per bucket
+PREFETCH_BUCKET_ELEMENTS = 50_000_000       # ZeRO-3: weights fetched ahead of the layer that needs them
+MAX_LIVE_PARAMETERS = 1_000_000_000         # ZeRO-3: gathered weights kept between forward and backward
+SUB_GROUP_ELEMENTS = 1_000_000_000          # ZeRO-3: optimizer step granularity
+
+
+def reduce_bucket_elements(trainable_numel: int) -> int:
+    """A gradient bucket no larger than the gradients it collects: DeepSpeed allocates the whole bucket
+    up front, so a 5e8-element bucket for a LoRA run would be ~1 GB of nothing."""
+    return max(1, min(REDUCE_BUCKET_ELEMENTS, trainable_numel))
+
+
 class EngineConfigError(ValueError):
     """A combination the engine cannot run here, named with its fields."""
 
@@ -136,8 +150,11 @@ def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMENTS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS)
     if engine.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero.update(stage3_gather_16bit_weights_on_model_save=True,
+                    stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS,
+                    stage3_max_live_parameters=MAX_LIVE_PARAMETERS, sub_group_size=SUB_GROUP_ELEMENTS)
     ds_config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -191,6 +208,8 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     world_size = init_distributed()
     plan = batch_plan(config, world_size)
     ds_config = build_ds_config(config, plan)
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(trainable)
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(optimizer, config, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -202,11 +221,8 @@ def create_engine(config: RunConfig, model: torch.nn.Module, total_steps: int) -
     return TrainingEngine(engine, optimizer, scheduler, plan, ds_config)
 
 
-def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stage: Optional[int] = None,
-                         offload: bool = False):
-    """A forward-only engine (reference policy, reward model): no optimizer, no gradients.
-
-    `zero_stage=3` shards the weights over the ranks; `offload` keeps them in CPU memory.
+def frozen_ds_config(config: RunConfig, zero_stage: Optional[int] = None, offload: bool = False) -> dict:
+    """The DeepSpeed config of a forward-only engine; `zero_stage` defaults to `engine.zero_stage`.
 
     Raises:
         EngineConfigError: offload without ZeRO-3.
@@ -214,9 +230,7 @@ def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stag
     stage = config.engine.zero_stage if zero_stage is None else zero_stage
     if offload and stage != 3:
         raise EngineConfigError(f"offloading a frozen model needs ZeRO-3, got zero stage {stage}")
-    check_device(config)
     world_size = init_distributed()
-    model.requires_grad_(False)
     zero = {"stage": stage if stage == 3 else 0}  # without an optimizer only ZeRO-3 shards anything
     if offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -225,6 +239,50 @@ def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stag
                  "gradient_accumulation_steps": 1,
                  "gradient_clipping": 0.0, "zero_optimization": zero, "steps_per_print": 10**9}
     ds_config.update(_precision_section(config.engine.precision))
+    return ds_config
+
+
+def training_ds_config(config: RunConfig) -> dict:
+    """The DeepSpeed config `create_engine` will use, for creating the model sharded beforehand."""
+    return build_ds_config(config, batch_plan(config, init_distributed()))
+
+
+@contextlib.contextmanager
+def sharded_creation(ds_config: dict):
+    """Models built inside (transformers' from_pretrained / from_config) are partitioned as they are
+    created when `ds_config` is ZeRO-3: each parameter is split over the ranks the moment its layer
+    exists, and only rank 0 reads the checkpoint (memory-mapped) one layer at a time. No rank ever
+    holds the whole model. Outside ZeRO-3 this does nothing.
+
+    transformers finds the config through a weak reference, so the object is kept alive here for
+    the duration and unregistered afterwards (later loads, e.g. a ZeRO-0 frozen model, stay whole).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def create_frozen_engine(config: RunConfig, model: torch.nn.Module, *, zero_stage: Optional[int] = None,
+                         offload: bool = False):
+    """A forward-only engine (reference policy, reward model): no optimizer, no gradients.
+
+    `zero_stage=3` shards the weights over the ranks (build the model inside
+    `sharded_creation(frozen_ds_config(...))` so it is never whole); `offload` keeps them in CPU memory.
+
+    Raises:
+        EngineConfigError: offload without ZeRO-3.
+    """
+    ds_config = frozen_ds_config(config, zero_stage, offload)
+    check_device(config)
+    model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine

@@ -1,31 +1,58 @@
-"""Per-rank memory plans: parameters, gradients and optimizer state for ZeRO 0-3, Adam-mini next to AdamW.
+"""Per-rank memory plans: everything a rank holds at its peak, for ZeRO 0-3, Adam-mini next to AdamW.
 
     python -m pipeline.plan --config FILE [--world-sizes 1,2,8] [--gpu-memory 80] [--json] [key.sub=value ...]
 
-The model is built on the meta device from its config.json (no weights are read). The byte
-layout is DeepSpeed's (its `estimate_zero{2,3}_model_states_mem_needs`): with bf16/fp16,
-16-bit weights and gradients plus fp32 gradients and an fp32 master copy; ZeRO-1 shards the
-optimizer side, ZeRO-2 the gradients too, ZeRO-3 the weights too (plus the largest layer,
-gathered; its 16-bit gradients only pass through buckets). The optimizer's own state comes from the optimizer's accounting: Adam-mini's
-`planned_state_bytes` (m for the slice, v for the blocks it touches), AdamW's two fp32
-values per element of the slice.
+The model is built on the meta device from its config.json (no weights are read); the stage (SFT,
+reward, DPO, ReMax) is read from the config, and the reward stage is planned as a reward model.
+
+Model states follow DeepSpeed's layout (its `estimate_zero{2,3}_model_states_mem_needs`): with
+bf16/fp16, 16-bit weights and gradients plus fp32 gradients and an fp32 master copy; ZeRO-1 shards
+the optimizer side, ZeRO-2 the gradients too, ZeRO-3 the weights too. The optimizer's own state
+comes from the optimizer's accounting (Adam-mini's `planned_state_bytes`, AdamW's two fp32 values
+per element). On top, per rank:
+  activations     what autograd keeps for the backward (Llama-style layer, SDPA: no T x T matrix),
+                  every layer, or with gradient checkpointing each layer's input plus one layer rebuilt
+  logits          the B x T x vocab logits, their fp32 upcast and log-softmax (the loss), where computed
+  DeepSpeed       the gradient reduce bucket; ZeRO-3: the gathered weights it keeps live
+  optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
+  frozen models   reference policy and reward model weights (ReMax, DPO)
+  generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
+The peak is what persists between steps (weights, the gradients DeepSpeed keeps, optimizer state,
+frozen models) plus the largest of the phases (forward/backward, generation, scoring, optimizer step;
+ZeRO-2's fp32 gradient partition exists only in the step); "fits" is decided on it. Checked against
+measured peaks on 2 CPU ranks by benchmarks/memory_vs_plan.py.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError, RunConfig, load_config
-from .models import ModelLoadError, apply_lora, count_parameters, load_causal_lm
+from .engine import MAX_LIVE_PARAMETERS, SUB_GROUP_ELEMENTS, reduce_bucket_elements
+from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, load_causal_lm
 from .optim import OPTIMIZERS, planned_state_bytes
 
 GIB = 2**30
+# Policy optimisation stages: generation from prompts, a frozen reference and reward model. Their
+# config section carries the same fields (reward_model_path, ref_/reward_zero_stage, max_new_tokens...).
+POLICY_STAGES = ("remax", "rloo", "grpo", "ppo")
+STAGES = ("sft", "reward", "dpo") + POLICY_STAGES
+CONFIG_CLASSES = {"remax": ("stages.remax", "RemaxConfig"), "rloo": ("stages.rloo", "RlooConfig"),
+                  "grpo": ("stages.grpo", "GrpoConfig"), "ppo": ("stages.ppo", "PpoConfig"),
+                  "dpo": ("stages.dpo", "DpoConfig")}
 
 
-def build_meta_model(config: RunConfig):
-    """The run's model (LoRA applied) on the meta device: only config.json is read."""
-    model = load_causal_lm(config.model, device="meta")
+def build_meta_model(config: RunConfig, stage: str = "sft"):
+    """The run's trained model (LoRA applied) on the meta device: only config.json is read. The reward
+    stage trains a reward model (backbone + v_head, no LM head)."""
+    if stage == "reward":
+        model = RewardModel.from_causal_lm(config.model, device="meta")
+    else:
+        model = load_causal_lm(config.model, device="meta")
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
     return model
@@ -36,8 +63,126 @@ def largest_layer_numel(model) -> int:
                (sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()))
 
 
-def plan_rows(model, world_sizes, precision: str = "bf16") -> list:
-    """One row per (optimizer, zero stage, world size): bytes on the most loaded rank."""
+# ---- geometry and workload ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, hf_config) -> "Geometry":
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config()
+        get = lambda *names, default=None: next(  # noqa: E731
+            (getattr(hf_config, n) for n in names if getattr(hf_config, n, None) is not None), default)
+        hidden = get("hidden_size", "n_embd", "d_model")
+        heads = get("num_attention_heads", "n_head")
+        return cls(layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
+                   intermediate=get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden), heads=heads,
+                   kv_heads=get("num_key_value_heads", default=heads),
+                   head_dim=get("head_dim", default=hidden // heads), vocab=get("vocab_size"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one rank runs per micro-batch."""
+    stage: str
+    rows: int                      # sequences per forward (reward, DPO: chosen and rejected stacked)
+    seq_len: int                   # tokens per sequence (the planned worst case: data.max_length)
+    logit_positions: int           # positions per row whose logits are computed; 0: a reward model's scores
+    gradient_checkpointing: bool
+    prompt_len: int = 0            # ReMax: generation from prompt_len to prompt_len + new_tokens
+    new_tokens: int = 0
+    frozen: tuple = ()             # (name, parameters, zero3, offload) of each frozen model
+
+
+def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Workload:
+    """The per-rank workload of `config` run as `stage`; `frozen_numels` gives the frozen models' sizes
+    ({"reference": n, "reward": n}; default: the trained model's)."""
+    batch, length = config.engine.micro_batch_size, config.data.max_length
+    checkpointing = config.model.gradient_checkpointing
+    frozen_numels = frozen_numels or {}
+    if stage == "reward":
+        return Workload(stage, 2 * batch, length, 0, checkpointing)
+    if stage == "dpo":
+        dpo = getattr(config, "dpo", None)
+        frozen = () if config.model.lora.enabled and getattr(dpo, "ref_model_path", None) is None else (
+            ("reference", frozen_numels.get("reference"), getattr(dpo, "ref_zero_stage", 0) == 3,
+             getattr(dpo, "ref_offload", False)),)
+        return Workload(stage, 2 * batch, length, length, checkpointing, frozen=frozen)
+    if stage in POLICY_STAGES:
+        section = getattr(config, stage)
+        frozen = [("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3, section.reward_offload)]
+        if not (config.model.lora.enabled and section.ref_model_path is None):
+            frozen.insert(0, ("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
+                              section.ref_offload))
+        prompt = config.data.max_prompt_length
+        # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
+        rows = batch * getattr(section, "num_samples", 1)
+        return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
+                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen))
+    return Workload(stage, batch, length, length, checkpointing)
+
+
+# ---- the components -------------------------------------------------------------------------------
+
+def layer_activation_bytes_per_token(g: Geometry, a: int) -> int:
+    """Bytes a decoder layer saves for its backward per token (activations in `a` bytes).
+
+    Two RMSNorms each keep their fp32 input (4H), the rsqrt (4), the normalised value cast back (aH)
+    and its product with the weight (aH, the next matmul's input); SDPA keeps q, k, v (after RoPE),
+    its output (whose layout o_proj reads as is) and an fp32 logsumexp per head; the gated MLP keeps
+    gate, up, act(gate) and their product (4 x I). Counted from the tensors autograd saves (see
+    tests/pipeline/test_plan.py)."""
+    norms = 2 * (4 * g.hidden + 4 + 2 * a * g.hidden)
+    attention = a * (2 * g.heads * g.head_dim + 2 * g.kv_heads * g.head_dim) + 4 * g.heads
+    mlp = 4 * a * g.intermediate
+    return norms + attention + mlp
+
+
+def saved_activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing: bool) -> int:
+    """What the forward of one micro-batch leaves for the backward: every layer's saved tensors, or with
+    gradient checkpointing each layer's input; the additive attention mask (B x T x T, shared by the
+    layers); the final norm and the LM head's input; the token ids and RoPE's tables. Measured for
+    Llama without grouped KV heads (Llama-2-7B's layout)."""
+    tokens = rows * seq_len
+    per_layer = a * g.hidden if checkpointing else layer_activation_bytes_per_token(g, a)
+    mask = a * rows * seq_len * seq_len
+    final_norm = (4 * g.hidden + 4 + 2 * a * g.hidden) * tokens
+    ids_and_rope = 8 * tokens + 2 * a * seq_len * g.head_dim  # int64 token ids; RoPE's cos and sin
+    return g.layers * per_layer * tokens + mask + final_norm + ids_and_rope
+
+
+def activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing: bool) -> int:
+    """Activations at the peak of one micro-batch's backward: what the forward saved, plus one layer's
+    worth of gradients in flight, plus (with checkpointing) the one layer the backward rebuilds."""
+    layer = layer_activation_bytes_per_token(g, a) * rows * seq_len
+    return saved_activation_bytes(g, rows, seq_len, a, checkpointing) + layer + (layer if checkpointing else 0)
+
+
+def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: bool) -> int:
+    """Logits (a bytes), their fp32 upcast for the loss and the fp32 log-softmax; in the backward the fp32
+    gradient and its cast back replace the upcast. A forward without gradients keeps logits and upcast."""
+    if positions == 0:
+        return 0
+    cells = rows * positions * vocab
+    upcast = 4 if a != 4 else 0  # `.float()` is a no-op on fp32 logits
+    return cells * (a + upcast + (4 if training else 0))
+
+
+def kv_cache_bytes(g: Geometry, rows: int, length: int, a: int) -> int:
+    return 2 * g.layers * rows * length * g.kv_heads * g.head_dim * a
+
+
+def model_state_rows(model, world_sizes, precision: str = "bf16") -> list:
+    """One row per (optimizer, zero stage, world size): weights, gradients and optimizer state on the
+    most loaded rank."""
     total, trainable = count_parameters(model)
     frozen = total - trainable
     states = planned_state_bytes(model, world_sizes)
@@ -58,46 +203,160 @@ def plan_rows(model, world_sizes, precision: str = "bf16") -> list:
             master = 4 * shard(trainable, stage >= 1) if mixed else 0
             for optimizer in OPTIMIZERS:
                 optimizer_bytes = master + states[optimizer, world_size, stage]
+                model_states = int(params + grads + optimizer_bytes)
                 rows.append({"optimizer": optimizer, "zero_stage": stage, "world_size": world_size,
                              "params_bytes": int(params), "grads_bytes": int(grads),
-                             "optimizer_bytes": int(optimizer_bytes),
-                             "total_bytes": int(params + grads + optimizer_bytes),
+                             "optimizer_bytes": int(optimizer_bytes), "model_states_bytes": model_states,
+                             "total_bytes": model_states,
                              "parameters": total, "trainable_parameters": trainable, "frozen_parameters": frozen})
     return rows
 
 
+def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
+    """`row` with the workload's components and the peak (`total_bytes`) added."""
+    g = Geometry.of(model.config)
+    a = 2 if precision in ("bf16", "fp16") else 4
+    world_size, stage = row["world_size"], row["zero_stage"]
+    total, trainable = row["parameters"], row["trainable_parameters"]
+    w = workload
+    activations = activation_bytes(g, w.rows, w.seq_len, a, w.gradient_checkpointing)
+    logits = logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=True)
+    # DeepSpeed: one gradient bucket (ZeRO-1 accumulates it in fp32); ZeRO-3 keeps up to max_live
+    # gathered weights between forward and backward, on top of its own shard.
+    bucket = reduce_bucket_elements(trainable) * (4 if stage == 1 and a == 2 else a) if stage >= 1 else 0
+    live = a * min(MAX_LIVE_PARAMETERS, total) * (1 - 1 / world_size) if stage == 3 else 0
+    deepspeed = int(bucket + live)
+    # Gradients: ZeRO-2 keeps this rank's 16-bit gradient partition between steps and builds the fp32
+    # one only for the step (flattened from the 16-bit one, then cast); ZeRO-3 keeps its fp32 partition
+    # (allocated once) and flattens it per sub-group for the step. Fused AdamW and Adam-mini add only
+    # per-block values to that.
+    kept_grads = row["grads_bytes"]
+    if stage == 2 and a == 2:
+        kept_grads = a * trainable / world_size
+        step = (4 + a) * trainable / world_size
+    elif stage == 1 and a == 2:
+        step = a * trainable / world_size
+    elif stage == 3:
+        step = 4 * min(SUB_GROUP_ELEMENTS, trainable / world_size)
+    else:
+        step = 0
+    frozen = 0
+    frozen_live = 0
+    for _, numel, zero3, offload in w.frozen:
+        numel = numel if numel is not None else total
+        frozen += 0 if offload else (a * numel / world_size if zero3 else a * numel)
+        if zero3:  # gathered while it runs (from CPU when offloaded)
+            own_shard = 0 if offload else 1 / world_size
+            frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - own_shard))
+    generation = scoring = 0
+    if w.stage in POLICY_STAGES:
+        gathered = a * total * (1 - 1 / world_size) if stage == 3 else 0  # `generate` runs on whole weights
+        per_step_logits = 2 * w.rows * g.vocab * 4
+        generation = gathered + kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits
+        # Actor and reference log-probs without gradients: logits of the response and their upcast.
+        scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
+    forward_backward = activations + logits + deepspeed
+    kept = row["params_bytes"] + kept_grads + row["optimizer_bytes"]
+    peak = kept + frozen + max(forward_backward, generation, scoring, step)
+    return dict(row, kept_bytes=int(kept), kept_grads_bytes=int(kept_grads), activations_bytes=int(activations),
+                logits_bytes=int(logits), deepspeed_bytes=deepspeed, optimizer_step_bytes=int(step),
+                frozen_bytes=int(frozen), generation_bytes=int(generation),
+                scoring_bytes=int(scoring), total_bytes=int(peak), stage=w.stage)
+
+
+def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None) -> list:
+    """One row per (optimizer, zero stage, world size): bytes on the most loaded rank. Without a
+    workload only model states; with one, `total_bytes` is the planned peak."""
+    rows = model_state_rows(model, world_sizes, precision)
+    if workload is None:
+        return rows
+    return [add_workload(row, model, workload, precision) for row in rows]
+
+
+def frozen_numels(config, stage: str) -> dict:
+    """Parameter counts of the frozen models, from their config.json where it exists (else the trained
+    model's architecture is assumed)."""
+    numels = {}
+    if stage in POLICY_STAGES:
+        path = getattr(config, stage).reward_model_path
+        if path and (Path(path) / "config.json").is_file():
+            numels["reward"] = count_parameters(RewardModel.from_pretrained(path, device="meta"))[0]
+        else:
+            numels["reward"] = count_parameters(RewardModel.from_causal_lm(
+                dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False)),
+                device="meta"))[0]
+    if stage in POLICY_STAGES + ("dpo",):
+        base = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False))
+        numels["reference"] = count_parameters(load_causal_lm(base, device="meta"))[0]
+    return numels
+
+
+def stage_of(config) -> str:
+    """The stage a config is for: its own section (remax, rloo, grpo, ppo, dpo), else pairwise data
+    means reward."""
+    for stage in POLICY_STAGES + ("dpo",):
+        if hasattr(config, stage):
+            return stage
+    return "reward" if config.data.format == "pairwise" else "sft"
+
+
 def dry_run_plan(config: RunConfig, world_size: int) -> str:
-    """A stage's `--dry-run`: this run's per-rank weights and optimizer state, every optimizer of the
+    """A stage's `--dry-run`: this run's per-rank plan, components and peak, every optimizer of the
     table side by side with the chosen one marked."""
-    model = build_meta_model(config)
+    stage_name = stage_of(config)
+    model = build_meta_model(config, stage_name)
     total, trainable = count_parameters(model)
     stage = config.engine.zero_stage
+    workload = workload_of(config, stage_name, frozen_numels(config, stage_name))
+    rows = {row["optimizer"]: row for row in plan_rows(model, [world_size], config.engine.precision, workload)
+            if row["zero_stage"] == stage}
     states = planned_state_bytes(model, [world_size], [stage])
-    bytes_per_param = 2 if config.engine.precision in ("bf16", "fp16") else 4
-    shard = world_size if stage == 3 else 1
-    lines = [f"dry run: {config.model.path or 'model.config'} on the meta device, ZeRO-{stage}, "
-             f"{world_size} rank(s), {config.engine.precision}",
+    chosen = rows[config.optim.name]
+    lines = [f"dry run ({stage_name}): {config.model.path or 'model.config'} on the meta device, ZeRO-{stage}, "
+             f"{world_size} rank(s), {config.engine.precision}, micro-batch {workload.rows} x {workload.seq_len} tokens"
+             f"{', gradient checkpointing' if workload.gradient_checkpointing else ''}",
              f"  parameters            {total:>16,}",
              f"  trainable parameters  {trainable:>16,}",
-             f"  weights per rank      {total * bytes_per_param / shard / GIB:>12.2f} GiB",
+             f"  weights per rank      {chosen['params_bytes'] / GIB:>12.2f} GiB",
+             f"  gradients kept        {chosen['kept_grads_bytes'] / GIB:>12.2f} GiB",
              "  optimizer state per rank (fp32):"]
     for name in OPTIMIZERS:
-        chosen = "  <- chosen" if name == config.optim.name else ""
-        lines.append(f"    {name:<20}{states[name, world_size, stage] / GIB:>12.2f} GiB{chosen}")
+        mark = "  <- chosen" if name == config.optim.name else ""
+        lines.append(f"    {name:<20}{states[name, world_size, stage] / GIB:>12.2f} GiB{mark}")
     if {"adam_mini", "adamw"} <= set(OPTIMIZERS):
         ratio = states["adam_mini", world_size, stage] / states["adamw", world_size, stage]
         lines.append(f"    adam_mini / adamw   {ratio:>12.3f}")
+    for key, label in (("activations_bytes", "activations"), ("logits_bytes", "logits and loss"),
+                       ("deepspeed_bytes", "DeepSpeed buffers"), ("optimizer_step_bytes", "optimizer step"),
+                       ("frozen_bytes", "frozen models"), ("generation_bytes", "generation"),
+                       ("scoring_bytes", "scoring")):
+        if chosen[key] or key in ("activations_bytes", "deepspeed_bytes"):
+            lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
+    lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
+                 "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)")
+    lines.append("  peak per rank:")
+    for name, row in rows.items():
+        mark = "  <- chosen" if name == config.optim.name else ""
+        lines.append(f"    {name:<20}{row['total_bytes'] / GIB:>12.2f} GiB{mark}")
     return "\n".join(lines)
 
 
 def format_table(rows: list, gpu_memory_gib=None) -> str:
-    header = ["optimizer", "ZeRO", "ranks", "params GiB", "grads GiB", "optim GiB", "total GiB"]
+    header = ["optimizer", "ZeRO", "ranks", "params GiB", "grads GiB", "optim GiB"]
+    keys = ["params_bytes", "grads_bytes", "optimizer_bytes"]
+    if rows and "activations_bytes" in rows[0]:
+        keys[1] = "kept_grads_bytes"  # what persists between steps; the fp32 rest is in the step column
+        header += ["activ. GiB", "logits GiB", "DS GiB", "step GiB", "frozen GiB", "gen. GiB"]
+        keys += ["activations_bytes", "logits_bytes", "deepspeed_bytes", "optimizer_step_bytes", "frozen_bytes",
+                 "generation_bytes"]
+    header.append("peak GiB")
+    keys.append("total_bytes")
     if gpu_memory_gib:
         header.append(f"fits {gpu_memory_gib:g} GiB")
     lines = [header]
     for row in rows:
         line = [row["optimizer"], str(row["zero_stage"]), str(row["world_size"])] + \
-               [f"{row[k] / GIB:.2f}" for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")]
+               [f"{row[k] / GIB:.2f}" for k in keys]
         if gpu_memory_gib:
             line.append("yes" if row["total_bytes"] <= gpu_memory_gib * GIB else "no")
         lines.append(line)
@@ -106,12 +365,43 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
                      for line in lines)
 
 
+def config_class(stage: str):
+    """The stage's config class (its own section validated with the rest)."""
+    if stage not in CONFIG_CLASSES:
+        return RunConfig
+    import importlib
+
+    module, name = CONFIG_CLASSES[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+def _stage_in_file(path: str) -> str:
+    """The stage a YAML config is for, read before validation (unreadable files: sft, and the
+    config loader reports them)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "sft"
+    if not isinstance(values, dict):
+        return "sft"
+    for stage in POLICY_STAGES + ("dpo",):
+        if stage in values:
+            return stage
+    data = values.get("data") or {}
+    return "reward" if isinstance(data, dict) and data.get("format") == "pairwise" else "sft"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-sizes", default="1,2,8", help="comma-separated rank counts")
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU, to say what fits")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--stage", choices=STAGES, default=None,
+                        help="the stage to plan for (default: from the config: its remax/dpo section, pairwise data "
+                             "for reward, else sft)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -121,12 +411,14 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--world-sizes is {args.world_sizes!r}; give positive integers such as 1,2,8")
     try:
-        config = load_config(RunConfig, args.config, args.overrides, other_sections=True)
-        model = build_meta_model(config)
+        stage = args.stage or _stage_in_file(args.config)
+        config = load_config(config_class(stage), args.config, args.overrides)
+        model = build_meta_model(config, stage)
+        workload = workload_of(config, stage, frozen_numels(config, stage))
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = plan_rows(model, world_sizes, config.engine.precision)
+    rows = plan_rows(model, world_sizes, config.engine.precision, workload)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.gpu_memory))
     return 0
 

@@ -30,7 +30,8 @@ from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from pipeline.data import prepare_dataset
-from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
+from pipeline.engine import (batch_plan, create_engine, create_frozen_engine, frozen_ds_config, init_distributed,
+                             sharded_creation, training_ds_config)
 from pipeline.generation import (GOLD_REWARDS, Responses, collate_with_prompts, generate_responses,
                                  generation_configs, load_gold_reward, response_logprobs, scored, with_positions)
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
@@ -330,28 +331,37 @@ def build_models(config, section, name: str, tokenizer, total_steps: int):
     """
     # Every model loads in the precision it runs in (bf16 engines: bf16 straight from safetensors).
     dtype = model_dtype(config.model, config.engine.precision)
-    # The frozen models load first: a wrong path fails before minutes of loading the actor.
-    reward = RewardModel.from_pretrained(section.reward_model_path, dtype=dtype,
-                                         attn_implementation=config.model.attn_implementation,
-                                         trust_remote_code=config.model.trust_remote_code,
-                                         field=f"{name}.reward_model_path")
+    # One model at a time: each is created (sharded from the start where its engine is ZeRO-3) and
+    # wrapped in its engine before the next loads, so load transients never stack. The frozen models
+    # first: a wrong path fails before minutes of loading the actor.
+    with sharded_creation(frozen_ds_config(config, section.reward_zero_stage, section.reward_offload)):
+        reward = RewardModel.from_pretrained(section.reward_model_path, dtype=dtype,
+                                             attn_implementation=config.model.attn_implementation,
+                                             trust_remote_code=config.model.trust_remote_code,
+                                             field=f"{name}.reward_model_path")
+    reward = create_frozen_engine(config, reward, zero_stage=section.reward_zero_stage,
+                                  offload=section.reward_offload)
     # From its own files (memory-mapped), never a copy of the actor; None with LoRA: the actor with its
     # adapters disabled is the reference, with no second copy of the weights at all.
-    reference = load_reference(config.model, section.ref_model_path, dtype=dtype, field=f"{name}.ref_model_path")
-    actor = load_causal_lm(config.model, dtype=dtype)
-    if reference is None and not config.model.lora.enabled:
-        # A fresh model (`model.config`) has no files: the reference is its starting weights. DeepSpeed
-        # casts it as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq).
+    with sharded_creation(frozen_ds_config(config, section.ref_zero_stage, section.ref_offload)):
+        reference = load_reference(config.model, section.ref_model_path, dtype=dtype,
+                                   field=f"{name}.ref_model_path")
+    copy_reference = reference is None and not config.model.lora.enabled
+    # A fresh model (`model.config`) has no files: its reference is a copy of its starting weights,
+    # so it is built whole (only test and demo models are built from a config).
+    with contextlib.nullcontext() if copy_reference else sharded_creation(training_ds_config(config)):
+        actor = load_causal_lm(config.model, dtype=dtype)
+    if copy_reference:
+        # DeepSpeed casts it as it does the actor (parameters only: `.to(bf16)` would also round RoPE's inv_freq).
         reference = copy.deepcopy(actor)
+    if reference is not None:
+        reference = create_frozen_engine(config, reference, zero_stage=section.ref_zero_stage,
+                                         offload=section.ref_offload)
     if config.model.lora.enabled:
         actor = apply_lora(actor, config.model.lora)
     built = create_engine(config, actor, total_steps)
-    models = Models(actor=built.engine,
-                    reference=None if reference is None else create_frozen_engine(
-                        config, reference, zero_stage=section.ref_zero_stage, offload=section.ref_offload),
-                    reward=create_frozen_engine(config, reward, zero_stage=section.reward_zero_stage,
-                                                offload=section.reward_offload),
-                    tokenizer=tokenizer, gold_reward=load_gold_reward(section.gold_reward, f"{name}.gold_reward"),
+    models = Models(actor=built.engine, reference=reference, reward=reward, tokenizer=tokenizer,
+                    gold_reward=load_gold_reward(section.gold_reward, f"{name}.gold_reward"),
                     missing_eos_penalty=section.missing_eos_penalty)
     return models, built
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RunConfig
 from pipeline.data import collate_pairwise, prepare_dataset
-from pipeline.engine import batch_plan, create_engine, init_distributed
+from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import RewardModel, apply_lora, load_tokenizer, model_dtype
 from pipeline.rundir import RunDirectory
@@ -67,7 +67,8 @@ def run(config: RewardConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     logger.info(report.summary())
-    model = RewardModel.from_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
+    with sharded_creation(training_ds_config(config)):  # ZeRO-3: partitioned as it loads
+        model = RewardModel.from_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())

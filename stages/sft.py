@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data import collate_sft, prepare_dataset
-from pipeline.engine import batch_plan, create_engine, init_distributed
+from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer, model_dtype
 from pipeline.rundir import RunDirectory
@@ -61,7 +61,8 @@ def run(config: SFTConfig) -> dict:
         for key, value in (("vocab_size", len(tokenizer)), ("pad_token_id", tokenizer.pad_token_id),
                            ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
             config.model.config.setdefault(key, value)
-    model = load_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
+    with sharded_creation(training_ds_config(config)):  # ZeRO-3: partitioned as it loads
+        model = load_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())

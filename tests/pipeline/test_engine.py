@@ -8,8 +8,9 @@ import torch
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
 from pipeline.optim import build_optimizer
-from pipeline.engine import (EngineConfigError, batch_plan, build_ds_config, check_device,
-                             create_frozen_engine, lr_multiplier)
+from pipeline.engine import (MAX_LIVE_PARAMETERS, REDUCE_BUCKET_ELEMENTS, EngineConfigError, batch_plan,
+                             build_ds_config, check_device, create_frozen_engine, lr_multiplier,
+                             reduce_bucket_elements)
 from tests.conftest import launch_ranks, read_json
 from tests.tiny_models import tiny_llama
 
@@ -53,6 +54,14 @@ def test_ds_config_is_explicit_about_everything_that_matters():
     fp32 = build_ds_config(config(), batch_plan(config(), world_size=1))
     assert "bf16" not in fp32 and fp32["gradient_clipping"] == 1.0
     assert "offload_optimizer" not in fp32["zero_optimization"]
+    # The buffer sizes the memory plan reads are the ones DeepSpeed gets.
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == MAX_LIVE_PARAMETERS
+    assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_ELEMENTS
+
+
+def test_reduce_bucket_is_never_larger_than_the_gradients():
+    assert reduce_bucket_elements(1234) == 1234  # a LoRA run: not 5e8 elements allocated for nothing
+    assert reduce_bucket_elements(6_738_415_616) == REDUCE_BUCKET_ELEMENTS
 
 
 def test_adam_mini_is_injected_with_the_models_geometry():

@@ -426,3 +426,22 @@ def test_meta_model_uses_model_architecture_until_path_holds_a_model(model_dir, 
     assert load_causal_lm(config, device="meta").config.num_hidden_layers == 1  # the path wins once it exists
     with pytest.raises(ModelLoadError, match=r"`model.architecture` .*nowhere does not exist"):
         load_causal_lm(ModelConfig(path=str(tmp_path / "x"), architecture=str(tmp_path / "nowhere")), device="meta")
+
+
+@pytest.mark.slow
+def test_zero3_models_are_created_sharded_and_compute_what_the_whole_model_does(tmp_path):
+    out = tmp_path / "results.json"
+    launch_ranks(2, ["tests/pipeline/sharded_load_worker.py", "--out", out])
+    results = read_json(out)
+    for name in ("policy", "reference", "reward"):
+        result = results[name]
+        # Each of the 2 ranks holds half the parameter bytes from creation on, never the whole model.
+        assert all(abs(held - result["whole"] / 2) <= 0.01 * result["whole"] for held in result["held"]), result
+        assert result["param_diff"] == 0.0, result  # the checkpoint's values, bit for bit
+    assert results["policy"]["dtype"] == "torch.bfloat16"
+    # The same bf16 weights; the whole model ran before zero.Init swapped F.linear for DeepSpeed's own linear,
+    # which rounds differently in bf16 (half an ulp at 1: 2^-8 = 3.9e-3).
+    assert results["policy"]["loss_diff"] <= 1e-3 * results["policy"]["expected_loss"], results["policy"]
+    for name in ("policy", "reference"):
+        assert results[name]["logprobs_diff"] <= 4e-3, results[name]
+    assert results["reward"]["scores_diff"] <= 4e-3 * max(1.0, results["reward"]["score_scale"]), results["reward"]

@@ -9,7 +9,10 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimizers import Adam_mini
-from pipeline.plan import main, plan_rows
+from pipeline.config import DataConfig, EngineConfig, ModelConfig, RunConfig
+from pipeline.models import enable_gradient_checkpointing
+from pipeline.plan import (Geometry, kv_cache_bytes, logits_bytes, main, plan_rows, saved_activation_bytes,
+                           workload_of)
 from tests.conftest import REPO_ROOT
 from tests.tiny_models import tiny_llama
 
@@ -34,7 +37,8 @@ def test_tiny_model_bytes_by_hand():
     sharded = row(rows, "adamw", 2, 2)
     assert sharded["params_bytes"] == 4 * numel and sharded["grads_bytes"] == 2 * numel
     assert 8 * numel / 2 <= sharded["optimizer_bytes"] <= 8 * numel / 2 * 1.001
-    assert all(r["total_bytes"] == r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in rows)
+    assert all(r["total_bytes"] == r["model_states_bytes"]
+               == r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in rows)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 8])
@@ -48,8 +52,8 @@ def test_llama2_7b_adamw_agrees_with_deepspeed_estimators(world_size):
     zero2 = estimate_zero2_model_states_mem_needs(total, world_size, 1, cpu_offload=False)[1]
     zero3 = estimate_zero3_model_states_mem_needs(total, 32000 * 4096, world_size, 1, cpu_offload=False,
                                                   cpu_offload_params=False)[1]
-    assert row(rows, "adamw", 2, world_size)["total_bytes"] == pytest.approx(zero2, rel=0.05)
-    assert row(rows, "adamw", 3, world_size)["total_bytes"] == pytest.approx(zero3, rel=0.05)
+    assert row(rows, "adamw", 2, world_size)["model_states_bytes"] == pytest.approx(zero2, rel=0.05)
+    assert row(rows, "adamw", 3, world_size)["model_states_bytes"] == pytest.approx(zero3, rel=0.05)
     mini, adamw = row(rows, "adam_mini", 2, world_size), row(rows, "adamw", 2, world_size)
     fp32_master = 4 * total / (world_size if world_size > 1 else 1)
     assert (mini["optimizer_bytes"] - fp32_master) / (adamw["optimizer_bytes"] - fp32_master) == pytest.approx(0.5, abs=0.002)
@@ -62,5 +66,78 @@ def test_json_rows_from_a_config(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 4
     assert set(rows[0]) >= {"optimizer", "zero_stage", "world_size", "params_bytes", "grads_bytes",
-                            "optimizer_bytes", "total_bytes"}
+                            "optimizer_bytes", "total_bytes", "activations_bytes", "logits_bytes", "generation_bytes",
+                            "frozen_bytes", "deepspeed_bytes", "optimizer_step_bytes"}
+    assert all(r["stage"] == "remax" and r["generation_bytes"] > 0 for r in rows)
     assert main(["--config", "nope.yaml"]) == 2
+
+
+def saved_bytes_of_forward(model, input_ids, attention_mask) -> int:
+    """Bytes of the distinct storages autograd saves for the backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model(input_ids=input_ids, attention_mask=attention_mask)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planned_activations_are_the_tensors_autograd_saves(dtype):
+    rows, length = 2, 48
+    input_ids = torch.randint(0, 203, (rows, length), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0  # padding: the additive mask is built and kept
+    for checkpointing in (False, True):
+        model = tiny_llama(num_hidden_layers=1, num_key_value_heads=3, mlp_bias=False, dtype=dtype).train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        measured = saved_bytes_of_forward(model, input_ids, attention_mask)
+        a = 2 if dtype == torch.bfloat16 else 4
+        planned = saved_activation_bytes(Geometry.of(model.config), rows, length, a, checkpointing)
+        # The plan counts the LM head's input (the last norm's output, a x hidden per token), which this
+        # forward of the base model does not build.
+        lm_head_input = a * 96 * rows * length
+        if checkpointing:
+            # The layer's input and the mask are held by the checkpoint (not all through autograd's hooks):
+            # the plan may exceed the hooks' count by those, never fall below it.
+            held_by_checkpoint = a * 96 * rows * length + a * rows * length * length
+            assert measured <= planned - lm_head_input <= measured + held_by_checkpoint
+        else:
+            assert planned - lm_head_input == measured
+
+
+def test_logits_kv_cache_and_workloads_by_hand():
+    # bf16 logits, their fp32 upcast and the fp32 log-softmax: 2 + 4 + 4 bytes per cell; fp32 logits: 4 + 4.
+    assert logits_bytes(2, 10, 100, 2, training=True) == 2 * 10 * 100 * 10
+    assert logits_bytes(2, 10, 100, 4, training=True) == 2 * 10 * 100 * 8
+    assert logits_bytes(2, 10, 100, 2, training=False) == 2 * 10 * 100 * 6
+    assert logits_bytes(2, 0, 100, 2, training=True) == 0  # a reward model computes no logits
+    geometry = Geometry.of(tiny_llama().config)  # 2 layers, 1 KV head of 32
+    assert kv_cache_bytes(geometry, 4, 20, 2) == 2 * 2 * 4 * 20 * 1 * 32 * 2
+    config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=64),
+                       engine=EngineConfig(micro_batch_size=3))
+    assert (workload_of(config, "reward").rows, workload_of(config, "reward").logit_positions) == (6, 0)
+    assert (workload_of(config, "sft").rows, workload_of(config, "sft").logit_positions) == (3, 64)
+
+
+def test_peak_adds_workload_to_what_persists():
+    model = tiny_llama()
+    config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=32),
+                       engine=EngineConfig(micro_batch_size=2, precision="bf16"))
+    rows = plan_rows(model, [2], "bf16", workload_of(config, "sft"))
+    for r in rows:
+        forward_backward = r["activations_bytes"] + r["logits_bytes"] + r["deepspeed_bytes"]
+        assert r["total_bytes"] == r["kept_bytes"] + max(forward_backward, r["optimizer_step_bytes"])
+        assert r["total_bytes"] > r["kept_bytes"] > 0
+    zero2 = row(rows, "adamw", 2, 2)
+    numel = sum(p.numel() for p in model.parameters())
+    # ZeRO-2 keeps the 16-bit gradient partition; the fp32 one and the flattening exist in the step only.
+    assert zero2["kept_bytes"] == zero2["params_bytes"] + 2 * numel / 2 + zero2["optimizer_bytes"]
+    assert zero2["optimizer_step_bytes"] == 6 * numel // 2

@@ -38,6 +38,9 @@ def test_config_dry_runs_with_a_plan(name):
         lora = 32 * 128 * (4 * 8192 + 3 * 15104)
         assert (total, trainable) == (6_738_415_616 + lora, lora)
         assert 0.5 < ratio <= 0.51  # one value per 128-wide lora_B row
+    elif name == "reward":
+        # Planned as the reward model it trains: no LM head (32000 x 4096), a 4096-wide v_head.
+        assert total == trainable == 6_738_415_616 - 32000 * 4096 + 4096
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
