@@ -100,9 +100,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0         # cosine and linear decay to lr * min_lr_ratio
     gradient_clipping: float = 1.0    # always passed to DeepSpeed explicitly; 0 disables
-    # Adam-mini: every parameter in one param group (DeepSpeed then runs AdamW's few collectives per
-    # step, not a few per parameter); exact either way. false: one group per parameter, as upstream.
-    shared_groups: bool = False
+    # Adam-mini: every parameter in one param group, so DeepSpeed runs AdamW's few collectives per step
+    # instead of a few per parameter; exact either way. false: one group per parameter, as upstream.
+    # AdamW ignores it (its two groups: decay and no decay).
+    shared_groups: bool = True
 
 
 @dataclasses.dataclass

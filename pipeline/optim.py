@@ -47,8 +47,6 @@ def _hyperparameter_problems(optim) -> list:
             problems.append(f"`{field}` is {value}; it must not be negative")
     if optim.eps == 0:
         problems.append("`optim.eps` is 0; a block whose gradients are all zero would divide by zero: use e.g. 1e-8")
-    if optim.shared_groups and optim.name != "adam_mini":
-        problems.append(f"`optim.shared_groups` is true but `optim.name` is {optim.name!r}; it applies to adam_mini only")
     if not math.isfinite(optim.min_lr_ratio) or not 0 <= optim.min_lr_ratio <= 1:
         problems.append(f"`optim.min_lr_ratio` is {optim.min_lr_ratio}; use a value in [0, 1]")
     return problems

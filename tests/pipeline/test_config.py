@@ -75,7 +75,6 @@ def test_every_problem_is_reported_at_once_naming_field_value_and_fix(tmp_path):
     ("optim.weight_decay=.inf", "`optim.weight_decay` is inf; expected a finite number"),
     ("optim.eps=0", "`optim.eps` is 0; a block whose gradients are all zero would divide by zero"),
     ("optim.min_lr_ratio=1.5", "`optim.min_lr_ratio` is 1.5; use a value in [0, 1]"),
-    (["optim.name=adamw", "optim.shared_groups=true"], "`optim.shared_groups` is true but `optim.name` is 'adamw'"),
     ("model.lora.target_modules=[q_proj, 7]", "`model.lora.target_modules[1]` is 7; expected str"),
     ("trainer.steps=3", "unknown key `trainer`"),
     ("seed=abc", "`seed` is 'abc'; expected int"),

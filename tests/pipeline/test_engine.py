@@ -65,7 +65,8 @@ def test_reduce_bucket_is_never_larger_than_the_gradients():
 
 
 def test_adam_mini_is_injected_with_the_models_geometry():
-    optimizer = build_optimizer(OptimConfig(lr=2e-5, betas=[0.9, 0.95], weight_decay=0.1), tiny_llama())
+    optimizer = build_optimizer(OptimConfig(lr=2e-5, betas=[0.9, 0.95], weight_decay=0.1, shared_groups=False),
+                                tiny_llama())
     assert isinstance(optimizer, Adam_mini)
     assert (optimizer.geometry.n_heads, optimizer.geometry.n_kv_heads, optimizer.geometry.head_dim) == (3, 1, 32)
     counts = optimizer.partition_report.as_dict()["rule_counts"]
@@ -75,13 +76,14 @@ def test_adam_mini_is_injected_with_the_models_geometry():
     assert decays["model.layers.0.self_attn.q_proj.weight"] == 0.1
 
 
-def test_adam_mini_shares_one_param_group_when_asked():
+def test_adam_mini_shares_one_param_group_by_default():
     model = tiny_llama()
-    shared = build_optimizer(OptimConfig(lr=2e-5, weight_decay=0.1, shared_groups=True), model)
+    shared = build_optimizer(OptimConfig(lr=2e-5, weight_decay=0.1), model)
     assert isinstance(shared, Adam_mini) and len(shared.param_groups) == 1
     assert shared.partition_report.as_dict()["rule_counts"] == {"element": 6, "lora": 0, "head": 4, "row": 12,
                                                                  "tensor": 5}
-    assert len(build_optimizer(OptimConfig(lr=2e-5), model).param_groups) == len(list(model.parameters()))
+    per_parameter = build_optimizer(OptimConfig(lr=2e-5, shared_groups=False), model)
+    assert len(per_parameter.param_groups) == len(list(model.parameters()))
 
 
 def test_adamw_excludes_norms_and_biases_from_weight_decay():
