@@ -12,6 +12,7 @@ actor itself with its adapters disabled, so no second copy of the model is held.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -23,11 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from trl.trainer.utils import selective_log_softmax
 
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import RunConfig
 from pipeline.data import IGNORE_INDEX, collate_pairwise, prepare_dataset
-from pipeline.engine import batch_plan, create_engine, create_frozen_engine, init_distributed
+from pipeline.engine import (batch_plan, create_engine, create_frozen_engine, frozen_ds_config, init_distributed,
+                             sharded_creation, training_ds_config)
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
-from pipeline.models import apply_lora, load_causal_lm, load_tokenizer
+from pipeline.models import apply_lora, load_causal_lm, load_reference, load_tokenizer, model_dtype
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -139,21 +141,25 @@ def build_models(config: DpoConfig, total_steps: int):
         EngineConfigError: as create_engine / create_frozen_engine.
     """
     dpo = config.dpo
-    frozen_dtype = torch.bfloat16 if config.engine.precision == "bf16" else torch.float32
-    reference = None
-    if dpo.ref_model_path is not None:  # loaded first: a wrong path fails before the policy loads
-        reference = load_causal_lm(ModelConfig(path=dpo.ref_model_path,
-                                               attn_implementation=config.model.attn_implementation,
-                                               trust_remote_code=config.model.trust_remote_code),
-                                   dtype=frozen_dtype, field="dpo.ref_model_path")
-    policy = load_causal_lm(config.model)
-    if config.model.lora.enabled:
-        policy = apply_lora(policy, config.model.lora)
-    elif reference is None:
-        reference = copy.deepcopy(policy)  # the starting weights; DeepSpeed casts them as it does the policy's
-    built = create_engine(config, policy, total_steps)
+    # As the policy-optimisation stages (pipeline.policy.build_models): every model in the precision it
+    # runs in, created sharded where its engine is ZeRO-3, and wrapped in its engine before the next loads.
+    dtype = model_dtype(config.model, config.engine.precision)
+    # From its own files (a wrong path fails before the policy loads), never a copy of the policy; None
+    # with LoRA: the policy with its adapters disabled is the reference.
+    with sharded_creation(frozen_ds_config(config, dpo.ref_zero_stage, dpo.ref_offload)):
+        reference = load_reference(config.model, dpo.ref_model_path, dtype=dtype, field="dpo.ref_model_path")
+    copy_reference = reference is None and not config.model.lora.enabled
     frozen = None if reference is None else create_frozen_engine(config, reference, zero_stage=dpo.ref_zero_stage,
                                                                  offload=dpo.ref_offload)
+    # A fresh model (`model.config`) has no files: its reference is a copy of its starting weights.
+    with contextlib.nullcontext() if copy_reference else sharded_creation(training_ds_config(config)):
+        policy = load_causal_lm(config.model, dtype=dtype)
+    if copy_reference:  # DeepSpeed casts it as it does the policy's
+        frozen = create_frozen_engine(config, copy.deepcopy(policy), zero_stage=dpo.ref_zero_stage,
+                                      offload=dpo.ref_offload)
+    if config.model.lora.enabled:
+        policy = apply_lora(policy, config.model.lora)
+    built = create_engine(config, policy, total_steps)
     return Models(built.engine, frozen), built
 
 
