@@ -36,6 +36,17 @@ class ReshardError(ValueError):
     """A checkpoint whose Adam-mini state cannot be put back together; the message names the file."""
 
 
+def load_deepspeed_file(path, **kwargs):
+    """A file of a DeepSpeed checkpoint, unpickled with only the classes DeepSpeed 0.19 writes into it
+    allowed (its loss scaler, ZeRO stage enum and fragment addresses): nothing else can run on load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
 def _rank_files(checkpoint: Path) -> list:
     """The per-rank ZeRO optimizer files of `checkpoint`, in rank order."""
     found = {}
@@ -56,7 +67,7 @@ def _rank_files(checkpoint: Path) -> list:
 
 def _rank_pieces(path: Path) -> tuple:
     """(zero stage, [(name, start, exp_avg, fp32 master, first block, block_sq_avg, step)]) of one rank's file."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed pickles its own objects
+    saved = load_deepspeed_file(path)
     zero = saved.get("optimizer_state_dict", {})
     # DeepSpeed's bf16 optimizer (its ZeRO-1, files named bf16_zero_pp_rank_*) records no stage.
     stage = int(zero.get("zero_stage", 1 if path.name.startswith("bf16_") else 0))

@@ -293,8 +293,10 @@ def _restore_engine_counters(engine, checkpoint: Path) -> None:
     """The learning-rate schedule and DeepSpeed's step counters, as `engine.load_checkpoint` restores them."""
     # ZeRO-1/2 write one model-states file, ZeRO-3 one per rank with the same counters; memory-mapped,
     # so the module weights in it are not read.
+    from optimizers.reshard import load_deepspeed_file
+
     states_file = sorted(checkpoint.glob("*mp_rank_00_model_states.pt"))[0]
-    saved = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)  # DeepSpeed's own pickle
+    saved = load_deepspeed_file(states_file, mmap=True)
     scheduler = engine.lr_scheduler
     if scheduler is not None and saved.get("lr_scheduler") is not None:
         scheduler.load_state_dict(saved["lr_scheduler"])

@@ -15,7 +15,6 @@ import io
 import logging
 import math
 import os
-import socket
 from typing import Optional
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 
 from .config import RunConfig  # noqa: E402
 from .optim import build_optimizer  # noqa: E402
+from .ports import free_port  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,7 @@ def init_distributed() -> int:
     """Joins the launcher's process group (or makes a one-rank one); returns the world size."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m stages.x`: a world of one
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
         # DeepSpeed prints "... shm_comm_op built successfully" from every rank: kept for --debug only.

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+from pipeline.ports import free_port as pipeline_free_port  # noqa: E402
+
 LAUNCH_PORTS = set()  # every master port handed out, so the ranks' /dev/shm files can be swept
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = pipeline_free_port()
     LAUNCH_PORTS.add(port)
     return port
 

@@ -38,8 +38,8 @@ if [ -n "${MASTER_PORT:-}" ]; then
         exit 2
     fi
 else
-    # A port the kernel reports free on this machine (the master: with HOSTFILE, run this on its first host).
-    master_port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    # A free port below the ephemeral range (pipeline/ports.py says why; with HOSTFILE, run this on the first host).
+    master_port=$("$python" -m pipeline.ports)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The launcher's own lines (commands, world info, "no hostfile") only with DS_LOG_LEVEL=info or warning.
