@@ -120,6 +120,7 @@ def release_shared_memory_names() -> None:
     dist.barrier()
     for name in shared_memory_names(os.environ["MASTER_PORT"], dist.get_rank()):
         os.unlink(name)
+    dist.barrier()  # every rank's name is gone once init returns
 
 
 def _precision_section(precision: str) -> dict:
