@@ -45,9 +45,14 @@ def sweep_shared_memory(ports) -> None:
 atexit.register(lambda: sweep_shared_memory(LAUNCH_PORTS))
 
 
+# Set in this process by any test that ran a stage in a world of one (pipeline.engine.init_distributed);
+# a launch that inherited them would meet on this process's own store port (EADDRINUSE).
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def rank_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = {name: value for name, value in os.environ.items() if name not in RENDEZVOUS_VARIABLES}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return env
 
 
