@@ -10,7 +10,8 @@ Pairs (ours vs TRL):
           vs trl.GRPOTrainer (2 sampled completions per prompt, beta > 0 so it keeps a reference too)
 
 Every run starts from the same saved Llama (fp32, `--layers` x `--hidden`, the demo tokenizer),
-the demo data, 16 rows per optimizer step, AdamW (torch, fused), a constant LR, no evaluation, no
+the demo data, 16 rows per optimizer step, AdamW (torch, fused), a constant LR, no activation
+checkpointing (TRL 1.x turns it on by default), no evaluation, no
 checkpoints (ours: `training.eval_at_start=false`, as TRL's default), on the CPU threads given to this
 process. Ours runs in a world of one (DeepSpeed
 ZeRO-0) inside this process; TRL runs its Trainer. Both are timed the same way: the wall-clock
@@ -138,7 +139,9 @@ def trl_common(output_dir: Path, steps: int) -> dict:
     return dict(output_dir=str(output_dir), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
                 report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True, seed=0,
-                dataloader_num_workers=0, disable_tqdm=True)
+                dataloader_num_workers=0, disable_tqdm=True,
+                # TRL's configs turn activation recomputation on by default; ours is off unless configured.
+                activation_checkpointing=False)
 
 
 def run_trl(pair: str, inputs: dict, steps: int) -> dict:
