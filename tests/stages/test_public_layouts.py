@@ -1,6 +1,7 @@
 """The stages on local snapshots of the public datasets, as users run them (2 DeepSpeed CPU ranks):
 SFT on UltraChat's `train_sft` with a built-in template, then the reward model on UltraFeedback's
-`train_prefs` from that export, which carries the template so the reward config names none."""
+`train_prefs` from that export, which carries the template so the reward config names none, then
+ReMax on UltraFeedback's `train_gen` prompts, rendered as user turns with the generation prompt."""
 import json
 
 import pytest
@@ -44,7 +45,8 @@ def test_sft_on_ultrachat_then_reward_on_ultrafeedback(tmp_path, model_dir):
     ultrachat = snapshot(tmp_path / "ultrachat_200k", {"train_sft": public.UC_TRAIN, "test_sft": public.UC_TEST},
                          public.UC_SCHEMA)
     ultrafeedback = snapshot(tmp_path / "ultrafeedback_binarized",
-                             {"train_prefs": public.UF_TRAIN, "test_prefs": public.UF_TEST}, public.UF_SCHEMA)
+                             {"train_prefs": public.UF_TRAIN, "test_prefs": public.UF_TEST,
+                              "train_gen": public.UF_TRAIN, "test_gen": public.UF_TEST}, public.UF_SCHEMA)
     sft_dir = tmp_path / "sft"
     result = launch_ranks(2, ["--module", "stages.sft", "--config", stage_config(
         tmp_path / "sft.yaml", sft_dir, model_dir,
@@ -63,3 +65,17 @@ def test_sft_on_ultrachat_then_reward_on_ultrafeedback(tmp_path, model_dir):
             "4 empty answer in 'chosen' (rows 4, 8, 12, 16)") in result.stdout + result.stderr
     metrics = [json.loads(line) for line in (reward_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in row for row in metrics)
+
+    remax_dir = tmp_path / "remax"
+    config = stage_config(tmp_path / "remax.yaml", remax_dir, sft_dir / "final",
+                          {"path": str(ultrafeedback), "split": "train_gen", "eval_split": "test_gen", "format": "prompt"})
+    values = yaml.safe_load(open(config))
+    values["remax"] = {"reward_model_path": str(reward_dir / "final"), "max_new_tokens": 8, "eval_every_steps": 2}
+    open(config, "w").write(yaml.safe_dump(values))
+    result = launch_ranks(2, ["--module", "stages.remax", "--config", config])
+    assert f"{ultrafeedback} [train_gen]: kept 16 of 16 rows" in result.stdout + result.stderr
+    metrics = [json.loads(line) for line in (remax_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in metrics if "baseline_reward" in row]
+    assert [row["step"] for row in trained] == [1, 2] and all(abs(row["reward"]) < 1e3 for row in trained)
+    assert any("eval/reward" in row for row in metrics)
+    assert (remax_dir / "final" / "config.json").exists()
