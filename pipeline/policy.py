@@ -73,12 +73,7 @@ class PolicySection:
 def section_problems(config, section: PolicySection, name: str, min_samples: int = 2) -> list:
     """Every problem of a `PolicySection` named `name` within `config`, each naming its field
     (`min_samples`: 2 where the baseline comes from the other samples of a prompt, 1 with a critic)."""
-    problems = []
-    if config.data.format != "prompt":
-        problems.append(f"`data.format` is {config.data.format!r}; {name} generates from prompts: use prompt")
-    if section.reward_model_path is None:
-        problems.append(f"`{name}.reward_model_path` is not set; give the directory of a trained reward model "
-                        "(the export of stages.reward)")
+    problems = sampling_problems(config, section, name)
     if section.num_samples < min_samples:
         why = "the baseline comes from the other samples of the same prompt: " if min_samples > 1 else ""
         problems.append(f"`{name}.num_samples` is {section.num_samples}; {why}use {min_samples} or more")
@@ -94,6 +89,18 @@ def section_problems(config, section: PolicySection, name: str, min_samples: int
                         "between rollouts so that a resumed run samples where the uninterrupted one does")
     if not section.clip_range > 0:
         problems.append(f"`{name}.clip_range` is {section.clip_range}; it must be positive")
+    return problems
+
+
+def sampling_problems(config, section, name: str) -> list:
+    """The problems of the settings every sampling stage's section has (ReMax's and `PolicySection`):
+    data format, models, decoding, evaluation and the frozen models' ZeRO stages."""
+    problems = []
+    if config.data.format != "prompt":
+        problems.append(f"`data.format` is {config.data.format!r}; {name} generates from prompts: use prompt")
+    if section.reward_model_path is None:
+        problems.append(f"`{name}.reward_model_path` is not set; give the directory of a trained reward model "
+                        "(the export of stages.reward)")
     if section.missing_eos_penalty is not None and section.missing_eos_penalty < 0:
         problems.append(f"`{name}.missing_eos_penalty` is {section.missing_eos_penalty}; it must not be negative")
     if section.temperature <= 0:

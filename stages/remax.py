@@ -26,13 +26,13 @@ import torch.distributed as dist
 from pipeline.config import RunConfig
 from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, init_distributed
-from pipeline.generation import GOLD_REWARDS, collate_with_prompts, generation_configs, response_logprobs
+from pipeline.generation import collate_with_prompts, generation_configs, response_logprobs
 from pipeline.loop import Stage, total_optimizer_steps, train
 from pipeline.models import load_tokenizer
 # The parts ReMax is made of, shared with RLOO and GRPO (and importable from here as before).
 from pipeline.policy import (Models, Rollout, discounted_returns, evaluate, kl_penalized_rewards,  # noqa: F401
                              reference_policy, reinforce_loss, remax_advantage, rollout, sequence_kl,
-                             weights_for_generation)
+                             sampling_problems, weights_for_generation)
 from pipeline.policy import build_models as build_policy_models
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
@@ -72,52 +72,14 @@ class RemaxConfig(RunConfig):
     remax: RemaxSection = dataclasses.field(default_factory=RemaxSection)
 
     def problems(self) -> list:
-        problems = super().problems()
         remax = self.remax
-        if self.data.format != "prompt":
-            problems.append(f"`data.format` is {self.data.format!r}; ReMax generates from prompts: use prompt")
-        if remax.reward_model_path is None:
-            problems.append("`remax.reward_model_path` is not set; give the directory of a trained reward model "
-                            "(the export of stages.reward)")
+        problems = super().problems() + sampling_problems(self, remax, "remax")
         if remax.kl_ctl < 0:
             problems.append(f"`remax.kl_ctl` is {remax.kl_ctl}; it must not be negative (0 turns the KL penalty off)")
-        if remax.missing_eos_penalty is not None and remax.missing_eos_penalty < 0:
-            problems.append(f"`remax.missing_eos_penalty` is {remax.missing_eos_penalty}; it must not be negative")
         if not 0 <= remax.gamma <= 1:
             problems.append(f"`remax.gamma` is {remax.gamma}; use a value in [0, 1]")
         if remax.clip_advantage is not None and remax.clip_advantage <= 0:
             problems.append(f"`remax.clip_advantage` is {remax.clip_advantage}; use a positive bound or null")
-        if remax.temperature <= 0:
-            problems.append(f"`remax.temperature` is {remax.temperature}; it must be positive")
-        if not 0 < remax.top_p <= 1:
-            problems.append(f"`remax.top_p` is {remax.top_p}; use a value in (0, 1]")
-        if remax.max_new_tokens <= 0:
-            problems.append(f"`remax.max_new_tokens` is {remax.max_new_tokens}; it must be a positive integer")
-        elif self.data.max_prompt_length + remax.max_new_tokens > self.data.max_length:
-            problems.append(f"`data.max_prompt_length` {self.data.max_prompt_length} + `remax.max_new_tokens` "
-                            f"{remax.max_new_tokens} exceeds `data.max_length` {self.data.max_length}; raise "
-                            "`data.max_length` or shorten one of them")
-        if remax.eval_every_steps is not None and remax.eval_every_steps <= 0:
-            problems.append(f"`remax.eval_every_steps` is {remax.eval_every_steps}; it must be a positive integer")
-        if (remax.eval_every_steps and self.training.eval_every_steps
-                and remax.eval_every_steps != self.training.eval_every_steps):
-            problems.append(f"`remax.eval_every_steps` {remax.eval_every_steps} and `training.eval_every_steps` "
-                            f"{self.training.eval_every_steps} disagree; set only one")
-        if (remax.eval_prompts_path and self.data.eval_path
-                and remax.eval_prompts_path != self.data.eval_path):
-            problems.append(f"`remax.eval_prompts_path` {remax.eval_prompts_path} and `data.eval_path` "
-                            f"{self.data.eval_path} disagree; set only one")
-        for name in ("ref", "reward"):
-            stage, offload = getattr(remax, f"{name}_zero_stage"), getattr(remax, f"{name}_offload")
-            if stage not in (0, 3):
-                problems.append(f"`remax.{name}_zero_stage` is {stage}; use 0 (a full copy per rank) or 3 (sharded): "
-                                "a frozen model has no optimizer state or gradients for ZeRO 1 or 2 to shard")
-            if offload and stage != 3:
-                problems.append(f"`remax.{name}_offload` is true with `remax.{name}_zero_stage` {stage}; "
-                                "offloading needs ZeRO-3")
-        if remax.gold_reward is not None and remax.gold_reward not in GOLD_REWARDS:
-            problems.append(f"`remax.gold_reward` is {remax.gold_reward!r}; use one of {', '.join(GOLD_REWARDS)} "
-                            "or leave it unset")
         return problems
 
     @property
