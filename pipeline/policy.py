@@ -574,42 +574,66 @@ def evaluate(models: Models, loader, generation: tuple, device) -> dict:
 BEST_DIR = "best"  # the actor at its best held-out greedy reward, with best.json ({best_step, best_eval_reward})
 
 
-def run_group_stage(config, section: PolicySection, name: str, estimator: Callable) -> dict:
-    """Trains the actor of RLOO / GRPO (`estimator`: (N,) rewards -> (N,) advantages) for the planned
-    steps, keeping `best/` at the best held-out greedy reward; returns the last evaluation's metrics."""
+def prompt_data(config, section) -> tuple:
+    """(tokenizer, training prompts, held-out prompts, batch plan) of a sampling stage whose section
+    may name its held-out prompts (`eval_prompts_path`); the data report is logged on rank 0."""
     tokenizer = load_tokenizer(config.model)
     data = dataclasses.replace(config.data, eval_path=section.eval_prompts_path or config.data.eval_path)
     train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
     plan = batch_plan(config, init_distributed())
     if dist.get_rank() == 0:
         logger.info(report.summary())
+    return tokenizer, train_set, eval_set, plan
+
+
+class BestCheckpoint:
+    """Keeps `best/`: the actor exported whenever its held-out greedy reward (`eval/reward`) beats
+    every earlier evaluation's, with best.json. Its record travels in the run's checkpoints, so a
+    resumed run compares against the same best; `buffer` (a RolloutBuffer) is re-aligned on resume."""
+
+    def __init__(self, run_dir: RunDirectory, engine, tokenizer, buffer=None):
+        self.run_dir, self.engine, self.tokenizer, self.buffer = run_dir, engine, tokenizer, buffer
+        self.record = {"best_step": None, "best_eval_reward": None}
+
+    def after_evaluation(self, result: dict, step: int) -> None:
+        if self.record["best_eval_reward"] is None or result["eval/reward"] > self.record["best_eval_reward"]:
+            self.record.update(best_step=step, best_eval_reward=result["eval/reward"])
+            self.run_dir.export(self.engine, self.tokenizer, BEST_DIR, metadata=self.record)
+
+    def state(self) -> dict:
+        return dict(self.record)
+
+    def load_state(self, state: dict) -> None:
+        self.record.update({key: state.get(key) for key in self.record})
+        if self.buffer is not None:
+            self.buffer.resume_at(state["step"])
+
+    def stage_hooks(self) -> dict:
+        """The `Stage` fields it fills."""
+        return dict(after_evaluation=self.after_evaluation, state=self.state, load_state=self.load_state)
+
+
+def run_group_stage(config, section: PolicySection, name: str, estimator: Callable) -> dict:
+    """Trains the actor of RLOO / GRPO (`estimator`: (N,) rewards -> (N,) advantages) for the planned
+    steps, keeping `best/` at the best held-out greedy reward; returns the last evaluation's metrics."""
+    tokenizer, train_set, eval_set, plan = prompt_data(config, section)
     models, built = build_models(config, section, name, tokenizer, total_optimizer_steps(config, len(train_set), plan))
     device, run_dir = built.engine.device, RunDirectory(config)
     generation = generation_configs(tokenizer, section.max_new_tokens, section.temperature, section.top_p)
     buffer = RolloutBuffer(section.updates_per_rollout, plan.gradient_accumulation_steps)
-    best = {"best_step": None, "best_eval_reward": None}
-
-    def keep_best(result: dict, step: int) -> None:
-        if best["best_eval_reward"] is None or result["eval/reward"] > best["best_eval_reward"]:
-            best.update(best_step=step, best_eval_reward=result["eval/reward"])
-            run_dir.export(built.engine, tokenizer, BEST_DIR, metadata=best)
-
-    def load_state(state: dict) -> None:
-        best.update({key: state.get(key) for key in best})
-        buffer.resume_at(state["step"])
-
+    best = BestCheckpoint(run_dir, built.engine, tokenizer, buffer)
     stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
                   step=lambda batch: group_step(models, batch, section, generation[0], estimator, buffer),
                   evaluate=lambda loader: evaluate(models, loader, generation, device),
-                  tokenizer=tokenizer, metrics=group_step_metrics, after_evaluation=keep_best,
-                  state=lambda: dict(best), load_state=load_state, progress=("reward", "kl"),
-                  eval_every_steps=section.eval_every_steps or config.training.eval_every_steps)
+                  tokenizer=tokenizer, metrics=group_step_metrics, progress=("reward", "kl"),
+                  eval_every_steps=section.eval_every_steps or config.training.eval_every_steps, **best.stage_hooks())
     return train(config, built, run_dir, stage)
 
 
-__all__ = ["run_group_stage", "BEST_DIR", "PolicySection", "section_problems", "KL_PENALTIES", "remax_advantage", "rloo_advantage",
-           "grpo_advantage", "grouped", "sequence_log_ratio", "kl_penalized_reward", "k3_kl", "kl_penalized_rewards",
-           "discounted_returns", "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "masked_whiten", "Models", "build_models",
-           "weights_for_generation", "reference_policy", "Rollout", "rollout", "sequence_kl", "repeat_prompts",
-           "GroupRollout", "group_rollout", "policy_logprobs", "RolloutBuffer", "group_step", "group_step_metrics",
-           "evaluate"]
+__all__ = ["run_group_stage", "BEST_DIR", "BestCheckpoint", "prompt_data", "PolicySection", "section_problems",
+           "sampling_problems", "KL_PENALTIES", "remax_advantage", "rloo_advantage", "grpo_advantage", "grouped",
+           "sequence_log_ratio", "kl_penalized_reward", "k3_kl", "kl_penalized_rewards", "discounted_returns",
+           "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "masked_whiten",
+           "Models", "build_models", "weights_for_generation", "reference_policy", "Rollout", "rollout",
+           "sequence_kl", "repeat_prompts", "GroupRollout", "group_rollout", "policy_logprobs", "RolloutBuffer",
+           "group_step", "group_step_metrics", "evaluate"]

@@ -23,18 +23,16 @@ import sys
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import RunConfig
-from pipeline.data import prepare_dataset
-from pipeline.engine import batch_plan, create_engine, init_distributed
+from pipeline.engine import create_engine, sharded_creation, training_ds_config
 from pipeline.generation import collate_with_prompts, generation_configs
 from pipeline.loop import Stage, optimizer_step, total_optimizer_steps, train
-from pipeline.models import (RewardModel, enable_gradient_checkpointing, load_tokenizer, model_dtype)
-from pipeline.policy import (BEST_DIR, GroupRollout, Models, PolicySection, build_models, clipped_surrogate_loss,
+from pipeline.models import RewardModel, enable_gradient_checkpointing, model_dtype
+from pipeline.policy import (BestCheckpoint, GroupRollout, Models, PolicySection, build_models, clipped_surrogate_loss,
                              clipped_value_loss, evaluate, gae_advantages, group_rollout, k3_kl,
-                             kl_penalized_rewards, masked_whiten, policy_logprobs, RolloutBuffer, section_problems,
-                             sequence_log_ratio)
+                             kl_penalized_rewards, masked_whiten, policy_logprobs, prompt_data, RolloutBuffer,
+                             section_problems, sequence_log_ratio)
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -85,17 +83,20 @@ def build_critic(config: PpoConfig, total_steps: int):
     """
     ppo, model_config = config.ppo, config.model
     dtype = model_dtype(model_config, config.engine.precision)
-    if ppo.critic_init == "reward":
-        critic = RewardModel.from_pretrained(ppo.reward_model_path, dtype=dtype,
-                                             attn_implementation=model_config.attn_implementation,
-                                             trust_remote_code=model_config.trust_remote_code,
-                                             field="ppo.reward_model_path")
-        if model_config.gradient_checkpointing:
-            enable_gradient_checkpointing(critic.backbone)
-    else:
-        critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
     critic_optim = dataclasses.replace(config.optim, lr=ppo.critic_lr or config.optim.lr)
-    return create_engine(dataclasses.replace(config, optim=critic_optim), critic, total_steps)
+    critic_config = dataclasses.replace(config, optim=critic_optim)
+    # At ZeRO-3 each parameter is split over the ranks as it is created, as the actor's are.
+    with sharded_creation(training_ds_config(critic_config)):
+        if ppo.critic_init == "reward":
+            critic = RewardModel.from_pretrained(ppo.reward_model_path, dtype=dtype,
+                                                 attn_implementation=model_config.attn_implementation,
+                                                 trust_remote_code=model_config.trust_remote_code,
+                                                 field="ppo.reward_model_path")
+        else:
+            critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
+    if ppo.critic_init == "reward" and model_config.gradient_checkpointing:
+        enable_gradient_checkpointing(critic.backbone)
+    return create_engine(critic_config, critic, total_steps)
 
 
 def critic_values(critic, sampled) -> torch.Tensor:
@@ -182,36 +183,20 @@ def run(config: PpoConfig) -> dict:
     """Trains actor and critic for the planned steps, keeping `best/` at the best held-out greedy reward;
     returns the last evaluation's metrics."""
     ppo = config.ppo
-    tokenizer = load_tokenizer(config.model)
-    data = dataclasses.replace(config.data, eval_path=ppo.eval_prompts_path or config.data.eval_path)
-    train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
-    plan = batch_plan(config, init_distributed())
-    if dist.get_rank() == 0:
-        logger.info(report.summary())
+    tokenizer, train_set, eval_set, plan = prompt_data(config, ppo)
     total_steps = total_optimizer_steps(config, len(train_set), plan)
     models, built = build_models(config, ppo, "ppo", tokenizer, total_steps)
     critic = build_critic(config, total_steps).engine
     device, run_dir = built.engine.device, RunDirectory(config)
     generation = generation_configs(tokenizer, ppo.max_new_tokens, ppo.temperature, ppo.top_p)
     buffer = RolloutBuffer(ppo.updates_per_rollout, plan.gradient_accumulation_steps)
-    best, critic_log = {"best_step": None, "best_eval_reward": None}, {}
-
-    def keep_best(result: dict, step: int) -> None:
-        if best["best_eval_reward"] is None or result["eval/reward"] > best["best_eval_reward"]:
-            best.update(best_step=step, best_eval_reward=result["eval/reward"])
-            run_dir.export(built.engine, tokenizer, BEST_DIR, metadata=best)
-
-    def load_state(state: dict) -> None:
-        best.update({key: state.get(key) for key in best})
-        buffer.resume_at(state["step"])
-
+    best, critic_log = BestCheckpoint(run_dir, built.engine, tokenizer, buffer), {}
     stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
                   step=lambda batch: ppo_step(models, critic, batch, ppo, generation[0], buffer, critic_log),
                   evaluate=lambda loader: evaluate(models, loader, generation, device),
                   tokenizer=tokenizer, metrics=lambda total: ppo_metrics(total, critic_log),
-                  after_evaluation=keep_best, state=lambda: dict(best), load_state=load_state,
                   progress=("reward", "kl", "value_loss"), eval_every_steps=ppo.eval_every_steps,
-                  engines={CRITIC_DIR: critic})
+                  engines={CRITIC_DIR: critic}, **best.stage_hooks())
     result = train(config, built, run_dir, stage)
     run_dir.export(critic, None, CRITIC_DIR)
     return result

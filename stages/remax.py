@@ -21,25 +21,18 @@ import math
 import sys
 from typing import Optional
 
-import torch.distributed as dist
-
 from pipeline.config import RunConfig
-from pipeline.data import prepare_dataset
-from pipeline.engine import batch_plan, init_distributed
 from pipeline.generation import collate_with_prompts, generation_configs, response_logprobs
 from pipeline.loop import Stage, total_optimizer_steps, train
-from pipeline.models import load_tokenizer
 # The parts ReMax is made of, shared with RLOO and GRPO (and importable from here as before).
-from pipeline.policy import (Models, Rollout, discounted_returns, evaluate, kl_penalized_rewards,  # noqa: F401
-                             reference_policy, reinforce_loss, remax_advantage, rollout, sequence_kl,
-                             sampling_problems, weights_for_generation)
+from pipeline.policy import (BEST_DIR, BestCheckpoint, Models, Rollout, discounted_returns, evaluate,  # noqa: F401
+                             kl_penalized_rewards, prompt_data, reference_policy, reinforce_loss, remax_advantage,
+                             rollout, sampling_problems, sequence_kl, weights_for_generation)
 from pipeline.policy import build_models as build_policy_models
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
-
-BEST_DIR = "best"  # the actor at its best held-out greedy reward, with best.json ({best_step, best_eval_reward})
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -147,28 +140,16 @@ def step_metrics(total: dict) -> dict:
 def run(config: RemaxConfig) -> dict:
     """Trains the actor for the planned steps; returns the last evaluation's metrics."""
     remax = config.remax
-    tokenizer = load_tokenizer(config.model)
-    data = dataclasses.replace(config.data, eval_path=remax.eval_prompts_path or config.data.eval_path)
-    train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
-    plan = batch_plan(config, init_distributed())
-    if dist.get_rank() == 0:
-        logger.info(report.summary())
+    tokenizer, train_set, eval_set, plan = prompt_data(config, remax)
     models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan))
     device, run_dir = built.engine.device, RunDirectory(config)
     generation = generation_configs(tokenizer, remax.max_new_tokens, remax.temperature, remax.top_p)
-    best = {"best_step": None, "best_eval_reward": None}
-
-    def keep_best(result: dict, step: int) -> None:
-        if best["best_eval_reward"] is None or result["eval/reward"] > best["best_eval_reward"]:
-            best.update(best_step=step, best_eval_reward=result["eval/reward"])
-            run_dir.export(built.engine, tokenizer, BEST_DIR, metadata=best)
-
+    best = BestCheckpoint(run_dir, built.engine, tokenizer)
     stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
                   step=lambda batch: remax_step(models, batch, remax, generation),
                   evaluate=lambda loader: evaluate(models, loader, generation, device),
-                  tokenizer=tokenizer, metrics=step_metrics, after_evaluation=keep_best,
-                  state=lambda: dict(best), load_state=lambda state: best.update({k: state.get(k) for k in best}),
-                  progress=("reward", "kl"), eval_every_steps=config.eval_every_steps)
+                  tokenizer=tokenizer, metrics=step_metrics, progress=("reward", "kl"),
+                  eval_every_steps=config.eval_every_steps, **best.stage_hooks())
     return train(config, built, run_dir, stage)
 
 

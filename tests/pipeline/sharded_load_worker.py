@@ -1,4 +1,5 @@
-"""Models created sharded at ZeRO-3 (2 real CPU ranks, bf16): the policy, the reference and the reward model.
+"""Models created sharded at ZeRO-3 (2 real CPU ranks, bf16): the policy, the reference, the reward model
+and PPO's critic.
 
 Launched by test_models.py. Per model, rank 0 writes every rank's parameter bytes held right after
 creation (before any engine exists) next to the whole model's, the largest difference of the gathered
@@ -111,6 +112,21 @@ def main():
         scores = reward(input_ids=sequences, attention_mask=attention_mask).float()
     results["reward"].update(scores_diff=(scores - expected_scores).abs().max().item(),
                              score_scale=expected_scores.abs().max().item())
+
+    # PPO's critic, built by the stage's own code from the reward model: the bytes it holds as it
+    # reaches its engine factory.
+    import stages.ppo as ppo
+
+    def held_when_wrapped(ppo_config, model, total_steps):
+        results["critic"] = {"held": all_ranks(held_bytes(model)), "whole": whole_bytes(whole_reward),
+                             "param_diff": max_param_diff(model, whole_reward)}
+        return create_engine(ppo_config, model, total_steps)
+
+    ppo.create_engine = held_when_wrapped
+    ppo_config = ppo.PpoConfig(output_dir=config.output_dir, model=config.model, data=DataConfig(path="unused",
+                               format="prompt"), optim=config.optim, engine=config.engine,
+                               ppo=ppo.PpoSection(reward_model_path=reward_dir, critic_init="reward"))
+    ppo.build_critic(ppo_config, total_steps=1)
     write_results(args.out, results)
 
 

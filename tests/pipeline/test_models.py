@@ -433,7 +433,7 @@ def test_zero3_models_are_created_sharded_and_compute_what_the_whole_model_does(
     out = tmp_path / "results.json"
     launch_ranks(2, ["tests/pipeline/sharded_load_worker.py", "--out", out])
     results = read_json(out)
-    for name in ("policy", "reference", "reward"):
+    for name in ("policy", "reference", "reward", "critic"):
         result = results[name]
         # Each of the 2 ranks holds half the parameter bytes from creation on, never the whole model.
         assert all(abs(held - result["whole"] / 2) <= 0.01 * result["whole"] for held in result["held"]), result
