@@ -16,6 +16,7 @@ per element). On top, per rank:
   DeepSpeed       the gradient reduce bucket; ZeRO-3: the gathered weights it keeps live
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
   frozen models   reference policy and reward model weights (ReMax, DPO)
+  critic          PPO: a second trained model (weights, gradients, optimizer state) and its training phase
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
 The peak is what persists between steps (weights, the gradients DeepSpeed keeps, optimizer state,
 frozen models) plus the largest of the phases (forward/backward, generation, scoring, optimizer step;
@@ -56,6 +57,19 @@ def build_meta_model(config: RunConfig, stage: str = "sft"):
     if config.model.lora.enabled:
         model = apply_lora(model, config.model.lora)
     return model
+
+
+def build_meta_critic(config):
+    """PPO's critic on the meta device: the reward model it starts from (`ppo.critic_init: reward`,
+    read from its config.json) or the policy's backbone with a new v_head; None for other stages."""
+    ppo = getattr(config, "ppo", None)
+    if ppo is None:
+        return None
+    path = ppo.reward_model_path
+    if ppo.critic_init == "reward" and path and (Path(path) / "config.json").is_file():
+        return RewardModel.from_pretrained(path, device="meta")
+    return RewardModel.from_causal_lm(
+        dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False)), device="meta")
 
 
 def largest_layer_numel(model) -> int:
@@ -264,13 +278,33 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
                 scoring_bytes=int(scoring), total_bytes=int(peak), stage=w.stage)
 
 
-def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None) -> list:
+def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None,
+              critic=None) -> list:
     """One row per (optimizer, zero stage, world size): bytes on the most loaded rank. Without a
-    workload only model states; with one, `total_bytes` is the planned peak."""
+    workload only model states; with one, `total_bytes` is the planned peak. `critic` (PPO) is a
+    second trained model under the same optimizer and ZeRO stage (`add_critic`)."""
     rows = model_state_rows(model, world_sizes, precision)
     if workload is None:
         return rows
-    return [add_workload(row, model, workload, precision) for row in rows]
+    rows = [add_workload(row, model, workload, precision) for row in rows]
+    if critic is not None:
+        critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing)
+        critic_rows = {(row["optimizer"], row["zero_stage"], row["world_size"]): add_workload(
+            row, critic, critic_workload, precision) for row in model_state_rows(critic, world_sizes, precision)}
+        rows = [add_critic(row, critic_rows[row["optimizer"], row["zero_stage"], row["world_size"]]) for row in rows]
+    return rows
+
+
+def add_critic(row: dict, critic: dict) -> dict:
+    """The actor's `row` with PPO's critic (its own planned row) added. The critic's weights, gradients
+    and optimizer state persist like the actor's; its forward, backward and optimizer step run while
+    the actor's graph is alive (the actor's backward comes after), so they add to that phase."""
+    critic_phase = critic["activations_bytes"] + critic["deepspeed_bytes"] + critic["optimizer_step_bytes"]
+    forward_backward = row["activations_bytes"] + row["logits_bytes"] + row["deepspeed_bytes"] + critic_phase
+    kept = row["kept_bytes"] + critic["kept_bytes"]
+    phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"])
+    return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
+                critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + max(phases)))
 
 
 def frozen_numels(config, stage: str) -> dict:
@@ -308,7 +342,8 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     total, trainable = count_parameters(model)
     stage = config.engine.zero_stage
     workload = workload_of(config, stage_name, frozen_numels(config, stage_name))
-    rows = {row["optimizer"]: row for row in plan_rows(model, [world_size], config.engine.precision, workload)
+    critic = build_meta_critic(config)
+    rows = {row["optimizer"]: row for row in plan_rows(model, [world_size], config.engine.precision, workload, critic)
             if row["zero_stage"] == stage}
     states = planned_state_bytes(model, [world_size], [stage])
     chosen = rows[config.optim.name]
@@ -329,11 +364,14 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     for key, label in (("activations_bytes", "activations"), ("logits_bytes", "logits and loss"),
                        ("deepspeed_bytes", "DeepSpeed buffers"), ("optimizer_step_bytes", "optimizer step"),
                        ("frozen_bytes", "frozen models"), ("generation_bytes", "generation"),
-                       ("scoring_bytes", "scoring")):
-        if chosen[key] or key in ("activations_bytes", "deepspeed_bytes"):
+                       ("scoring_bytes", "scoring"), ("critic_bytes", "critic (weights, grads, state)"),
+                       ("critic_phase_bytes", "critic's fwd/bwd/step")):
+        if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
-                 "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)")
+                 "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)"
+                 + ("; PPO: the critic's state persists too and its training phase adds to the actor's forward/backward"
+                    if critic is not None else ""))
     lines.append("  peak per rank:")
     for name, row in rows.items():
         mark = "  <- chosen" if name == config.optim.name else ""
@@ -349,6 +387,9 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
         header += ["activ. GiB", "logits GiB", "DS GiB", "step GiB", "frozen GiB", "gen. GiB"]
         keys += ["activations_bytes", "logits_bytes", "deepspeed_bytes", "optimizer_step_bytes", "frozen_bytes",
                  "generation_bytes"]
+    if rows and "critic_bytes" in rows[0]:  # PPO: the critic's persistent state and its training phase
+        header += ["critic GiB", "critic phase GiB"]
+        keys += ["critic_bytes", "critic_phase_bytes"]
     header.append("peak GiB")
     keys.append("total_bytes")
     if gpu_memory_gib:
@@ -415,10 +456,11 @@ def main(argv=None) -> int:
         config = load_config(config_class(stage), args.config, args.overrides)
         model = build_meta_model(config, stage)
         workload = workload_of(config, stage, frozen_numels(config, stage))
+        critic = build_meta_critic(config) if stage == "ppo" else None
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = plan_rows(model, world_sizes, config.engine.precision, workload)
+    rows = plan_rows(model, world_sizes, config.engine.precision, workload, critic)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.gpu_memory))
     return 0
 

@@ -141,3 +141,37 @@ def test_peak_adds_workload_to_what_persists():
     # ZeRO-2 keeps the 16-bit gradient partition; the fp32 one and the flattening exist in the step only.
     assert zero2["kept_bytes"] == zero2["params_bytes"] + 2 * numel / 2 + zero2["optimizer_bytes"]
     assert zero2["optimizer_step_bytes"] == 6 * numel // 2
+
+
+def test_ppo_plans_its_critic_as_a_second_trained_model(capsys):
+    """The 7B PPO config: the actor's rows as for any policy stage, plus the critic (the reward model's
+    backbone and v_head) with its own weights, gradients and optimizer state, and its training phase
+    inside the actor's forward/backward (the critic steps before the actor's backward)."""
+    from pipeline.config import load_config
+    from pipeline.models import RewardModel
+    from pipeline.plan import build_meta_critic, config_class
+
+    config_file = str(REPO_ROOT / "configs/llama2-7b/ppo.yaml")
+    config = load_config(config_class("ppo"), config_file)
+    critic = build_meta_critic(config)
+    assert isinstance(critic, RewardModel)
+    critic_numel = sum(p.numel() for p in critic.parameters())
+    assert critic_numel == pytest.approx(6.61e9, rel=0.01)  # Llama-2-7B less its LM head, plus a v_head
+
+    assert main(["--config", config_file, "--world-sizes", "2,8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for r in rows:
+        critic_alone = plan_rows(critic, [r["world_size"]], "bf16")
+        state = row(critic_alone, r["optimizer"], r["zero_stage"], r["world_size"])
+        # The critic keeps what a trained model keeps between steps: bf16 weights, the gradients DeepSpeed
+        # keeps (ZeRO-2: the 16-bit partition only) and the optimizer state with its fp32 master.
+        kept_grads = (2 * critic_numel / r["world_size"] if r["zero_stage"] == 2 else
+                      state["grads_bytes"])
+        assert r["critic_bytes"] == pytest.approx(state["params_bytes"] + kept_grads + state["optimizer_bytes"], abs=8)
+        forward_backward = r["activations_bytes"] + r["logits_bytes"] + r["deepspeed_bytes"] + r["critic_phase_bytes"]
+        phases = (forward_backward, r["generation_bytes"], r["scoring_bytes"], r["optimizer_step_bytes"])
+        assert r["total_bytes"] == pytest.approx(r["kept_bytes"] + r["frozen_bytes"] + max(phases), abs=8)
+    gib = 2**30
+    # At 2 ranks PPO's two trained 7B models do not fit an 80 GB card at any ZeRO stage; at 8 ranks ZeRO-2 does.
+    assert min(r["total_bytes"] for r in rows if r["world_size"] == 2) > 80 * gib
+    assert row(rows, "adam_mini", 2, 8)["total_bytes"] < 80 * gib
