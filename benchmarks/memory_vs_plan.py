@@ -3,8 +3,9 @@
     python -m benchmarks.memory_vs_plan [--steps 3] [--keep DIR]
 
 Builds a 32-layer narrow Llama (~81M parameters, vocab 32000, bf16 safetensors) and a reward model
-from it in a temporary directory, then runs SFT at ZeRO-2 and ZeRO-3, reward training and ReMax
-(reference and reward model at ZeRO-3) for a few steps each on 2 real DeepSpeed CPU ranks. Every
+from it in a temporary directory, then runs SFT at ZeRO-2 and ZeRO-3, reward training, ReMax
+(reference and reward model at ZeRO-3) and PPO (the same, plus a critic trained from the reward
+model) for a few steps each on 2 real DeepSpeed CPU ranks. Every
 rank samples its own anonymous resident memory (RssAnon, /proc/self/status) every 5 ms from just
 before the stage loads its models to the end of its steps; the bf16 weights stay memory-mapped from
 the safetensors files, which plain RSS would count and RssAnon does not. The table gives per rank the
@@ -62,8 +63,8 @@ class PeakSampler(threading.Thread):
 
 # ---- inside each rank ------------------------------------------------------------------------------
 
-STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward", "remax": "stages.remax"}
-CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "remax": "RemaxConfig"}
+STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward", "remax": "stages.remax", "ppo": "stages.ppo"}
+CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "remax": "RemaxConfig", "ppo": "PpoConfig"}
 
 
 def rank_main(stage: str, config_path: str, out: str) -> None:
@@ -149,6 +150,14 @@ def run_configs(root: Path, policy: Path, reward: Path, data: dict, steps: int) 
                                        engine={"zero_stage": 2, "precision": "bf16", "micro_batch_size": 4},
                                        remax={"reward_model_path": str(reward), "max_new_tokens": 64,
                                               "ref_zero_stage": 3, "reward_zero_stage": 3})),
+        # Actor and critic (from the reward model) both trained at ZeRO-2, two updates per rollout as shipped.
+        "ppo ZeRO-2": ("ppo", dict(model=model(gradient_checkpointing=True),
+                                   data={"path": str(data["prompts"]), "format": "prompt", "max_length": 160,
+                                         "max_prompt_length": 96, "eval_fraction": 0.1},
+                                   optim={"name": "adam_mini", "lr": 1e-6},
+                                   engine={"zero_stage": 2, "precision": "bf16", "micro_batch_size": 4},
+                                   ppo={"reward_model_path": str(reward), "max_new_tokens": 64, "num_samples": 1,
+                                        "ref_zero_stage": 3, "reward_zero_stage": 3, "critic_init": "reward"})),
     }
     configs = {}
     for name, (stage, values) in runs.items():
@@ -164,23 +173,21 @@ def planned_peak(stage: str, config_path: Path, world_size: int) -> int:
     import importlib
 
     from pipeline.config import load_config
-    from pipeline.plan import build_meta_model, frozen_numels, plan_rows, workload_of
+    from pipeline.plan import build_meta_critic, build_meta_model, frozen_numels, plan_rows, workload_of
 
     module = importlib.import_module(STAGE_MODULES[stage])
     config = load_config(getattr(module, CONFIG_CLASSES[stage]), str(config_path))
     model = build_meta_model(config, stage)
     rows = plan_rows(model, [world_size], config.engine.precision,
-                     workload_of(config, stage, frozen_numels(config, stage)))
+                     workload_of(config, stage, frozen_numels(config, stage)), build_meta_critic(config))
     return next(row["total_bytes"] for row in rows
                 if (row["optimizer"], row["zero_stage"]) == (config.optim.name, config.engine.zero_stage))
 
 
 def launch(stage: str, config_path: Path, out: Path, world_size: int) -> list:
-    import socket
+    from pipeline.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # glibc hands every block of 64 KiB or more back to the kernel when freed, so RssAnon follows live
     # tensors instead of keeping the heap's high-water mark.
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",

@@ -16,7 +16,8 @@ per element). On top, per rank:
   DeepSpeed       the gradient reduce bucket; ZeRO-3: the gathered weights it keeps live
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
   frozen models   reference policy and reward model weights (ReMax, DPO)
-  critic          PPO: a second trained model (weights, gradients, optimizer state) and its training phase
+  critic          PPO: a second trained model (weights, gradients, optimizer state); its forward,
+                  backward and step run while the actor's activations are alive
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
 The peak is what persists between steps (weights, the gradients DeepSpeed keeps, optimizer state,
 frozen models) plus the largest of the phases (forward/backward, generation, scoring, optimizer step;
@@ -297,10 +298,11 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
 
 def add_critic(row: dict, critic: dict) -> dict:
     """The actor's `row` with PPO's critic (its own planned row) added. The critic's weights, gradients
-    and optimizer state persist like the actor's; its forward, backward and optimizer step run while
-    the actor's graph is alive (the actor's backward comes after), so they add to that phase."""
-    critic_phase = critic["activations_bytes"] + critic["deepspeed_bytes"] + critic["optimizer_step_bytes"]
-    forward_backward = row["activations_bytes"] + row["logits_bytes"] + row["deepspeed_bytes"] + critic_phase
+    and optimizer state persist like the actor's. Its forward and backward (activations, its gradient
+    bucket), then its optimizer step, run after the actor's forward and before the actor's backward,
+    so the actor's activations and logits are alive through them."""
+    critic_phase = max(critic["activations_bytes"] + critic["deepspeed_bytes"], critic["optimizer_step_bytes"])
+    forward_backward = row["activations_bytes"] + row["logits_bytes"] + max(row["deepspeed_bytes"], critic_phase)
     kept = row["kept_bytes"] + critic["kept_bytes"]
     phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"])
     return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
@@ -370,7 +372,7 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
                  "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)"
-                 + ("; PPO: the critic's state persists too and its training phase adds to the actor's forward/backward"
+                 + ("; PPO: the critic's state persists too, and its training runs while the actor's activations and logits live"
                     if critic is not None else ""))
     lines.append("  peak per rank:")
     for name, row in rows.items():

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, RunConfig
 from pipeline.models import enable_gradient_checkpointing
-from pipeline.plan import (Geometry, kv_cache_bytes, logits_bytes, main, plan_rows, saved_activation_bytes,
-                           workload_of)
+from pipeline.plan import (Geometry, Workload, kv_cache_bytes, logits_bytes, main, plan_rows,
+                           saved_activation_bytes, workload_of)
 from tests.conftest import REPO_ROOT
 from tests.tiny_models import tiny_llama
 
@@ -168,7 +168,14 @@ def test_ppo_plans_its_critic_as_a_second_trained_model(capsys):
         kept_grads = (2 * critic_numel / r["world_size"] if r["zero_stage"] == 2 else
                       state["grads_bytes"])
         assert r["critic_bytes"] == pytest.approx(state["params_bytes"] + kept_grads + state["optimizer_bytes"], abs=8)
-        forward_backward = r["activations_bytes"] + r["logits_bytes"] + r["deepspeed_bytes"] + r["critic_phase_bytes"]
+        # The critic runs on the actor's sequences (8 prompts x 1024 tokens), scoring every position.
+        critic_training = row(plan_rows(critic, [r["world_size"]], "bf16", Workload("reward", 8, 1024, 0, True)),
+                              r["optimizer"], r["zero_stage"], r["world_size"])
+        assert r["critic_phase_bytes"] == max(critic_training["activations_bytes"] + critic_training["deepspeed_bytes"],
+                                              critic_training["optimizer_step_bytes"])
+        # Actor forward, then the critic's forward/backward and its step, then the actor's backward.
+        forward_backward = r["activations_bytes"] + r["logits_bytes"] + max(r["deepspeed_bytes"],
+                                                                            r["critic_phase_bytes"])
         phases = (forward_backward, r["generation_bytes"], r["scoring_bytes"], r["optimizer_step_bytes"])
         assert r["total_bytes"] == pytest.approx(r["kept_bytes"] + r["frozen_bytes"] + max(phases), abs=8)
     gib = 2**30
