@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 # AdamW first: the baseline every ratio divides by. Each variant is the config overrides it runs with.
 OPTIMIZERS = {"adamw": ["optim.name=adamw"],
-              "adam_mini": ["optim.name=adam_mini"],                                # one group per parameter
+              "adam_mini": ["optim.name=adam_mini", "optim.shared_groups=false"],     # one group per parameter
               "adam_mini_shared": ["optim.name=adam_mini", "optim.shared_groups=true"]}
 STAGES = ("sft", "remax")
 TOKENIZER = "data/demo/tokenizer"
