@@ -245,12 +245,7 @@ def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = No
     rank = dist.get_rank()
     record = _check_rank_count(checkpoint, dist.get_world_size(), engine.train_batch_size())
     if record is not None:
-        if extra_engines:
-            raise ResumeError(f"{checkpoint} was written by {record['world_size']} ranks but this run has "
-                              f"{dist.get_world_size()}: only the policy's Adam-mini state is re-cut for another "
-                              f"number of ranks, not {', '.join(extra_engines)}'s. Resume with "
-                              f"{record['world_size']} ranks (NUM_GPUS={record['world_size']})")
-        return _load_on_other_rank_count(engine, checkpoint, record)
+        return _load_on_other_rank_count(engine, checkpoint, record, extra_engines or {})
     loads = [(engine, checkpoint.parent, checkpoint.name)]
     loads += [(extra, checkpoint, name) for name, extra in (extra_engines or {}).items()]
     for target, directory, tag in loads:
@@ -262,27 +257,30 @@ def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = No
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
 
 
-def _load_on_other_rank_count(engine, checkpoint: Path, record: dict) -> dict:
-    """Weights, Adam-mini state, schedule and DeepSpeed's counters from a checkpoint of another rank count.
+def _load_on_other_rank_count(engine, checkpoint: Path, record: dict, extra_engines: dict) -> dict:
+    """Weights, Adam-mini state, schedule and DeepSpeed's counters from a checkpoint of another rank
+    count, for `engine` and each of `extra_engines` (from `<checkpoint>/<name>/`).
 
-    Rank 0 puts the ranks' pieces together once (kept beside the checkpoint's files for a later
+    Rank 0 puts each engine's pieces together once (kept beside that engine's files for a later
     resume); each rank then takes its own pieces. A rank with no saved RNG state (more ranks than
     before) keeps the one its seed gave it.
     """
     from optimizers.reshard import FULL_STATE_FILE, ReshardError, consolidate, load_full_state, restore, save_full_state
 
-    rank, full_state_file = dist.get_rank(), checkpoint / FULL_STATE_FILE
-    problem = [None]
-    if rank == 0 and not full_state_file.is_file():
-        try:
-            save_full_state(consolidate(checkpoint), full_state_file)
-        except ReshardError as error:
-            problem[0] = str(error)
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0] is not None:
-        raise ResumeError(f"{checkpoint} cannot continue on {dist.get_world_size()} ranks: {problem[0]}")
-    restore(engine, engine.basic_optimizer, load_full_state(full_state_file))
-    _restore_engine_counters(engine, checkpoint)
+    rank = dist.get_rank()
+    for target, directory in [(engine, checkpoint)] + [(extra, checkpoint / name) for name, extra in
+                                                       extra_engines.items()]:
+        full_state_file, problem = directory / FULL_STATE_FILE, [None]
+        if rank == 0 and not full_state_file.is_file():
+            try:
+                save_full_state(consolidate(directory), full_state_file)
+            except ReshardError as error:
+                problem[0] = str(error)
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise ResumeError(f"{checkpoint} cannot continue on {dist.get_world_size()} ranks: {problem[0]}")
+        restore(target, target.basic_optimizer, load_full_state(full_state_file))
+        _restore_engine_counters(target, directory)
     if rng_file(checkpoint, rank).is_file():
         restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
     state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from tests.conftest import launch_ranks
-from tests.stages.test_crash_resume import inputs, safetensors_of, stage_args, stage_config  # noqa: F401 (fixture)
+from tests.stages.test_crash_resume import (assert_same_tensors, inputs, safetensors_of, stage_args,  # noqa: F401
+                                            stage_config)
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +60,35 @@ def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path):  # noqa:
     initial = safetensors_of(inputs / "model")
     travelled = max((final_before[key] - initial[key]).abs().max().item() for key in final_before)
     assert worst <= CLOSE < travelled / 100
+
+
+def test_ppo_saved_on_two_ranks_continues_on_three_with_its_critic(inputs, tmp_path):  # noqa: F811
+    """PPO's critic is a second Adam-mini engine in the same checkpoint (`critic/`): both are re-cut.
+    The step-2 checkpoint of a 2-rank run, resumed on 3 ranks and on 2 with nothing left to train,
+    exports bitwise the same actor and critic (a critic left as loaded from the reward model would
+    differ)."""
+    from optimizers.reshard import FULL_STATE_FILE
+
+    config = stage_config("ppo", 2, inputs)
+    config["engine"].update(micro_batch_size=1, global_batch_size=6)
+    config["optim"].update(scheduler="constant", warmup_steps=0)
+    config["training"].update(max_steps=4, eval_every_steps=2)
+    config["checkpoint"].update(every_steps=2)
+    config["ppo"]["eval_every_steps"] = 2
+    config_file = tmp_path / "ppo.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    saved, on_two, on_three = tmp_path / "saved", tmp_path / "on_two", tmp_path / "on_three"
+    launch_ranks(2, stage_args("ppo", config_file, saved))  # its last checkpoint is step 2
+    shutil.copytree(saved, on_two)
+    shutil.copytree(saved, on_three)
+
+    at_step_2 = ("checkpoint.resume=true", "training.max_steps=2")
+    launch_ranks(2, stage_args("ppo", config_file, on_two, *at_step_2))
+    result = launch_ranks(3, stage_args("ppo", config_file, on_three, *at_step_2))
+    assert re.search(r"resumed from \S+step_2 \(step 2\)", result.stdout + result.stderr)
+    for engine_dir in ("", "critic"):  # each engine's pieces put together once, beside its own files
+        assert (on_three / "checkpoints/step_2" / engine_dir / FULL_STATE_FILE).is_file()
+    for export in ("final", "critic"):
+        assert_same_tensors(safetensors_of(on_two / export), safetensors_of(on_three / export), export)
+    trained, initial = safetensors_of(on_three / "critic"), safetensors_of(inputs / "reward")
+    assert any(not trained[key].equal(initial[key]) for key in initial)
