@@ -88,14 +88,15 @@ def saved_bytes_of_forward(model, input_ids, attention_mask) -> int:
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])  # 3 query heads: 1 KV head is grouped attention
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_planned_activations_are_the_tensors_autograd_saves(dtype):
+def test_planned_activations_are_the_tensors_autograd_saves(dtype, kv_heads):
     rows, length = 2, 48
     input_ids = torch.randint(0, 203, (rows, length), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :5] = 0  # padding: the additive mask is built and kept
     for checkpointing in (False, True):
-        model = tiny_llama(num_hidden_layers=1, num_key_value_heads=3, mlp_bias=False, dtype=dtype).train()
+        model = tiny_llama(num_hidden_layers=1, num_key_value_heads=kv_heads, mlp_bias=False, dtype=dtype).train()
         if checkpointing:
             enable_gradient_checkpointing(model)
         measured = saved_bytes_of_forward(model, input_ids, attention_mask)
