@@ -125,49 +125,42 @@ def summarize(rows: list) -> dict:
 
 def plot_curves(runs: dict, out_dir: Path, smoothing: float) -> list:
     """One PNG per metric any run logged, all runs overlaid; returns the files written."""
+    written = []
+    for name in METRICS:
+        curves = {run: series(rows, name) for run, rows in runs.items()}
+        written += _plot(curves, name, "step", out_dir / f"{name.replace('/', '_')}.png", smoothing, raw=True)
+    for name in WALL_CLOCK_METRICS:  # the same curves against training time: algorithms differ in cost per step
+        curves = {run: wall_clock_series(rows, name) for run, rows in runs.items()}
+        written += _plot(curves, name, "training time (s, summed step times)",
+                         out_dir / f"{name.replace('/', '_')}_vs_time.png", smoothing, raw=False)
+    return written
+
+
+def _plot(curves: dict, title: str, xlabel: str, path: Path, smoothing: float, raw: bool) -> list:
+    """Overlays the runs' (x, values) curves, smoothed (and faint raw values under them if `raw`), in
+    `path`; [path], or [] when no run has the metric."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    curves = {run: curve for run, curve in curves.items() if curve[0]}
+    if not curves:
+        return []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for name in METRICS:
-        curves = {run: series(rows, name) for run, rows in runs.items()}
-        curves = {run: curve for run, curve in curves.items() if curve[0]}
-        if not curves:
-            continue
-        figure, axes = plt.subplots(figsize=(6, 3.6))
-        for index, (run, (steps, values)) in enumerate(curves.items()):
-            color = colors[index % len(colors)]
-            axes.plot(steps, values, color=color, alpha=0.3, linewidth=1)
-            axes.plot(steps, smooth(values, smoothing), color=color, linewidth=2, label=run)
-        axes.set_xlabel("step")
-        axes.set_title(name)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = out_dir / f"{name.replace('/', '_')}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-    for name in WALL_CLOCK_METRICS:  # the same curves against training time: algorithms differ in cost per step
-        curves = {run: wall_clock_series(rows, name) for run, rows in runs.items()}
-        curves = {run: curve for run, curve in curves.items() if curve[0]}
-        if not curves:
-            continue
-        figure, axes = plt.subplots(figsize=(6, 3.6))
-        for index, (run, (seconds, values)) in enumerate(curves.items()):
-            axes.plot(seconds, smooth(values, smoothing), color=colors[index % len(colors)], linewidth=2, label=run)
-        axes.set_xlabel("training time (s, summed step times)")
-        axes.set_title(name)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = out_dir / f"{name.replace('/', '_')}_vs_time.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-    return written
+    figure, axes = plt.subplots(figsize=(6, 3.6))
+    for index, (run, (xs, values)) in enumerate(curves.items()):
+        color = colors[index % len(colors)]
+        if raw:
+            axes.plot(xs, values, color=color, alpha=0.3, linewidth=1)
+        axes.plot(xs, smooth(values, smoothing), color=color, linewidth=2, label=run)
+    axes.set_xlabel(xlabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
 
 
 def wall_clock_series(rows: list, name: str) -> tuple:
