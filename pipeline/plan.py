@@ -61,16 +61,25 @@ def build_meta_model(config: RunConfig, stage: str = "sft"):
 
 
 def build_meta_critic(config):
-    """PPO's critic on the meta device: the reward model it starts from (`ppo.critic_init: reward`,
-    read from its config.json) or the policy's backbone with a new v_head; None for other stages."""
+    """PPO's critic on the meta device: the reward model it starts from (`ppo.critic_init: reward`) or
+    the policy's backbone with a new v_head; None for other stages."""
     ppo = getattr(config, "ppo", None)
     if ppo is None:
         return None
-    path = ppo.reward_model_path
-    if ppo.critic_init == "reward" and path and (Path(path) / "config.json").is_file():
+    return meta_reward_model(config, ppo.reward_model_path if ppo.critic_init == "reward" else None)
+
+
+def meta_reward_model(config, path: Optional[str]):
+    """A reward model on the meta device: the one at `path`, from its config.json where it exists, else
+    one on the run's base model (LoRA off), whose architecture is then assumed."""
+    if path and (Path(path) / "config.json").is_file():
         return RewardModel.from_pretrained(path, device="meta")
-    return RewardModel.from_causal_lm(
-        dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False)), device="meta")
+    return RewardModel.from_causal_lm(base_model_config(config), device="meta")
+
+
+def base_model_config(config):
+    """The run's model config without LoRA: what a frozen copy or a critic of the base model is."""
+    return dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False))
 
 
 def largest_layer_numel(model) -> int:
@@ -165,7 +174,7 @@ def saved_activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpo
     """What the forward of one micro-batch leaves for the backward: every layer's saved tensors, or with
     gradient checkpointing each layer's input; the additive attention mask (B x T x T, shared by the
     layers); the final norm and the LM head's input; the token ids and RoPE's tables. Measured for
-    Llama without grouped KV heads (Llama-2-7B's layout)."""
+    Llama with and without grouped KV heads."""
     tokens = rows * seq_len
     per_layer = a * g.hidden if checkpointing else layer_activation_bytes_per_token(g, a)
     mask = a * rows * seq_len * seq_len
@@ -314,16 +323,9 @@ def frozen_numels(config, stage: str) -> dict:
     model's architecture is assumed)."""
     numels = {}
     if stage in POLICY_STAGES:
-        path = getattr(config, stage).reward_model_path
-        if path and (Path(path) / "config.json").is_file():
-            numels["reward"] = count_parameters(RewardModel.from_pretrained(path, device="meta"))[0]
-        else:
-            numels["reward"] = count_parameters(RewardModel.from_causal_lm(
-                dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False)),
-                device="meta"))[0]
+        numels["reward"] = count_parameters(meta_reward_model(config, getattr(config, stage).reward_model_path))[0]
     if stage in POLICY_STAGES + ("dpo",):
-        base = dataclasses.replace(config.model, lora=dataclasses.replace(config.model.lora, enabled=False))
-        numels["reference"] = count_parameters(load_causal_lm(base, device="meta"))[0]
+        numels["reference"] = count_parameters(load_causal_lm(base_model_config(config), device="meta"))[0]
     return numels
 
 
@@ -366,13 +368,14 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     for key, label in (("activations_bytes", "activations"), ("logits_bytes", "logits and loss"),
                        ("deepspeed_bytes", "DeepSpeed buffers"), ("optimizer_step_bytes", "optimizer step"),
                        ("frozen_bytes", "frozen models"), ("generation_bytes", "generation"),
-                       ("scoring_bytes", "scoring"), ("critic_bytes", "critic (weights, grads, state)"),
-                       ("critic_phase_bytes", "critic's fwd/bwd/step")):
+                       ("scoring_bytes", "scoring"), ("critic_bytes", "critic state"),
+                       ("critic_phase_bytes", "critic training")):
         if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
                  "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)"
-                 + ("; PPO: the critic's state persists too, and its training runs while the actor's activations and logits live"
+                 + ("; PPO: the critic's state (weights, gradients, optimizer) persists too, and its training "
+                    "(forward, backward, step) runs while the actor's activations and logits live"
                     if critic is not None else ""))
     lines.append("  peak per rank:")
     for name, row in rows.items():
