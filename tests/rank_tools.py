@@ -1,8 +1,18 @@
 """Helpers for the worker scripts that tests start under real DeepSpeed ranks."""
+import argparse
 import json
 
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The arguments every worker takes: `--out` (where rank 0 writes its results) and the
+    `--local_rank` the DeepSpeed launcher passes; a worker adds its own to it."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    return parser
 
 
 def full_fp32_params(engine) -> dict:

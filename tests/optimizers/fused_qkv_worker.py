@@ -4,7 +4,6 @@ Launched by test_fused_qkv.py as `deepspeed --num_gpus 2 tests/optimizers/fused_
 GPT-NeoX (q, k, v interleaved per head) and Phi-3 (q | k | v, one KV head) at ZeRO-2 and 3:
 each parameter is one group, so a shard boundary falls inside the fused weight's blocks.
 """
-import argparse
 import traceback
 
 import deepspeed
@@ -14,7 +13,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForC
 
 from optimizers import Adam_mini
 from optimizers.adam_mini import _straddle_blocks
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 
 STEPS, MICRO_BATCH, SMALL = 5, 2, dict(vocab_size=64, num_hidden_layers=1, hidden_size=48, num_attention_heads=3,
                                        intermediate_size=96)
@@ -61,10 +60,7 @@ def run(kind, stage, batches, rank, world_size):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    args = worker_parser().parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(1)

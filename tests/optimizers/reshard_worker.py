@@ -7,7 +7,6 @@ in this process on all 6 rows. With --save-dir each case trains SAVE_AT steps an
 --resume-dir each case consolidates the checkpoint another world size wrote, restores it into a
 fresh engine (other initial weights) and trains the remaining steps. Rank 0 writes the figures.
 """
-import argparse
 import time
 import traceback
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from optimizers import Adam_mini
 from optimizers.reshard import FULL_STATE_FILE, consolidate, load_full_state, restore, save_full_state
 from tests.optimizers.zero_worker import BETAS, LR, WEIGHT_DECAY
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama, token_batches
 
 GLOBAL_BATCH, SAVE_AT, STEPS = 6, 5, 15  # 10 steps after the resume
@@ -101,11 +100,9 @@ def resume_case(name, resume_dir, batches, reference, saved_state, rank, world_s
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser = worker_parser()
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--resume-dir", default=None)
-    parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

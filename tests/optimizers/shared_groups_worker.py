@@ -4,7 +4,6 @@ optimizer with one group per parameter.
 Launched by test_shared_groups.py as `deepspeed --num_gpus W tests/optimizers/shared_groups_worker.py
 --out F --checkpoint-dir D`. Rank 0 writes the figures to --out.
 """
-import argparse
 import os
 import traceback
 
@@ -16,7 +15,7 @@ from benchmarks.optimizer_collectives import CollectiveCounter
 from optimizers import Adam_mini, applies_weight_decay
 from tests.optimizers.zero_worker import (BETAS, LR, MICRO_BATCH, STEPS, WEIGHT_DECAY, ds_config,
                                           reference_trajectory, train)
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama, token_batches
 
 COUNTER = CollectiveCounter()
@@ -91,10 +90,8 @@ def run_collectives(batches, rank):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser = worker_parser()
     parser.add_argument("--checkpoint-dir", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     COUNTER.install()
     deepspeed.init_distributed(dist_backend="gloo")

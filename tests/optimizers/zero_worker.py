@@ -4,7 +4,6 @@ Launched by test_zero.py as `deepspeed --num_gpus W tests/optimizers/zero_worker
 Every configuration trains the same tiny model on the same batches; each rank also runs
 the unsharded optimizer in-process as the reference. Rank 0 writes the figures to --out.
 """
-import argparse
 import os
 import traceback
 
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from optimizers import Adam_mini
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama, token_batches
 
 LR, BETAS, WEIGHT_DECAY, STEPS, MICRO_BATCH = 1e-3, (0.9, 0.95), 0.1, 10, 2
@@ -131,11 +130,9 @@ def run_load_state_dict_other_world_size(checkpoint_dir, batches, rank):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser = worker_parser()
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--foreign-checkpoint", default=None)
-    parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

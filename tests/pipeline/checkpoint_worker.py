@@ -9,7 +9,6 @@ directory, build a fresh engine from other initial weights and other seeds, load
 complete checkpoint, run steps 4-6, record the same, and save step 6 (which prunes).
 Rank 0 writes the figures to --out.
 """
-import argparse
 import gc
 import random
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from optimizers import Adam_mini
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama
 
 STEPS, MICRO_BATCH, LR, VOCAB, KEEP_LAST = 6, 2, 1e-3, 203, 2
@@ -120,10 +119,8 @@ def run_stage(stage: int, output_dir: Path, rank: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser = worker_parser()
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

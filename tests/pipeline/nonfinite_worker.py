@@ -7,7 +7,6 @@ before step 3 and before step 4: the skipped step must leave both exactly as the
 run whose loss is non-finite from step 3 on must stop after `training.max_consecutive_skips`.
 Rank 0 writes the figures to --out.
 """
-import argparse
 import json
 import math
 import tempfile
@@ -21,7 +20,7 @@ from pipeline.config import (CheckpointConfig, DataConfig, EngineConfig, Logging
 from pipeline.engine import create_engine, init_distributed
 from pipeline.loop import NonFiniteStepsError, Stage, train
 from pipeline.rundir import RunDirectory
-from tests.rank_tools import full_fp32_params, max_delta, write_results
+from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 
 STEPS, MICRO, ROWS, POISONED_STEP = 6, 2, 48, 3
@@ -148,10 +147,7 @@ def diverging_case() -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    args = worker_parser().parse_args()
     init_distributed()
     results = {name: skip_case(*settings) for name, *settings in CASES}
     results["diverging"] = diverging_case()

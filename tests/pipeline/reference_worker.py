@@ -3,7 +3,6 @@
 Launched by test_models.py; rank 0 writes, per ZeRO stage, the largest log-probability difference of
 the actor with adapters disabled from the base model, and of the actor (adapters on) from it.
 """
-import argparse
 import tempfile
 
 import torch
@@ -13,7 +12,7 @@ from pipeline.config import DataConfig, EngineConfig, LoraConfig, ModelConfig, O
 from pipeline.engine import create_engine, init_distributed
 from pipeline.generation import response_logprobs
 from pipeline.models import adapters_disabled, apply_lora
-from tests.rank_tools import write_results
+from tests.rank_tools import worker_parser, write_results
 from tests.tiny_models import tiny_llama
 
 RESPONSE = 6
@@ -40,10 +39,7 @@ def case(stage: int, sequences, attention_mask, expected) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    args = worker_parser().parse_args()
     init_distributed()
     generator = torch.Generator().manual_seed(4)
     sequences = torch.randint(0, 203, (3, 14), generator=generator)

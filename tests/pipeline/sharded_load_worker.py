@@ -6,7 +6,6 @@ creation (before any engine exists) next to the whole model's, the largest diffe
 parameters from the same checkpoint loaded whole, and of the ZeRO-3 engine's outputs (loss,
 log-probabilities, reward scores) from the whole model's.
 """
-import argparse
 import tempfile
 
 import torch
@@ -17,7 +16,7 @@ from pipeline.engine import (create_engine, create_frozen_engine, frozen_ds_conf
                              sharded_creation, training_ds_config)
 from pipeline.generation import response_logprobs
 from pipeline.models import RewardModel, load_causal_lm, load_reference
-from tests.rank_tools import write_results
+from tests.rank_tools import worker_parser, write_results
 from tests.tiny_models import tiny_llama
 
 RESPONSE = 6
@@ -50,10 +49,7 @@ def all_ranks(value: int) -> list:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    args = worker_parser().parse_args()
     init_distributed()
     shared = [tempfile.mkdtemp()]
     dist.broadcast_object_list(shared)
