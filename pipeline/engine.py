@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import io
 import logging
 import math
@@ -27,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 
 from .config import RunConfig  # noqa: E402
 from .optim import build_optimizer  # noqa: E402
-from .ports import free_port  # noqa: E402
+from .ports import free_port, shared_memory_names  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +100,6 @@ def init_distributed() -> int:
             logger.debug(line)
         release_shared_memory_names()
     return dist.get_world_size()
-
-
-def shared_memory_names(port, rank="*") -> list:
-    """The /dev/shm files DeepSpeed's CPU all-reduce made for the ranks meeting on `port`."""
-    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"))
 
 
 def release_shared_memory_names() -> None:

@@ -1,4 +1,5 @@
-"""A free TCP port for a job's rendezvous (DeepSpeed's master port, torch's TCPStore).
+"""A free TCP port for a job's rendezvous (DeepSpeed's master port, torch's TCPStore), and the
+shared-memory files DeepSpeed's CPU ranks name after it.
 
 The usual trick, binding port 0 and closing it, returns a port from the kernel's ephemeral range,
 the range every outgoing connection also draws from: between the pick and the store's listen, a
@@ -8,6 +9,8 @@ unless another listener takes the same number.
 """
 from __future__ import annotations
 
+import glob
+import os
 import random
 import socket
 
@@ -35,6 +38,11 @@ def free_port(attempts: int = 100) -> int:
     with socket.socket() as probe:  # no such range here: the kernel's pick
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+def shared_memory_names(port, rank="*") -> list:
+    """The /dev/shm files DeepSpeed's CPU all-reduce made for the ranks meeting on `port`."""
+    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 import atexit
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-from pipeline.ports import free_port as pipeline_free_port  # noqa: E402
+from pipeline.ports import free_port as pipeline_free_port, shared_memory_names  # noqa: E402
 
 LAUNCH_PORTS = set()  # every master port handed out, so the ranks' /dev/shm files can be swept
 
@@ -37,7 +36,7 @@ def sweep_shared_memory(ports) -> None:
     """Removes DeepSpeed's CPU all-reduce buffers (66 MiB of RAM each) left by ranks meeting on `ports`:
     workers that call deepspeed.initialize directly never unlink theirs (the stages do, pipeline.engine)."""
     for port in ports:
-        for name in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        for name in shared_memory_names(port):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
 

@@ -2,7 +2,6 @@
 
 Launched by test_engine.py; rank 0 writes the figures to --out.
 """
-import argparse
 import json
 import os
 import tempfile
@@ -14,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoint import export_final
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
-from pipeline.engine import (build_scheduler, create_engine, create_frozen_engine, init_distributed,
-                             shared_memory_names)
+from pipeline.engine import build_scheduler, create_engine, create_frozen_engine, init_distributed
 from pipeline.optim import build_optimizer
+from pipeline.ports import shared_memory_names
 from pipeline.rundir import RunDirectory
-from tests.rank_tools import full_fp32_params, write_results
+from tests.rank_tools import full_fp32_params, worker_parser, write_results
 from tests.tiny_models import tiny_llama, tiny_tokenizer, token_batches
 
 STEPS, MICRO, ACCUMULATION = 6, 2, 2
@@ -115,10 +114,7 @@ def frozen_case(batches, offload):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
+    args = worker_parser().parse_args()
     world_size = init_distributed()
     rank = dist.get_rank()
     # DeepSpeed's CPU all-reduce buffers exist (all-reduce works below) but their names are gone.
