@@ -327,6 +327,13 @@ class Models:
     missing_eos_penalty: Optional[float] = None
 
 
+def load_reward_model(config, path: str, field: str, dtype) -> RewardModel:
+    """The reward model at `path` (a frozen scorer, or PPO's critic to train) in `dtype`, with the run's
+    attention implementation and remote-code setting; errors name `field`."""
+    return RewardModel.from_pretrained(path, dtype=dtype, attn_implementation=config.model.attn_implementation,
+                                       trust_remote_code=config.model.trust_remote_code, field=field)
+
+
 def build_models(config, section, name: str, tokenizer, total_steps: int):
     """(Models, the actor's TrainingEngine): actor from `model`, reference and reward model frozen, as
     `section` (the config section `name`: reward_model_path, ref_model_path, ref_/reward_zero_stage,
@@ -342,10 +349,7 @@ def build_models(config, section, name: str, tokenizer, total_steps: int):
     # wrapped in its engine before the next loads, so load transients never stack. The frozen models
     # first: a wrong path fails before minutes of loading the actor.
     with sharded_creation(frozen_ds_config(config, section.reward_zero_stage, section.reward_offload)):
-        reward = RewardModel.from_pretrained(section.reward_model_path, dtype=dtype,
-                                             attn_implementation=config.model.attn_implementation,
-                                             trust_remote_code=config.model.trust_remote_code,
-                                             field=f"{name}.reward_model_path")
+        reward = load_reward_model(config, section.reward_model_path, f"{name}.reward_model_path", dtype)
     reward = create_frozen_engine(config, reward, zero_stage=section.reward_zero_stage,
                                   offload=section.reward_offload)
     # From its own files (memory-mapped), never a copy of the actor; None with LoRA: the actor with its
@@ -634,6 +638,6 @@ __all__ = ["run_group_stage", "BEST_DIR", "BestCheckpoint", "prompt_data", "Poli
            "sampling_problems", "KL_PENALTIES", "remax_advantage", "rloo_advantage", "grpo_advantage", "grouped",
            "sequence_log_ratio", "kl_penalized_reward", "k3_kl", "kl_penalized_rewards", "discounted_returns",
            "reinforce_loss", "clipped_surrogate_loss", "gae_advantages", "clipped_value_loss", "masked_whiten",
-           "Models", "build_models", "weights_for_generation", "reference_policy", "Rollout", "rollout",
-           "sequence_kl", "repeat_prompts", "GroupRollout", "group_rollout", "policy_logprobs", "RolloutBuffer",
-           "group_step", "group_step_metrics", "evaluate"]
+           "Models", "build_models", "load_reward_model", "weights_for_generation", "reference_policy", "Rollout",
+           "rollout", "sequence_kl", "repeat_prompts", "GroupRollout", "group_rollout", "policy_logprobs",
+           "RolloutBuffer", "group_step", "group_step_metrics", "evaluate"]

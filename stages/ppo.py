@@ -29,10 +29,10 @@ from pipeline.engine import create_engine, sharded_creation, training_ds_config
 from pipeline.generation import collate_with_prompts, generation_configs
 from pipeline.loop import Stage, optimizer_step, total_optimizer_steps, train
 from pipeline.models import RewardModel, enable_gradient_checkpointing, model_dtype
-from pipeline.policy import (BestCheckpoint, GroupRollout, Models, PolicySection, build_models, clipped_surrogate_loss,
-                             clipped_value_loss, evaluate, gae_advantages, group_rollout, k3_kl,
-                             kl_penalized_rewards, masked_whiten, policy_logprobs, prompt_data, RolloutBuffer,
-                             section_problems, sequence_log_ratio)
+from pipeline.policy import (BestCheckpoint, build_models, clipped_surrogate_loss, clipped_value_loss, evaluate,
+                             gae_advantages, group_rollout, GroupRollout, k3_kl, kl_penalized_rewards,
+                             load_reward_model, masked_whiten, Models, policy_logprobs, PolicySection, prompt_data,
+                             RolloutBuffer, section_problems, sequence_log_ratio)
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -88,10 +88,7 @@ def build_critic(config: PpoConfig, total_steps: int):
     # At ZeRO-3 each parameter is split over the ranks as it is created, as the actor's are.
     with sharded_creation(training_ds_config(critic_config)):
         if ppo.critic_init == "reward":
-            critic = RewardModel.from_pretrained(ppo.reward_model_path, dtype=dtype,
-                                                 attn_implementation=model_config.attn_implementation,
-                                                 trust_remote_code=model_config.trust_remote_code,
-                                                 field="ppo.reward_model_path")
+            critic = load_reward_model(config, ppo.reward_model_path, "ppo.reward_model_path", dtype)
         else:
             critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
     if ppo.critic_init == "reward" and model_config.gradient_checkpointing:
