@@ -16,7 +16,9 @@ writes them as JSON and prints a table.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -166,10 +168,15 @@ def _plot(curves: dict, title: str, xlabel: str, path: Path, smoothing: float, r
 def wall_clock_series(rows: list, name: str) -> tuple:
     """(seconds, values) of one metric against training time: each point at the summed `step_time`
     of the steps up to its own (evaluation time left out, so the axis is the training's cost)."""
-    step_times = dict(zip(*series(rows, "step_time")))
+    timed = sorted(dict(zip(*series(rows, "step_time"))).items())
+    if not timed:
+        return [], []
+    timed_steps = [step for step, _ in timed]
+    elapsed = list(itertools.accumulate(seconds for _, seconds in timed))
     steps, values = series(rows, name)
-    seconds = [sum(t for step, t in step_times.items() if step <= at) for at in steps]
-    return (seconds, values) if step_times else ([], [])
+    # An evaluation at step s comes after the steps up to s: the time summed through the last of them.
+    at = [bisect.bisect_right(timed_steps, step) for step in steps]
+    return [elapsed[i - 1] if i else 0.0 for i in at], values
 
 
 def _cell(value) -> str:
