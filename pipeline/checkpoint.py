@@ -226,8 +226,8 @@ def _check_rank_count(checkpoint: Path, world_size: int, global_batch_size: Opti
 
 
 def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = None) -> dict:
-    """Loads DeepSpeed's state into `engine` (and each of `extra_engines` from `<checkpoint>/<name>/`), restores this rank's RNG states and returns
-    the trainer state (with "step"); every rank calls it.
+    """Loads DeepSpeed's state into `engine` (and each of `extra_engines` from `<checkpoint>/<name>/`),
+    restores this rank's RNG states and returns the trainer state (with "step"); every rank calls it.
 
     A checkpoint written by another number of ranks (see `_check_rank_count`) is loaded through
     `optimizers.reshard`; the trainer state then also holds "resharded_from" (its ranks.json), from
