@@ -1,30 +1,52 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its test dependencies: a CUDA torch where an NVIDIA GPU
-# answers `nvidia-smi`, the CPU torch elsewhere.
-#   bash scripts/setup.sh
+# Creates .venv and installs the project with its test dependencies at the locked versions the suite
+# passes on: requirements/cpu.txt, or requirements/cuda.txt where an NVIDIA GPU answers `nvidia-smi`.
+#   bash scripts/setup.sh            # the lock (refresh it with scripts/lock.sh)
+#   bash scripts/setup.sh --latest   # the newest releases inside pyproject.toml's ranges, to find breakage early
 # TORCH_INDEX_URL: another torch build, e.g. https://download.pytorch.org/whl/cu126 for a driver older
-# than PyPI's default CUDA wheel needs. PYTHON: the interpreter that creates .venv (default python3).
-# torch is pinned and installed first: PyPI's Linux torch carries several GB of CUDA wheels, so a CPU
-# machine asks for the +cpu build. Every other bound is pyproject.toml's (the same as environment.yml's;
-# tests/test_dependencies.py holds them equal). DeepSpeed ships as an sdist and is built without
-# isolation against the torch installed here; its ops are compiled on first use (DS_BUILD_OPS=0).
+# than PyPI's default CUDA wheel needs. PYTHON: the interpreter that creates .venv (default python3; the
+# lock is for Python 3.11 on Linux x86_64, elsewhere use --latest).
+# torch goes first, alone: the CPU build comes from PyTorch's index, which then serves nothing else.
+# DeepSpeed ships as an sdist and is built without isolation against that torch (DS_BUILD_OPS=0); the
+# one op the stages use, the CPU Adam-mini kernel, is compiled at the end so no run starts with a build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_VERSION="2.13.0"  # the version the tests run on, within pyproject.toml's torch bound
+mode=lock
+[ "${1:-}" = "--latest" ] && mode=latest
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install -q)
-"${pip[@]}" --upgrade pip setuptools wheel
+"${pip[@]}" --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "NVIDIA GPU found: installing the CUDA build of torch $TORCH_VERSION"
-    "${pip[@]}" "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    lock=requirements/cuda.txt
+    echo "NVIDIA GPU found: installing the CUDA set ($lock)"
+    torch_args=(${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"})
 elif [ "$(uname -s)" = Linux ]; then
-    echo "No NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-    "${pip[@]}" "torch==$TORCH_VERSION+cpu" --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+    lock=requirements/cpu.txt
+    echo "No NVIDIA GPU: installing the CPU set ($lock)"
+    torch_args=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
 else
-    "${pip[@]}" "torch==$TORCH_VERSION"  # macOS wheels carry no CUDA
+    lock=requirements/cuda.txt  # macOS: PyPI's torch carries no CUDA
+    torch_args=()
 fi
-DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation -e ".[test]"
+torch_pin="$(grep -E '^torch==' "$lock")"
+# torch's own requirements first (as the lock has them), then torch alone from its index, so no step
+# leaves a package without what it needs.
+torch_needs=($(awk '/^[a-z]/ {name = $1} /^ *# *(via )?torch$/ {print name}' "$lock"))
+"${pip[@]}" -c "$lock" "${torch_needs[@]}" wheel
+"${pip[@]}" --no-deps "$torch_pin" "${torch_args[@]}"
+if [ "$mode" = latest ]; then
+    echo "--latest: the newest releases inside pyproject.toml's ranges, around $torch_pin"
+    DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation --upgrade --upgrade-strategy eager -e ".[test]" "$torch_pin"
+else
+    # The lock holds every package with its exact version: nothing is resolved here.
+    DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation --no-deps -r "$lock"
+    "${pip[@]}" --no-build-isolation --no-deps -e .
+fi
 .venv/bin/python -c "from pipeline.versions import exit_on_incompatible_versions; exit_on_incompatible_versions()"
+# What the first run would otherwise compile (~30 s, cached under ~/.cache): Adam-mini's CPU kernel and, on
+# a machine without a GPU, DeepSpeed's shared-memory collectives for CPU ranks.
+echo "Building Adam-mini's CPU kernel and, without a GPU, DeepSpeed's CPU collectives"
+.venv/bin/python -m pipeline.prebuild "$([ "$lock" = requirements/cpu.txt ] && echo --cpu-ranks)"

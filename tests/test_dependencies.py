@@ -1,13 +1,17 @@
-"""One set of dependency bounds: pyproject.toml, environment.yml, scripts/setup.sh and the start-up
-check in pipeline/versions.py agree, and scripts/setup.sh picks the torch build the machine can use."""
+"""The lock (requirements/cpu.txt, requirements/cuda.txt) sits inside pyproject.toml's ranges, the two
+sets differ only in torch's build, scripts/setup.sh and environment.yml install it, and the start-up
+check in pipeline/versions.py holds the same bounds as pyproject.toml."""
 import os
 import re
+import shutil
 import subprocess
 import tomllib
+from importlib import metadata
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from pipeline.versions import REQUIRED
@@ -31,11 +35,55 @@ def environment() -> dict:
     return yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
 
 
-def test_environment_yml_states_the_bounds_of_pyproject_toml():
+def locked(name) -> dict:
+    """{normalised name: exact version} of requirements/<name>.txt."""
+    lines = (REPO_ROOT / "requirements" / f"{name}.txt").read_text().splitlines()
+    pins = {}
+    for line in lines:
+        if line and not line.startswith((" ", "#")):
+            requirement = Requirement(line)
+            (specifier,) = requirement.specifier
+            assert specifier.operator == "==", line
+            pins[requirement.name.lower().replace("_", "-")] = specifier.version
+    return pins
+
+
+CUDA_ONLY = re.compile(r"^(nvidia-.+|triton|cuda-.+)$")
+
+
+def test_the_lock_is_inside_the_ranges_of_pyproject_toml():
+    for name in ("cpu", "cuda"):
+        pins = locked(name)
+        for package, specifier in pyproject_bounds().items():
+            assert package in pins, f"{package} missing from requirements/{name}.txt"
+            assert SpecifierSet(specifier).contains(Version(pins[package]), prereleases=True), \
+                f"requirements/{name}.txt: {package}=={pins[package]} is outside pyproject.toml's {specifier}"
+
+
+def test_the_cpu_and_cuda_sets_differ_only_in_the_torch_build():
+    cpu, cuda = locked("cpu"), locked("cuda")
+    assert cpu["torch"] == cuda["torch"] + "+cpu"
+    assert {p: v for p, v in cuda.items() if not CUDA_ONLY.match(p) and p != "torch"} == \
+           {p: v for p, v in cpu.items() if p != "torch"}
+    assert not any(CUDA_ONLY.match(p) for p in cpu)
+    (line,) = [l for l in (REPO_ROOT / "requirements" / "torch.txt").read_text().splitlines() if l and l[0] != "#"]
+    assert line == f"torch=={cuda['torch']}"  # the constraint scripts/lock.sh resolves around
+
+
+def test_the_installed_packages_are_the_locked_ones():
+    """What this suite runs on is the lock: a run on other versions says so here, not in a stray failure."""
+    pins = locked("cpu")
+    if metadata.version("torch") != pins["torch"]:
+        pytest.skip(f"torch {metadata.version('torch')} is not the CPU lock's build (--latest or a GPU set)")
+    installed = {dist.metadata["Name"].lower().replace("_", "-"): dist.version for dist in metadata.distributions()}
+    differing = {p: (v, installed.get(p)) for p, v in pins.items() if installed.get(p) != v}
+    assert not differing, f"installed versions differ from requirements/cpu.txt (locked, installed): {differing}"
+
+
+def test_environment_yml_installs_the_cuda_lock():
     conda = environment()
     pip_lines = next(item["pip"] for item in conda["dependencies"] if isinstance(item, dict))
-    assert pip_lines[-1] == "-e ."
-    assert bounds(pip_lines[:-1]) == pyproject_bounds()
+    assert pip_lines == ["-r requirements/cuda.txt", "-e ."]
     # No torch from conda: the `pytorch` channel stopped at 2.5, below what transformers 5 needs.
     assert "pytorch" not in conda["channels"]
     conda_packages = [item.split("=")[0].split(">")[0] for item in conda["dependencies"] if isinstance(item, str)]
@@ -49,21 +97,19 @@ def test_the_start_up_check_holds_the_bounds_of_pyproject_toml():
     assert Version("2.5.1") not in Requirement(f"torch{REQUIRED['torch'][0]}").specifier
 
 
-def test_setup_sh_pins_a_torch_within_the_bounds_and_states_no_others():
-    script = SETUP.read_text()
-    pinned = re.search(r'^TORCH_VERSION="([^"]+)"', script, re.M).group(1)
-    assert Requirement(f"torch{pyproject_bounds()['torch']}").specifier.contains(pinned)
-    code = "\n".join(line.split("#")[0] for line in script.splitlines())
-    # Everything but torch comes from pyproject.toml through `-e ".[test]"`: no other package is bounded here.
-    assert {name for name, _ in re.findall(r'"([A-Za-z][\w.-]*)(==|>=|<=|~=|<|>)', code)} == {"torch"}
-    assert '-e ".[test]"' in code
+def test_setup_sh_states_no_versions_of_its_own():
+    code = "\n".join(line.split("#")[0] for line in SETUP.read_text().splitlines())
+    # Every version comes from the lock (or pyproject.toml's ranges with --latest).
+    assert not re.findall(r'"([A-Za-z][\w.-]*)(==|>=|<=|~=|<|>)\d', code)
+    assert "requirements/cpu.txt" in code and "requirements/cuda.txt" in code
 
 
-def fake_setup_run(tmp_path, with_gpu: bool) -> list:
+def fake_setup_run(tmp_path, with_gpu: bool, *args) -> list:
     """scripts/setup.sh run in a copy of the repository whose .venv/bin/python records its arguments
     instead of installing; PATH holds an answering `nvidia-smi` only `with_gpu`."""
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "setup.sh").write_text(SETUP.read_text())
+    shutil.copytree(REPO_ROOT / "requirements", tmp_path / "requirements")
     venv_bin, tools = tmp_path / ".venv" / "bin", tmp_path / "tools"
     venv_bin.mkdir(parents=True)
     tools.mkdir()
@@ -75,21 +121,34 @@ def fake_setup_run(tmp_path, with_gpu: bool) -> list:
         (tools / "nvidia-smi").chmod(0o755)
     system = ":".join(d for d in ("/usr/bin", "/bin") if os.path.isdir(d))
     env = {"PATH": f"{tools}:{system}", "HOME": str(tmp_path)}
-    result = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], env=env, capture_output=True,
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh"), *args], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return log.read_text().splitlines()
 
 
 @pytest.mark.parametrize("with_gpu", [False, True])
-def test_setup_sh_installs_the_cuda_torch_only_where_there_is_an_nvidia_gpu(tmp_path, with_gpu):
+def test_setup_sh_installs_the_lock_with_the_torch_build_of_the_machine(tmp_path, with_gpu):
     calls = fake_setup_run(tmp_path, with_gpu)
-    torch_call = next(call for call in calls if " torch==" in f" {call}")
-    pinned = re.search(r'^TORCH_VERSION="([^"]+)"', SETUP.read_text(), re.M).group(1)
+    lock = "cuda" if with_gpu else "cpu"
+    torch_version = locked(lock)["torch"]
+    torch_call = next(call for call in calls if f"torch=={torch_version}" in call.split())
     if with_gpu:
-        assert f"torch=={pinned} " not in torch_call and torch_call.endswith(f"torch=={pinned}")
+        assert "+cpu" not in torch_call and "--extra-index-url" not in torch_call
     else:
-        assert f"torch=={pinned}+cpu --extra-index-url https://download.pytorch.org/whl/cpu" in torch_call
-    project_call = calls.index(next(call for call in calls if "-e .[test]" in call))
-    assert calls.index(torch_call) < project_call  # torch first: DeepSpeed builds against it
+        assert torch_call.endswith(f"--no-deps torch=={torch_version} --extra-index-url https://download.pytorch.org/whl/cpu")
+    lock_call = next(call for call in calls if f"-r requirements/{lock}.txt" in call)
+    assert "--no-deps" in lock_call.split()  # the lock is whole: nothing is resolved, nothing newer comes in
+    project_call = next(call for call in calls if call.endswith("-e ."))
+    assert calls.index(torch_call) < calls.index(lock_call) < calls.index(project_call)  # DeepSpeed builds against torch
+    # torch's own requirements are in place before torch, at the lock's versions.
+    needs_call = calls[calls.index(torch_call) - 1]
+    assert f"-c requirements/{lock}.txt" in needs_call and "filelock" in needs_call and "sympy" in needs_call
     assert "exit_on_incompatible_versions" in calls[-1]  # and the stack is checked at the end
+
+
+def test_setup_sh_latest_takes_the_newest_releases_in_range(tmp_path):
+    calls = fake_setup_run(tmp_path, False, "--latest")
+    assert not any("-r requirements/" in call for call in calls)
+    project_call = next(call for call in calls if '-e .[test]' in call)
+    assert "--upgrade" in project_call.split() and f"torch=={locked('cpu')['torch']}" in project_call.split()

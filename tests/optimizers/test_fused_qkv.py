@@ -1,5 +1,5 @@
-"""Fused query/key/value projections: each architecture's layout against a partition built by
-hand from that architecture's own split of the fused output, the update on it (whole and cut
+"""Fused query/key/value projections: each architecture's layout against the blocks its own
+forward shows (perturb one row of the fused weight, see which query, key or value head moves), the update on it (whole and cut
 at shard boundaries) against the per-block formula, and the same under real DeepSpeed ranks."""
 import math
 import re
@@ -30,25 +30,20 @@ def falcon(**overrides):
                                              **overrides}))
 
 
-def phi3():
+def phi3(**overrides):
     return Phi3ForCausalLM(Phi3Config(**SMALL, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=1,
-                                      intermediate_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+                                      intermediate_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      **overrides))
 
 
-def with_rows(rows):
-    """(1, 1, rows) tensor whose values are the row indices, to push through a model's own split."""
-    return torch.arange(rows, dtype=torch.float32).view(1, 1, rows)
-
-
-def groups(query, key, value):
-    """Hand-built blocks: one per query head, one per distinct key head, one per value row.
-
-    query, key: (heads, head_dim) row indices; value: row indices in any shape.
-    """
-    expected = {frozenset(head.tolist()): "query" for head in query.long()}
-    expected.update({frozenset(head.tolist()): "key" for head in key.long()})
-    expected.update({frozenset([row]): "value" for row in value.long().flatten().tolist()})
-    return expected
+def groups_from_parts(parts):
+    """Hand-built blocks from each row's observed part: one per query head, one per distinct key
+    head, one per value row. parts: {row: (part, heads)}."""
+    by_head = {}
+    for row, (part, heads) in parts.items():
+        key = (part, heads) if part != "value" else (part, row)
+        by_head.setdefault(key, set()).add(row)
+    return {frozenset(rows): part for (part, _), rows in by_head.items()}
 
 
 def actual_groups(layout):
@@ -68,6 +63,51 @@ def actual_groups(layout):
     return {frozenset(members): part_of_element[min(members)] for members in by_block.values()}
 
 
+def observed_parts(model, fused):
+    """What each output row of the fused projection feeds, seen in the model's own forward.
+
+    One row at a time gets a random perturbation; layer 0's cached keys and values (per key/value
+    head) and its attention weights (per query head) are compared with the unperturbed run. A row
+    that moves the cached keys is a key row of the kv heads it moves; one that moves the cached
+    values is a value row; one that moves only the attention weights is a query row of the heads
+    it moves. Returns {row: (part, heads)}; asserts every row moves exactly one of them.
+    """
+    model = model.double().eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
+
+    def layer_zero():
+        out = model(input_ids=input_ids, use_cache=True, output_attentions=True)
+        cache = out.get("cache") or out.past_key_values  # renamed `cache` in transformers 5.2x
+        layer = cache.layers[0]
+        return layer.keys, layer.values, out.attentions[0]  # (B, kv, T, hd) twice, (B, heads, T, T)
+
+    def moved_heads(before, after):
+        return tuple((before != after).any(dim=(0, 2, 3)).nonzero().flatten().tolist())
+
+    keys, values, attention = layer_zero()
+    parts = {}
+    weight = fused.weight
+    for row in range(weight.shape[0]):
+        with torch.no_grad():
+            original = weight[row].clone()
+            weight[row] += torch.randn(weight.shape[1], generator=generator, dtype=weight.dtype)
+            moved_keys, moved_values, moved_attention = layer_zero()
+            weight[row] = original
+        key_heads, value_heads = moved_heads(keys, moved_keys), moved_heads(values, moved_values)
+        query_heads = moved_heads(attention, moved_attention)
+        if key_heads:
+            assert len(key_heads) == 1 and not value_heads, f"row {row} moves keys {key_heads}, values {value_heads}"
+            parts[row] = ("key", key_heads)
+        elif value_heads:
+            assert len(value_heads) == 1 and not query_heads, f"row {row} moves values and attention"
+            parts[row] = ("value", value_heads)
+        else:
+            assert len(query_heads) == 1, f"row {row} moves attention heads {query_heads}"
+            parts[row] = ("query", query_heads)
+    return parts
+
+
 def fused_layout(model, name):
     optimizer = Adam_mini.from_model(model)
     layout = next(l for l in optimizer.partition_report.layouts if l.name == name)
@@ -75,52 +115,47 @@ def fused_layout(model, name):
     return layout
 
 
-def test_gpt_neox_interleaves_q_k_v_per_head():
-    model = neox()
-    layout = fused_layout(model, "gpt_neox.layers.0.attention.query_key_value.weight")
-    # GPTNeoXAttention.forward: the output is viewed as (heads, 3 * head_dim), then chunked in three.
-    per_head = torch.arange(3 * HIDDEN).view(HEADS, 3 * HEAD_DIM)
-    query, key, value = per_head.chunk(3, dim=-1)
-    assert actual_groups(layout) == groups(query, key, value)
+def bloom():
+    return BloomForCausalLM(BloomConfig(vocab_size=64, n_layer=1, hidden_size=HIDDEN, n_head=HEADS,
+                                        attn_implementation="eager"))
+
+
+# Each architecture's fused projection, its own forward as the reference for the layout, and the number
+# of key blocks Adam-mini must give it.
+FUSED_ARCHITECTURES = {
+    "gpt_neox": (lambda: neox(attn_implementation="eager"), "gpt_neox.layers.0.attention.query_key_value", HEADS),
+    "falcon_multi_query": (lambda: falcon(attn_implementation="eager"), "transformer.h.0.self_attention.query_key_value", 1),
+    "falcon_per_head": (lambda: falcon(multi_query=False, attn_implementation="eager"),
+                        "transformer.h.0.self_attention.query_key_value", HEADS),
+    "falcon_grouped_1": (lambda: falcon(new_decoder_architecture=True, num_kv_heads=1, num_attention_heads=6,
+                                        hidden_size=96, attn_implementation="eager"),
+                         "transformer.h.0.self_attention.query_key_value", 1),
+    "falcon_grouped_2": (lambda: falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=6,
+                                        hidden_size=96, attn_implementation="eager"),
+                         "transformer.h.0.self_attention.query_key_value", 2),
+    "bloom": (bloom, "transformer.h.0.self_attention.query_key_value", HEADS),
+    "phi3": (lambda: phi3(attn_implementation="eager"), "model.layers.0.self_attn.qkv_proj", 1),
+    "mpt": (lambda: MptForCausalLM(MptConfig(vocab_size=64, n_layers=1, d_model=HIDDEN, n_heads=HEADS,
+                                             attn_implementation="eager")), "transformer.blocks.0.attn.Wqkv", HEADS),
+}
+
+
+@pytest.mark.parametrize("architecture", list(FUSED_ARCHITECTURES))
+def test_fused_layout_matches_what_the_model_computes(architecture):
+    build, module_name, key_blocks = FUSED_ARCHITECTURES[architecture]
+    model = build()
+    layout = fused_layout(model, f"{module_name}.weight")
+    parts = observed_parts(model, model.get_submodule(module_name))
+    assert actual_groups(layout) == groups_from_parts(parts)
+    assert layout.split()[1]["blocks"] == key_blocks
+
+
+def test_gpt_neox_split_and_phi3_report():
+    layout = fused_layout(neox(), "gpt_neox.layers.0.attention.query_key_value.weight")
     assert layout.split() == [{"part": "query", "blocks": 3, "block_numel": HEAD_DIM * HIDDEN},
                               {"part": "key", "blocks": 3, "block_numel": HEAD_DIM * HIDDEN},
                               {"part": "value", "blocks": HIDDEN, "block_numel": HIDDEN}]
-
-
-@pytest.mark.parametrize("variant, kv_heads", [
-    (dict(), 1),                                                  # multi-query (the config's default)
-    (dict(multi_query=False), HEADS),                             # one key and value per head, interleaved
-    (dict(new_decoder_architecture=True, num_kv_heads=1, num_attention_heads=6, hidden_size=96), 1),
-    (dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=6, hidden_size=96), 2),
-], ids=["multi_query", "per_head", "grouped_1", "grouped_2"])
-def test_falcon_variants_follow_its_own_split(variant, kv_heads):
-    model = falcon(**variant)
-    layout = fused_layout(model, "transformer.h.0.self_attention.query_key_value.weight")
-    rows = layout.shape[0]
-    query, key, value = model.transformer.h[0].self_attention._split_heads(with_rows(rows))
-    # (1, 1, heads, head_dim) each; grouped variants broadcast a key head to its query heads.
-    assert actual_groups(layout) == groups(query[0, 0], key[0, 0], value[0, 0])
-    assert [entry["blocks"] for entry in layout.split()][1] == kv_heads
-
-
-def test_bloom_interleaves_per_head():
-    model = BloomForCausalLM(BloomConfig(vocab_size=64, n_layer=1, hidden_size=HIDDEN, n_head=HEADS))
-    layout = fused_layout(model, "transformer.h.0.self_attention.query_key_value.weight")
-    query, key, value = model.transformer.h[0].self_attention._reshape(with_rows(3 * HIDDEN))
-    # (1, heads, 1, head_dim) each.
-    assert actual_groups(layout) == groups(query[0, :, 0], key[0, :, 0], value)
-
-
-def test_phi3_concatenates_q_then_k_then_v_with_gqa():
-    model = phi3()
-    layout = fused_layout(model, "model.layers.0.self_attn.qkv_proj.weight")
-    # Phi3Attention.forward slices the output at num_heads * head_dim and num_kv_heads * head_dim.
-    rows = torch.arange((HEADS + 2) * HEAD_DIM)
-    query_end = HEADS * HEAD_DIM
-    query = rows[:query_end].view(HEADS, HEAD_DIM)
-    key = rows[query_end:query_end + HEAD_DIM].view(1, HEAD_DIM)
-    assert actual_groups(layout) == groups(query, key, rows[query_end + HEAD_DIM:])
-    report = Adam_mini.from_model(model).partition_report
+    report = Adam_mini.from_model(phi3()).partition_report
     data = report.as_dict()
     assert data["rule_counts"]["qkv"] == 1
     entry = next(p for p in data["parameters"] if p["rule"] == "qkv")
@@ -128,13 +163,6 @@ def test_phi3_concatenates_q_then_k_then_v_with_gqa():
     assert entry["num_blocks"] == HEADS + 1 + HEAD_DIM
     table = str(report)
     assert re.search(r"qkv_proj\.weight\s+80x48\s+qkv \(concatenated\)\s+q:768 k:768 v:48\s+q:3 k:1 v:16", table)
-
-
-def test_mpt_chunks_wqkv_in_three():
-    model = MptForCausalLM(MptConfig(vocab_size=64, n_layers=1, d_model=HIDDEN, n_heads=HEADS))
-    layout = fused_layout(model, "transformer.blocks.0.attn.Wqkv.weight")
-    query, key, value = torch.arange(3 * HIDDEN).chunk(3)  # MptAttention: mixed_qkv.chunk(3, dim=2)
-    assert actual_groups(layout) == groups(query.view(HEADS, HEAD_DIM), key.view(HEADS, HEAD_DIM), value)
 
 
 def test_gpt2_conv1d_c_attn_stays_whole_and_says_why():
