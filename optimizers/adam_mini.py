@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "fused", "compiled", "foreach", "reference")
 
 
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the block statistics and of the update's arithmetic: fp32 for bf16/fp16 parameters
+    (in bf16, beta2 = 0.999 rounds to 1.0; in fp16, eps = 1e-8 rounds to 0), else the parameter's."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 @dataclass
 class _Work:
     """One presented tensor's share of a step: which elements of which parameter it holds."""
@@ -236,7 +242,17 @@ class Adam_mini(torch.optim.Optimizer):
         self.__dict__.setdefault("_cut_tables", {})
 
     def load_state_dict(self, state_dict):
+        # torch.optim casts loaded state to each parameter's dtype; the block statistics stay in theirs
+        # (fp32 for bf16/fp16 parameters), from the saved values.
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        saved_statistics = {param: state_dict["state"][index]["block_sq_avg"]
+                            for index, param in zip(saved_ids, params)
+                            if "block_sq_avg" in state_dict["state"].get(index, {})}
         super().load_state_dict(state_dict)
+        for param, block_sq_avg in saved_statistics.items():
+            self.state[param]["block_sq_avg"] = block_sq_avg.to(device=param.device, copy=True,
+                                                                dtype=statistics_dtype(param.dtype))
         self._pending_full_state = None  # the loaded state replaces any full state given before
         self._verified_groups = set()  # loaded state must be checked against this rank's slices
         self._cut_tables = {}
@@ -280,7 +296,8 @@ class Adam_mini(torch.optim.Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(tensor) if valid == tensor.numel() and start == 0 \
                 else torch.zeros(valid, dtype=tensor.dtype, device=tensor.device)
-            state["block_sq_avg"] = torch.zeros(last_block - first_block, dtype=tensor.dtype, device=tensor.device)
+            state["block_sq_avg"] = torch.zeros(last_block - first_block, dtype=statistics_dtype(tensor.dtype),
+                                                device=tensor.device)
             state["shard_start"] = start
             state["block_start"] = first_block  # with shard_start, places this piece in the whole (optimizers.reshard)
             self._fill_from_full_state(state, layout.name, flat_param, state["exp_avg"].view(-1),
@@ -419,8 +436,8 @@ class Adam_mini(torch.optim.Optimizer):
         if len(state) == 0:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(tensor)
-            state["block_sq_avg"] = torch.zeros(sum(last - first for first, last in blocks), dtype=tensor.dtype,
-                                                device=tensor.device)
+            state["block_sq_avg"] = torch.zeros(sum(last - first for first, last in blocks),
+                                                dtype=statistics_dtype(tensor.dtype), device=tensor.device)
             state["fragments"] = described
             state["pieces"] = self._describe_pieces(fragments, blocks)
             self._fill_fragments_from_full_state(state, group, tensor, fragments, blocks)
@@ -665,49 +682,69 @@ class Adam_mini(torch.optim.Optimizer):
                              **self._hyper(item))
 
     def _reference_update(self, item: _Work) -> None:
-        """Plain single-tensor Adam-mini: every block padded out to full size, no shortcuts."""
+        """Plain single-tensor Adam-mini: every block padded out to full size, no shortcuts. The
+        arithmetic is in the block statistics' dtype (fp32 for bf16/fp16 parameters); the parameter
+        and `exp_avg` are each rounded once to their own dtype."""
         h = self._hyper(item)
         block_numel, offset = item.layout.block_numel, item.block_offset
         exp_avg, block_sq_avg = item.state["exp_avg"].view(-1), item.state["block_sq_avg"]
-        n, num_blocks = item.grad.numel(), block_sq_avg.numel()
-        padded = item.grad.new_zeros(num_blocks * block_numel)
-        padded[offset:offset + n] = item.grad * item.grad
+        compute = block_sq_avg.dtype
+        grad = item.grad.to(compute)
+        n, num_blocks = grad.numel(), block_sq_avg.numel()
+        padded = grad.new_zeros(num_blocks * block_numel)
+        padded[offset:offset + n] = grad * grad
         block_sq = padded.view(num_blocks, block_numel).sum(dim=1)
         if not math.isnan(item.first_sq):
             block_sq[0] = item.first_sq
         if not math.isnan(item.last_sq):
             block_sq[-1] = item.last_sq
         block_sq_avg.mul_(h["beta2"]).add_(block_sq / block_numel, alpha=1 - h["beta2"])
-        exp_avg.lerp_(item.grad, 1 - h["beta1"])
+        momentum = exp_avg.to(compute).lerp_(grad, 1 - h["beta1"])
+        exp_avg.copy_(momentum)
         denom = (block_sq_avg.sqrt() / h["bias_correction2_sqrt"]).add_(h["eps"])
-        item.param.mul_(1 - h["lr"] * h["weight_decay"])
-        item.param.addcdiv_(exp_avg, denom.repeat_interleave(block_numel)[offset:offset + n],
-                            value=-h["lr"] / h["bias_correction1"])
+        param = item.param.to(compute).mul_(1 - h["lr"] * h["weight_decay"])
+        param.addcdiv_(momentum, denom.repeat_interleave(block_numel)[offset:offset + n],
+                       value=-h["lr"] / h["bias_correction1"])
+        item.param.copy_(param)
 
     def _foreach_update(self, items: list) -> None:
-        """Vectorised update: foreach over tensors for m and decay, block views for the rest."""
-        exp_avgs = [item.state["exp_avg"].view(-1) for item in items]
-        grads = [item.grad for item in items]
+        """Vectorised update: foreach over tensors for m and decay, block views for the rest.
+
+        bf16/fp16 parameters take the same arithmetic in fp32 (their block statistics' dtype): the
+        moment and the parameter are rounded once each to their own dtype, and the step uses the
+        moment before its rounding.
+        """
+        same = [item for item in items if item.state["block_sq_avg"].dtype == item.param.dtype]
+        exp_avgs = {id(item): item.state["exp_avg"].view(-1) for item in same}
         by_beta1 = {}
-        for index, item in enumerate(items):
-            by_beta1.setdefault(item.group["betas"][0], []).append(index)
-        for beta1, indices in by_beta1.items():
-            torch._foreach_lerp_([exp_avgs[i] for i in indices], [grads[i] for i in indices], 1 - beta1)
-        for item, exp_avg in zip(items, exp_avgs):
+        for item in same:
+            by_beta1.setdefault(item.group["betas"][0], []).append(item)
+        for beta1, group in by_beta1.items():
+            torch._foreach_lerp_([exp_avgs[id(item)] for item in group], [item.grad for item in group], 1 - beta1)
+        for item in items:
             h = self._hyper(item)
             block_sq = self._block_sums(item)
             block_sq_avg = item.state["block_sq_avg"]
             block_sq_avg.mul_(h["beta2"]).add_(block_sq.div_(item.layout.block_numel), alpha=1 - h["beta2"])
             scale = (block_sq_avg.sqrt() / h["bias_correction2_sqrt"]).add_(h["eps"]).reciprocal_()
             scale.mul_(-h["lr"] / h["bias_correction1"])
+            if id(item) in exp_avgs:
+                param, exp_avg = item.param, exp_avgs[id(item)]
+            else:
+                param = item.param.to(scale.dtype)
+                exp_avg = item.state["exp_avg"].view(-1).to(scale.dtype).lerp_(item.grad.to(scale.dtype),
+                                                                               1 - h["beta1"])
+                item.state["exp_avg"].view(-1).copy_(exp_avg)
             if h["weight_decay"]:
-                item.param.mul_(1 - h["lr"] * h["weight_decay"])
+                param.mul_(1 - h["lr"] * h["weight_decay"])
             for segment, (lo, hi), (first, last) in self._segments(item):
-                p, m = item.param[lo:hi], exp_avg[lo:hi]
+                p, m = param[lo:hi], exp_avg[lo:hi]
                 if segment == "body":
                     p.view(last - first, -1).addcmul_(m.view(last - first, -1), scale[first:last].unsqueeze(1))
                 else:
                     p.add_(m * scale[first])
+            if param is not item.param:
+                item.param.copy_(param)
 
     @staticmethod
     def _segments(item: _Work):
@@ -729,13 +766,15 @@ class Adam_mini(torch.optim.Optimizer):
             yield "edge", (head + whole * block_numel, n), (block, block + 1)
 
     def _block_sums(self, item: _Work) -> torch.Tensor:
-        block_sq = item.grad.new_zeros(item.state["block_sq_avg"].numel())
+        """Each block's sum of squared gradients, in the block statistics' dtype."""
+        block_sq_avg = item.state["block_sq_avg"]
+        block_sq = block_sq_avg.new_zeros(block_sq_avg.numel())
         for segment, (lo, hi), (first, last) in self._segments(item):
             if segment == "body":
                 rows = item.grad[lo:hi].view(last - first, -1)
-                block_sq[first:last] = torch.linalg.vector_norm(rows, dim=1).square_()
+                block_sq[first:last] = torch.linalg.vector_norm(rows, dim=1, dtype=block_sq.dtype).square_()
             else:
-                block_sq[first] = item.grad[lo:hi].square().sum()
+                block_sq[first] = item.grad[lo:hi].to(block_sq.dtype).square().sum()
         if not math.isnan(item.first_sq):
             block_sq[0] = item.first_sq
         if not math.isnan(item.last_sq):

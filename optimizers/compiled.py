@@ -17,11 +17,19 @@ import torch
 
 
 def _whole_blocks(param, grad, exp_avg, block_sq_avg, beta1, beta2, step_size, decay, bias_correction2_sqrt, eps):
-    """In place. param, grad, exp_avg: (blocks, block_numel); block_sq_avg: (blocks,); the rest 0-dim."""
-    exp_avg.lerp_(grad, 1 - beta1)
-    block_sq_avg.mul_(beta2).add_((1 - beta2) * grad.square().mean(dim=1))
+    """In place. param, grad, exp_avg: (blocks, block_numel); block_sq_avg: (blocks,); the rest 0-dim.
+
+    The arithmetic is in block_sq_avg's dtype (fp32 for bf16/fp16 parameters, like the scalars);
+    exp_avg and the parameter are rounded once each to their own dtype, and the step uses the moment
+    before its rounding.
+    """
+    compute = block_sq_avg.dtype
+    g = grad.to(compute)
+    momentum = exp_avg.to(compute).lerp(g, 1 - beta1)
+    exp_avg.copy_(momentum)
+    block_sq_avg.mul_(beta2).add_((1 - beta2) * g.square().mean(dim=1))
     denom = block_sq_avg.sqrt() / bias_correction2_sqrt + eps
-    param.mul_(decay).sub_(step_size * (exp_avg / denom.unsqueeze(1)))
+    param.copy_(param.to(compute) * decay - step_size * (momentum / denom.unsqueeze(1)))
 
 
 @functools.cache
@@ -35,11 +43,12 @@ def _compiled(dtype: torch.dtype, device_type: str):
 
 
 def _scalars(item, hyper: dict) -> tuple:
-    """The 0-dim hyperparameter tensors of one update, in the parameter's dtype and device."""
-    param = item.param
+    """The 0-dim hyperparameter tensors of one update, in the block statistics' dtype (fp32 for
+    bf16/fp16 parameters: in bf16, beta2 = 0.999 is 1.0; in fp16, eps = 1e-8 is 0)."""
+    statistics = item.state["block_sq_avg"]
     values = (hyper["beta1"], hyper["beta2"], hyper["lr"] / hyper["bias_correction1"],
               1 - hyper["lr"] * hyper["weight_decay"], hyper["bias_correction2_sqrt"], hyper["eps"])
-    return tuple(torch.tensor(value, dtype=param.dtype, device=param.device) for value in values)
+    return tuple(torch.tensor(value, dtype=statistics.dtype, device=statistics.device) for value in values)
 
 
 def compiled_update(item, hyper: dict, segments) -> None:
@@ -64,10 +73,13 @@ def compiled_update(item, hyper: dict, segments) -> None:
         override = item.first_sq if first == 0 else math.nan
         if first == last_block and not math.isnan(item.last_sq):
             override = item.last_sq
-        block_sq = g.square().sum() if math.isnan(override) else torch.tensor(override, dtype=g.dtype,
+        compute = block_sq_avg.dtype
+        g = g.to(compute)
+        block_sq = g.square().sum() if math.isnan(override) else torch.tensor(override, dtype=compute,
                                                                                device=g.device)
-        m.lerp_(g, 1 - hyper["beta1"])
+        momentum = m.to(compute).lerp(g, 1 - hyper["beta1"])
+        m.copy_(momentum)
         v = block_sq_avg[first:last]
         v.mul_(beta2).add_((1 - beta2) * block_sq / block_numel)
         denom = v.sqrt() / bias_correction2_sqrt + eps
-        p.mul_(decay).sub_(step_size * (m / denom))
+        p.copy_(p.to(compute) * decay - step_size * (momentum / denom))
