@@ -36,15 +36,19 @@ class ReshardError(ValueError):
     """A checkpoint whose Adam-mini state cannot be put back together; the message names the file."""
 
 
-def load_deepspeed_file(path, **kwargs):
+def load_deepspeed_file(path, map_location="cpu", **kwargs):
     """A file of a DeepSpeed checkpoint, unpickled with only the classes DeepSpeed 0.19 writes into it
-    allowed (its loss scaler, ZeRO stage enum and fragment addresses): nothing else can run on load."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    allowed (its loss scalers, ZeRO stage enum and fragment addresses): nothing else can run on load.
+
+    Raises:
+        pickle.UnpicklingError: the file holds any other object (torch names the global it refused).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
 
 
 def _rank_files(checkpoint: Path) -> list:

@@ -7,10 +7,14 @@ One checkpoint is `output_dir/checkpoints/step_<N>/`:
     trainer_state.json    {"step": N, the data position (epoch, batch index), stage extras}
     <name>/               DeepSpeed's files of each further training engine (PPO's `critic/`)
     ranks.json            the rank count, batch split, ZeRO stage and optimizer it was written with
-    COMPLETE              written by rank 0 last, once every rank has finished writing
+    COMPLETE              written by rank 0 last, once every rank has finished writing: the step, then
+                          the SHA-256 of every other file (`sha256sum` lines)
 
-A directory without COMPLETE was cut off mid-write and is never loaded. All ranks must see
-the same `output_dir` (a shared filesystem), as DeepSpeed's own checkpoints require.
+A directory without COMPLETE was cut off mid-write and is never loaded. Before anything of a checkpoint
+is read, every file COMPLETE lists is checked against its SHA-256 (a changed or truncated file is
+refused, named), and every `.pt` file, DeepSpeed's own included, is unpickled with
+`torch.load(weights_only=True)` and only the classes DeepSpeed writes allowed: nothing read runs code.
+All ranks must see the same `output_dir` (a shared filesystem), as DeepSpeed's own checkpoints require.
 
 A checkpoint continues on another number of ranks when Adam-mini wrote it under ZeRO-1/2/3 and the
 global batch (rows per optimizer step) stays the same: `optimizers.reshard` puts the ranks' pieces
@@ -19,7 +23,10 @@ own. With the same global batch every step sees the same rows and the schedule k
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import pickle
 import random
 import re
 import shutil
@@ -35,6 +42,7 @@ COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 RANKS_FILE = "ranks.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
+logger = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
@@ -123,6 +131,132 @@ def prune_checkpoints(output_dir, keep_last: int, protect: Optional[Path] = None
     return doomed
 
 
+# ---- integrity and safe unpickling ---------------------------------------------------------------
+
+def file_digests(checkpoint: Path) -> dict:
+    """{path relative to `checkpoint`: SHA-256 hex} of every file under it but COMPLETE, sorted."""
+    digests = {}
+    for path in sorted(p for p in Path(checkpoint).rglob("*") if p.is_file()):
+        name = path.relative_to(checkpoint).as_posix()
+        if name == COMPLETE_MARKER:
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 22), b""):
+                digest.update(chunk)
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def recorded_digests(checkpoint: Path) -> Optional[dict]:
+    """{relative path: SHA-256} that COMPLETE records; None for a checkpoint written before COMPLETE
+    recorded them (its first line, the step, alone)."""
+    lines = (Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8").splitlines()[1:]
+    recorded = {}
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise ResumeError(f"{checkpoint / COMPLETE_MARKER}: the line {line!r} is not '<sha256>  <file>'")
+        recorded[name] = digest
+    return recorded or None
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Checks every file COMPLETE records against its SHA-256, then that every `.pt` file unpickles
+    with weights_only (memory-mapped: the tensors are not read), before anything of it is loaded.
+
+    Raises:
+        ResumeError: a recorded file is missing or differs from what was written, a `.pt` file holds
+            objects beyond tensors and DeepSpeed's records (each named), or COMPLETE is malformed.
+    """
+    recorded = recorded_digests(checkpoint)
+    if recorded is None:
+        logger.warning("%s records no SHA-256 of its files (written by an earlier version): its files are "
+                       "loaded unverified, still without running any pickled code", checkpoint)
+    else:
+        found = file_digests(checkpoint)
+        for name, digest in recorded.items():
+            if name not in found:
+                raise ResumeError(f"{checkpoint / name} is missing: the checkpoint is incomplete; resume from "
+                                  "another checkpoint or start afresh")
+            if found[name] != digest:
+                raise ResumeError(f"{checkpoint / name} differs from what was written (SHA-256 {found[name][:12]}..., "
+                                  f"recorded {digest[:12]}...): it was changed or truncated; refusing to load the "
+                                  "checkpoint")
+    for path in sorted(Path(checkpoint).rglob("*.pt")):
+        _load_weights_only(path, mmap=True)
+
+
+def verify_on_rank_zero(checkpoint: Path) -> None:
+    """`verify_checkpoint` read by rank 0 alone (the directory is shared), its verdict raised on every rank.
+
+    Raises:
+        ResumeError: on every rank, as `verify_checkpoint` raises it on rank 0.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    problem = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            verify_checkpoint(checkpoint)
+        except ResumeError as error:
+            problem[0] = str(error)
+    if distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ResumeError(problem[0])
+
+
+def _load_weights_only(path: Path, map_location="cpu", mmap: bool = False):
+    """A checkpoint file through `optimizers.reshard.load_deepspeed_file` (tensors and DeepSpeed's own
+    records only); mmap where the file's format allows it.
+
+    Raises:
+        ResumeError: the file holds any other pickled object, naming the file and the refused global.
+    """
+    from optimizers.reshard import load_deepspeed_file
+
+    try:
+        try:
+            return load_deepspeed_file(path, map_location=map_location, mmap=mmap)
+        except RuntimeError as error:  # a file in torch's legacy format cannot be memory-mapped
+            if not mmap or "mmap" not in str(error):
+                raise
+            return load_deepspeed_file(path, map_location=map_location)
+    except pickle.UnpicklingError as error:
+        raise ResumeError(f"{path} holds objects other than tensors and DeepSpeed's own records, which could "
+                          f"run code when unpickled; refusing to load it ({str(error).splitlines()[0]})") from None
+
+
+class _WeightsOnlyLoads:
+    """An engine's DeepSpeed checkpoint engine whose loads unpickle tensors and DeepSpeed's own
+    records only (DeepSpeed 0.19's `TorchCheckpointEngine.load` passes weights_only=False)."""
+
+    def __init__(self, checkpoint_engine):
+        self._checkpoint_engine = checkpoint_engine
+
+    def __getattr__(self, name):
+        return getattr(self._checkpoint_engine, name)
+
+    def load(self, path, map_location=None):
+        return _load_weights_only(path, map_location=map_location)
+
+
+def _deepspeed_load(engine, directory: Path, tag: str) -> None:
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(original)
+    try:
+        load_path, _ = engine.load_checkpoint(str(directory), tag=tag)
+    finally:
+        engine.checkpoint_engine = original
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory / tag} (engine.load_checkpoint "
+                           "returned no path; its log above says why)")
+
+
+def _load_rng_state(path: Path) -> dict:
+    return _load_weights_only(path)
+
+
 # ---- save and load ------------------------------------------------------------------------------
 
 def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_last: int,
@@ -165,7 +299,8 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, keep_las
         (checkpoint / RANKS_FILE).write_text(json.dumps(_ranks_record(engine), indent=1) + "\n", encoding="utf-8")
     dist.barrier()  # every rank's files are written
     if rank == 0:
-        (checkpoint / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        digests = "".join(f"{digest}  {name}\n" for name, digest in file_digests(checkpoint).items())
+        (checkpoint / COMPLETE_MARKER).write_text(f"{step}\n{digests}", encoding="utf-8")
     dist.barrier()  # no rank returns before the checkpoint counts as complete
     if rank == 0:
         prune_checkpoints(output_dir, keep_last, protect=checkpoint)
@@ -225,17 +360,19 @@ def _check_rank_count(checkpoint: Path, world_size: int, global_batch_size: Opti
                       "weights (model.path=<run>/final, or export this checkpoint) without checkpoint.resume")
 
 
-def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = None) -> dict:
+def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = None, verify: bool = True) -> dict:
     """Loads DeepSpeed's state into `engine` (and each of `extra_engines` from `<checkpoint>/<name>/`),
     restores this rank's RNG states and returns the trainer state (with "step"); every rank calls it.
 
+    `verify`: check it first (`verify_checkpoint`); False where the caller has just done so.
     A checkpoint written by another number of ranks (see `_check_rank_count`) is loaded through
     `optimizers.reshard`; the trainer state then also holds "resharded_from" (its ranks.json), from
     which the loop re-derives the data position.
 
     Raises:
-        ResumeError: the checkpoint has no COMPLETE marker, or was written by a different number of
-            ranks and cannot continue on this many (checked before anything is loaded).
+        ResumeError: the checkpoint has no COMPLETE marker, a file differs from its recorded SHA-256, a
+            file holds pickled objects beyond tensors and DeepSpeed's records, or it was written by a
+            different number of ranks and cannot continue on this many (checked before anything is loaded).
         RuntimeError: DeepSpeed could not load it.
     """
     checkpoint = Path(checkpoint)
@@ -243,17 +380,16 @@ def load_checkpoint(engine, checkpoint: Path, extra_engines: Optional[dict] = No
         raise ResumeError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER} marker: it was cut off "
                           "while being written); use latest_checkpoint() to find one")
     rank = dist.get_rank()
+    if verify:
+        verify_on_rank_zero(checkpoint)
     record = _check_rank_count(checkpoint, dist.get_world_size(), engine.train_batch_size())
     if record is not None:
         return _load_on_other_rank_count(engine, checkpoint, record, extra_engines or {})
     loads = [(engine, checkpoint.parent, checkpoint.name)]
     loads += [(extra, checkpoint, name) for name, extra in (extra_engines or {}).items()]
     for target, directory, tag in loads:
-        load_path, _ = target.load_checkpoint(str(directory), tag=tag)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory / tag} (engine.load_checkpoint "
-                               "returned no path; its log above says why)")
-    restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
+        _deepspeed_load(target, directory, tag)
+    restore_rng_state(_load_rng_state(rng_file(checkpoint, rank)))
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
 
 
@@ -282,7 +418,7 @@ def _load_on_other_rank_count(engine, checkpoint: Path, record: dict, extra_engi
         restore(target, target.basic_optimizer, load_full_state(full_state_file))
         _restore_engine_counters(target, directory)
     if rng_file(checkpoint, rank).is_file():
-        restore_rng_state(torch.load(rng_file(checkpoint, rank), weights_only=True))
+        restore_rng_state(_load_rng_state(rng_file(checkpoint, rank)))
     state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
     return {**state, "resharded_from": record}
 

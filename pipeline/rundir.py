@@ -24,7 +24,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from .checkpoint import (ResumeError, check_resumable, export_final, latest_checkpoint, load_checkpoint,
-                         save_checkpoint)
+                         save_checkpoint, verify_on_rank_zero)
 from .config import save_config
 from .metrics import MetricsLogger
 
@@ -77,8 +77,15 @@ class RunDirectory:
 
     def claim(self, ds_config: Optional[dict] = None) -> Path:
         """Takes `output_dir` for this run: an overwritten run's outputs go, the resolved config and the
-        DeepSpeed config (exactly what DeepSpeed was given) are written. Collective when distributed."""
+        DeepSpeed config (exactly what DeepSpeed was given) are written. Collective when distributed.
+
+        Raises:
+            ResumeError: resuming, and the checkpoint's files fail `verify_checkpoint` (nothing written).
+        """
         checkpoint = self.config.checkpoint
+        if checkpoint.resume and latest_checkpoint(self.path) is not None:
+            # Refused before the resumed run writes anything: its files' SHA-256 and safe unpickling.
+            verify_on_rank_zero(latest_checkpoint(self.path))
         if _rank() == 0:
             if checkpoint.overwrite and not checkpoint.resume:
                 # Asked for explicitly: an old run's checkpoints left behind would be picked up by a later resume.
@@ -100,7 +107,7 @@ class RunDirectory:
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:
             return None
-        state = load_checkpoint(engine, checkpoint, extra_engines)
+        state = load_checkpoint(engine, checkpoint, extra_engines, verify=False)  # claim() verified it
         logger.info("resumed from %s (step %d)", checkpoint, state["step"])
         return state
 

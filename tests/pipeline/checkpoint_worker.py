@@ -6,11 +6,14 @@ Launched by test_checkpoint.py as
 For ZeRO-2, then ZeRO-3: train 6 steps saving at steps 1-3 (keep_last 2), record the final fp32
 parameters, the learning rate and a few draws from each RNG. Then plant an incomplete step_5
 directory, build a fresh engine from other initial weights and other seeds, load the newest
-complete checkpoint, run steps 4-6, record the same, and save step 6 (which prunes).
+complete checkpoint, run steps 4-6, record the same, and save step 6 (which prunes). Then load
+tampered copies of step 6: every `.pt` file replaced by a pickle whose unpickling creates a marker
+file (COMPLETE as written, and COMPLETE rewritten with the new files' SHA-256), and one byte flipped.
 Rank 0 writes the figures to --out.
 """
 import gc
 import random
+import shutil
 from pathlib import Path
 
 import deepspeed
@@ -20,7 +23,8 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from optimizers import Adam_mini
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (COMPLETE_MARKER, ResumeError, file_digests, latest_checkpoint, load_checkpoint,
+                                 save_checkpoint)
 from tests.rank_tools import full_fp32_params, max_delta, worker_parser, write_results
 from tests.tiny_models import tiny_llama
 
@@ -81,6 +85,57 @@ def checkpoint_names(output_dir: Path) -> list:
     return sorted(path.name for path in (output_dir / "checkpoints").iterdir() if path.is_dir())
 
 
+class Payload:
+    """Unpickling it opens (creates) the marker file: code run by loading a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def tampered_copy(checkpoint: Path, root: Path, how: str, marker: Path) -> Path:
+    """A copy of `checkpoint` under `root`, tampered `how`: "payload" (every .pt a Payload pickle),
+    "payload_rehashed" (the same, COMPLETE rewritten with the new SHA-256s) or "flipped" (one byte of
+    rank 1's optimizer file inverted)."""
+    copy = root / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    if how == "flipped":
+        target = copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+        return copy
+    for path in copy.rglob("*.pt"):
+        torch.save({"state": Payload(marker)}, path)
+    if how == "payload_rehashed":
+        step = (copy / COMPLETE_MARKER).read_text().splitlines()[0]
+        digests = "".join(f"{digest}  {name}\n" for name, digest in file_digests(copy).items())
+        (copy / COMPLETE_MARKER).write_text(f"{step}\n{digests}")
+    return copy
+
+
+def load_tampered(stage: int, checkpoint: Path, output_dir: Path, rank: int) -> dict:
+    """{how: the ResumeError's message, or "loaded"}, and whether any payload ran."""
+    marker = output_dir / "payload_ran"
+    engine = make_engine(stage, init_seed=7)
+    outcomes = {}
+    for how in ("payload", "payload_rehashed", "flipped"):
+        root = output_dir / f"tampered_{how}"
+        if rank == 0:
+            tampered_copy(checkpoint, root, how, marker)
+        dist.barrier()
+        try:
+            load_checkpoint(engine, root / "checkpoints" / checkpoint.name)
+            outcomes[how] = "loaded"
+        except ResumeError as error:
+            outcomes[how] = str(error)
+        dist.barrier()
+    outcomes["payload_ran"] = marker.exists()
+    return outcomes
+
+
 def run_stage(stage: int, output_dir: Path, rank: int) -> dict:
     engine = make_engine(stage, init_seed=0)
     seed_everything(1000 + rank)  # each rank its own streams, so RNG files mixed up between ranks would show
@@ -108,6 +163,7 @@ def run_stage(stage: int, output_dir: Path, rank: int) -> dict:
     after_resumed_save = checkpoint_names(output_dir)
     del engine
     gc.collect()
+    tampered = load_tampered(stage, output_dir / "checkpoints" / f"step_{STEPS}", output_dir, rank)
 
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {"uninterrupted_draws": uninterrupted_draws, "resumed_draws": resumed_draws,
@@ -115,7 +171,7 @@ def run_stage(stage: int, output_dir: Path, rank: int) -> dict:
     return {"loaded": checkpoint.name, "trainer_state": trainer_state, "fresh_max_delta": fresh_delta,
             "uninterrupted_lr": uninterrupted_lr, "resumed_lr": resumed_lr, "ranks": per_rank,
             "saved_files": saved_files, "after_first_run": after_first_run,
-            "after_resumed_save": after_resumed_save}
+            "after_resumed_save": after_resumed_save, "tampered": tampered}
 
 
 def main():

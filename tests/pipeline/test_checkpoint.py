@@ -3,6 +3,7 @@
 The multi-rank test launches checkpoint_worker.py once (2 ranks, ZeRO-2 then ZeRO-3) and reads its figures.
 """
 import random
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +143,16 @@ def test_checkpoints_on_disk_are_complete_and_pruned(resumed, stage):
     assert result["after_first_run"] == ["step_2", "step_3"]  # saved at 1, 2, 3 with keep_last 2
     # Saving step 6 dropped step_2 (beyond keep_last) and the incomplete step_5 (older than step_6).
     assert result["after_resumed_save"] == ["step_3", "step_6"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_tampered_checkpoints_are_refused_naming_the_file_and_run_no_code(resumed, stage):
+    tampered = resumed[stage]["tampered"]
+    assert tampered["payload_ran"] is False
+    # COMPLETE as written: the first replaced file (in sorted order) fails its SHA-256.
+    assert re.search(r"tampered_payload/checkpoints/step_6/\S+\.pt differs from what was written", tampered["payload"])
+    # COMPLETE rewritten to match: the files pass their SHA-256, and unpickling refuses the payload.
+    assert re.search(r"tampered_payload_rehashed/checkpoints/step_6/\S+\.pt holds objects other than tensors",
+                     tampered["payload_rehashed"])
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt differs from what was written" in tampered["flipped"]

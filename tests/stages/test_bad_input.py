@@ -5,10 +5,12 @@ In process where the error comes before the process group is set up (config, dat
 one command-line run for an error raised after it.
 """
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from pipeline.run import EXIT_USER_ERROR, main
@@ -173,4 +175,35 @@ def test_a_batch_error_after_the_process_group_is_up_leaves_the_earlier_run_unto
     assert ("error: `engine.global_batch_size` 3 is not a multiple of `engine.micro_batch_size` 2 x 1 rank(s)"
             in result.stderr)
     assert "Traceback" not in result.stderr
+    assert snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_holding_pickled_code_exits_without_running_it(tmp_path, model_dir):
+    """Every `.pt` of the checkpoint replaced by a pickle that would create a file when unpickled, and
+    COMPLETE rewritten with the new files' SHA-256 (the integrity check passes): the resume refuses the
+    first file in one message, exit 2, the payload never runs and the run directory is left as it was."""
+    from pipeline.checkpoint import COMPLETE_MARKER, file_digests
+    from tests.pipeline.checkpoint_worker import Payload
+
+    command = [sys.executable, "-m", "stages.sft", "--config", config_file(tmp_path, model_dir),
+               "training.max_steps=3", "checkpoint.every_steps=2"]
+    first = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    marker = tmp_path / "payload_ran"
+    replaced = sorted(checkpoint.rglob("*.pt"))
+    assert len(replaced) >= 2  # DeepSpeed's model states and the RNG state at least
+    for path in replaced:
+        torch.save({"state": Payload(marker)}, path)
+    digests = "".join(f"{digest}  {name}\n" for name, digest in file_digests(checkpoint).items())
+    (checkpoint / COMPLETE_MARKER).write_text(f"2\n{digests}")
+    before = snapshot(tmp_path / "run")
+    resumed = subprocess.run(command + ["checkpoint.resume=true", "training.max_steps=4"], cwd=REPO_ROOT,
+                             env=rank_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == EXIT_USER_ERROR, resumed.stderr[-3000:]
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(r"step_2/\S+\.pt holds objects other than tensors", errors[0]), errors
+    assert "Traceback" not in resumed.stderr
+    assert not marker.exists()
     assert snapshot(tmp_path / "run") == before
