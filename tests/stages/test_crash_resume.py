@@ -5,10 +5,8 @@ DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, 
 GRPO at ZeRO-3 with two updates per rollout, and PPO at ZeRO-2 with its critic's engine)."""
 import json
 import math
-import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, launch_ranks, rank_env, without_timing
+from tests.conftest import REPO_ROOT, launch_ranks, rank_env, start_ranks, stop_ranks, without_timing
 from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
 
 pytestmark = pytest.mark.slow
@@ -87,18 +85,15 @@ def logged_steps(output_dir: Path) -> int:
 
 
 def launch_and_kill(args: list, output_dir: Path, after_step: int) -> None:
-    """Starts 2 ranks and SIGKILLs the launcher and every rank once `after_step` is logged."""
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(free_port()), *map(str, args)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=rank_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    """Starts 2 ranks and SIGKILLs every rank once `after_step` is logged."""
+    processes = start_ranks(2, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while process.poll() is None and logged_steps(output_dir) < after_step and time.monotonic() < deadline:
+    running = lambda: all(process.poll() is None for process in processes)  # noqa: E731
+    while running() and logged_steps(output_dir) < after_step and time.monotonic() < deadline:
         time.sleep(0.02)
-    finished = process.poll() is not None
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher, its launch.py and both ranks share the group
-    process.wait()
-    assert not finished, f"the run ended (exit {process.returncode}) before it could be killed"
+    finished = not running()
+    stop_ranks(processes)  # both ranks share one process group
+    assert not finished, f"a rank ended (exit {[p.returncode for p in processes]}) before it could be killed"
     survivors = subprocess.run(["pgrep", "-f", str(output_dir)], capture_output=True, text=True).stdout.split()
     assert not survivors, f"ranks survived the kill: {survivors}"
 
