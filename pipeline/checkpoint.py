@@ -26,11 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import random
 import re
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError  # the error torch.load(weights_only=True) raises; nothing is unpickled here
 from typing import Optional
 
 import numpy as np
@@ -222,7 +222,7 @@ def _load_weights_only(path: Path, map_location="cpu", mmap: bool = False):
             if not mmap or "mmap" not in str(error):
                 raise
             return load_deepspeed_file(path, map_location=map_location)
-    except pickle.UnpicklingError as error:
+    except UnpicklingError as error:
         raise ResumeError(f"{path} holds objects other than tensors and DeepSpeed's own records, which could "
                           f"run code when unpickled; refusing to load it ({str(error).splitlines()[0]})") from None
 

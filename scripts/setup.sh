@@ -49,4 +49,6 @@ fi
 # What the first run would otherwise compile (~30 s, cached under ~/.cache): Adam-mini's CPU kernel and, on
 # a machine without a GPU, DeepSpeed's shared-memory collectives for CPU ranks.
 echo "Building Adam-mini's CPU kernel and, without a GPU, DeepSpeed's CPU collectives"
-.venv/bin/python -m pipeline.prebuild "$([ "$lock" = requirements/cpu.txt ] && echo --cpu-ranks)"
+prebuild=(.venv/bin/python -m pipeline.prebuild)
+[ "$lock" = requirements/cpu.txt ] && prebuild+=(--cpu-ranks)
+"${prebuild[@]}"

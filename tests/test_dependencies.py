@@ -144,7 +144,9 @@ def test_setup_sh_installs_the_lock_with_the_torch_build_of_the_machine(tmp_path
     # torch's own requirements are in place before torch, at the lock's versions.
     needs_call = calls[calls.index(torch_call) - 1]
     assert f"-c requirements/{lock}.txt" in needs_call and "filelock" in needs_call and "sympy" in needs_call
-    assert "exit_on_incompatible_versions" in calls[-1]  # and the stack is checked at the end
+    assert "exit_on_incompatible_versions" in calls[-2]  # the stack is checked at the end
+    # and what a first run would build is built here: DeepSpeed's CPU collectives only without a GPU.
+    assert calls[-1] == ("-m pipeline.prebuild" if with_gpu else "-m pipeline.prebuild --cpu-ranks")
 
 
 def test_setup_sh_latest_takes_the_newest_releases_in_range(tmp_path):
