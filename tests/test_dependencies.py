@@ -75,8 +75,14 @@ def test_the_installed_packages_are_the_locked_ones():
     pins = locked("cpu")
     if metadata.version("torch") != pins["torch"]:
         pytest.skip(f"torch {metadata.version('torch')} is not the CPU lock's build (--latest or a GPU set)")
-    installed = {dist.metadata["Name"].lower().replace("_", "-"): dist.version for dist in metadata.distributions()}
-    differing = {p: (v, installed.get(p)) for p, v in pins.items() if installed.get(p) != v}
+    def installed(package):
+        # The first distribution on sys.path, as imports see it (setuptools appends its vendored copies).
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    differing = {p: (v, installed(p)) for p, v in pins.items() if installed(p) != v}
     assert not differing, f"installed versions differ from requirements/cpu.txt (locked, installed): {differing}"
 
 

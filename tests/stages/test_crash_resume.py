@@ -2,11 +2,15 @@
 `checkpoint.resume=true`, ends exactly where a run that never stopped ends: final weights, the
 optimizer state of the last checkpoint and every logged metric bitwise equal (CPU fp32, 2 real
 DeepSpeed ranks, ZeRO-2 and ZeRO-3; SFT, reward model, ReMax with its sampling, DPO, RLOO at ZeRO-2,
-GRPO at ZeRO-3 with two updates per rollout, and PPO at ZeRO-2 with its critic's engine)."""
+GRPO at ZeRO-3 with two updates per rollout, and PPO at ZeRO-2 with its critic's engine).
+
+Every case's uninterrupted run shares one 2-rank launch, and so do the restarts
+(stage_sequence_worker.py runs each command as `python -m` would); each killed run has its own."""
 import json
 import math
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -136,20 +140,67 @@ def assert_same_tensors(expected: dict, actual: dict, what: str) -> None:
     assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.mark.parametrize("stage, zero_stage", [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3),
-                                               ("remax", 2), ("remax", 3), ("dpo", 2), ("dpo", 3),
-                                               ("rloo", 2), ("grpo", 3), ("ppo", 2), ("ppo", 3)])
-def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(inputs, tmp_path, stage, zero_stage):
-    config_file = tmp_path / f"{stage}.yaml"
-    config_file.write_text(yaml.safe_dump(stage_config(stage, zero_stage, inputs)))
-    uninterrupted, crashed = tmp_path / "uninterrupted", tmp_path / "crashed"
-    launch_ranks(2, stage_args(stage, config_file, uninterrupted))
+KILLED_CASES = [("sft", 2), ("sft", 3), ("reward", 2), ("reward", 3), ("remax", 2), ("remax", 3), ("dpo", 2),
+                ("dpo", 3), ("rloo", 2), ("grpo", 3), ("ppo", 2), ("ppo", 3)]
+ACCUMULATION_ZERO_STAGES = (2, 3)
 
-    launch_and_kill(stage_args(stage, config_file, crashed), crashed, after_step=KILL_AFTER_STEP)
-    assert not (crashed / "final").exists()
-    resumed = launch_ranks(2, stage_args(stage, config_file, crashed, "checkpoint.resume=true"))
-    resumed_from = re.search(r"resumed from \S+ \(step (\d+)\)", resumed.stdout + resumed.stderr)
-    assert resumed_from and int(resumed_from.group(1)) in (2, 4), "the restart did not resume from a checkpoint"
+
+def accumulation_config(zero_stage: int, inputs: Path) -> dict:
+    """56 training rows, micro-batch 2 on 2 ranks: 14 micro-batches per rank per epoch, accumulation 3.
+    Each epoch holds 4 whole windows (2 micro-batches left out), 3 epochs: 12 optimizer steps."""
+    config = stage_config("sft", zero_stage, inputs)
+    config["engine"]["gradient_accumulation_steps"] = 3
+    config["training"].update(epochs=3, max_steps=None)
+    return config
+
+
+def sequence_run(args: list) -> str:
+    """stage_args as one `--run` of stage_sequence_worker.py."""
+    assert args[0] == "--module"
+    return shlex.join([str(arg) for arg in args[1:]])
+
+
+@pytest.fixture(scope="module")
+def crashes(inputs, tmp_path_factory):
+    """Per case (stage, ZeRO stage, kill after step): the uninterrupted run's and the killed-then-resumed
+    run's directories and the step the restart resumed from. Also a finished 4-step run on 2 ranks."""
+    root = tmp_path_factory.mktemp("crashes")
+    cases = {f"{stage}-{zero}": (stage, stage_config(stage, zero, inputs), KILL_AFTER_STEP)
+             for stage, zero in KILLED_CASES}
+    for zero in ACCUMULATION_ZERO_STAGES:  # killed at step 7: checkpoint 6 is mid-epoch 2
+        cases[f"accumulation-{zero}"] = ("sft", accumulation_config(zero, inputs), 7)
+    runs, restarts = [], []
+    for name, (stage, config, _) in cases.items():
+        config_file = root / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        runs.append(sequence_run(stage_args(stage, config_file, root / name / "uninterrupted")))
+        restarts.append(sequence_run(stage_args(stage, config_file, root / name / "crashed", "checkpoint.resume=true")))
+    four_steps = stage_config("sft", 2, inputs)
+    four_steps["training"]["max_steps"] = 4
+    (root / "four_steps.yaml").write_text(yaml.safe_dump(four_steps))
+    runs.append(sequence_run(stage_args("sft", root / "four_steps.yaml", root / "four_steps")))
+
+    worker = "tests/stages/stage_sequence_worker.py"
+    launch_ranks(2, [worker, "--out", root / "uninterrupted.json", *[f"--run={run}" for run in runs]])
+    for name, (stage, _, kill_after) in cases.items():
+        crashed = root / name / "crashed"
+        launch_and_kill(stage_args(stage, root / f"{name}.yaml", crashed), crashed, after_step=kill_after)
+        assert not (crashed / "final").exists()
+    launch_ranks(2, [worker, "--out", root / "restarts.json", *[f"--run={run}" for run in restarts]])
+    first, restarted = (json.loads((root / f"{which}.json").read_text())["runs"]
+                        for which in ("uninterrupted", "restarts"))
+    assert all(run["exit"] == 0 for run in first + restarted), first + restarted
+    results = {name: {"uninterrupted": root / name / "uninterrupted", "crashed": root / name / "crashed",
+                      "resumed_from": run["resumed_from"]} for name, run in zip(cases, restarted)}
+    results["four_steps"] = {"config": root / "four_steps.yaml", "run": root / "four_steps"}
+    return results
+
+
+@pytest.mark.parametrize("stage, zero_stage", KILLED_CASES)
+def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(crashes, stage, zero_stage):
+    case = crashes[f"{stage}-{zero_stage}"]
+    uninterrupted, crashed = case["uninterrupted"], case["crashed"]
+    assert case["resumed_from"] in (2, 4), "the restart did not resume from a checkpoint"
 
     assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"), "final weights")
     last_checkpoint = f"checkpoints/step_{STEPS - STEPS % CHECKPOINT_EVERY}"
@@ -164,19 +215,12 @@ def test_a_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(i
                 == json.loads((uninterrupted / "best" / "best.json").read_text()))
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_accumulation_that_does_not_divide_the_epoch_stays_in_step_with_deepspeed(inputs, tmp_path, zero_stage):
-    """56 training rows, micro-batch 2 on 2 ranks: 14 micro-batches per rank per epoch, accumulation 3.
-    Each epoch holds 4 whole windows (2 micro-batches left out), 3 epochs: 12 optimizer steps. A kill in
-    the second epoch and a resume end bitwise where the uninterrupted run ends."""
-    config = stage_config("sft", zero_stage, inputs)
-    config["engine"]["gradient_accumulation_steps"] = 3
-    config["training"].update(epochs=3, max_steps=None)
-    config_file = tmp_path / "sft.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    uninterrupted, crashed = tmp_path / "uninterrupted", tmp_path / "crashed"
-    launch_ranks(2, stage_args("sft", config_file, uninterrupted))
-
+@pytest.mark.parametrize("zero_stage", ACCUMULATION_ZERO_STAGES)
+def test_accumulation_that_does_not_divide_the_epoch_stays_in_step_with_deepspeed(crashes, zero_stage):
+    """Accumulation 3 over 14 micro-batches per rank and epoch (accumulation_config): a kill in the
+    second epoch and a resume end bitwise where the uninterrupted run ends."""
+    case = crashes[f"accumulation-{zero_stage}"]
+    uninterrupted, crashed = case["uninterrupted"], case["crashed"]
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if "loss" in row]
     assert [row["step"] for row in train_rows] == list(range(1, 13))
@@ -187,21 +231,13 @@ def test_accumulation_that_does_not_divide_the_epoch_stays_in_step_with_deepspee
     assert model_states["global_steps"] == 10 and model_states["lr_scheduler"]["last_epoch"] == 10
     assert json.loads((uninterrupted / "checkpoints/step_10/trainer_state.json").read_text())["epoch"] == 2
 
-    launch_and_kill(stage_args("sft", config_file, crashed), crashed, after_step=7)  # checkpoint 6 is mid-epoch 2
-    resumed = launch_ranks(2, stage_args("sft", config_file, crashed, "checkpoint.resume=true"))
-    resumed_from = re.search(r"resumed from \S+ \(step (\d+)\)", resumed.stdout + resumed.stderr)
-    assert resumed_from and int(resumed_from.group(1)) in (6, 8), "the restart did not resume in the second epoch"
+    assert case["resumed_from"] in (6, 8), "the restart did not resume in the second epoch"
     assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"), "final weights")
     assert strip_timing(crashed) == strip_timing(uninterrupted)
 
 
-def test_resuming_with_another_number_of_ranks_is_refused_before_any_step(inputs, tmp_path):
-    config = stage_config("sft", 2, inputs)
-    config["training"]["max_steps"] = 4
-    config_file = tmp_path / "sft.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    run_dir = tmp_path / "run"
-    launch_ranks(2, stage_args("sft", config_file, run_dir))
+def test_resuming_with_another_number_of_ranks_is_refused_before_any_step(crashes):
+    config_file, run_dir = crashes["four_steps"]["config"], crashes["four_steps"]["run"]  # written by 2 ranks
     before = {path: path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
 
     command = [sys.executable, "-m", "stages.sft", "--config", str(config_file), f"output_dir={run_dir}",

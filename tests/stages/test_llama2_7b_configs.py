@@ -2,6 +2,7 @@
 from the shipped config.json alone (no weights, no earlier stage's export), and a memory plan with
 Adam-mini next to AdamW."""
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +17,35 @@ CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages
            "ppo": "stages.ppo"}
 
 
-def dry_run(name: str) -> str:
-    command = [sys.executable, "-m", CONFIGS[name], "--config", f"configs/llama2-7b/{name}.yaml", "--dry-run",
-               "--world-size", "2"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+def run_module(module: str, argv: list, capsys) -> tuple:
+    """(exit code, stdout, stderr) of `python -m MODULE ARGV`, run in this process (the same entry
+    point and argument parsing; one interpreter start for all the configs instead of one each)."""
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def dry_run(name: str, capsys, monkeypatch) -> str:
+    monkeypatch.chdir(REPO_ROOT)
+    code, out, err = run_module(CONFIGS[name], ["--config", f"configs/llama2-7b/{name}.yaml", "--dry-run",
+                                                "--world-size", "2"], capsys)
+    assert code == 0, out + err
     # model.path (the weights, or the SFT export for reward and ReMax) is not there: the architecture is used.
-    assert "holds no model yet; using the architecture in `model.architecture` configs/llama2-7b/llama-2-7b" \
-        in result.stderr
-    return result.stdout
+    assert "holds no model yet; using the architecture in `model.architecture` configs/llama2-7b/llama-2-7b" in err
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_dry_runs_with_a_plan(name):
-    plan = dry_run(name)
+def test_config_dry_runs_with_a_plan(name, capsys, monkeypatch):
+    plan = dry_run(name, capsys, monkeypatch)
     total = int(re.search(r"  parameters\s+([\d,]+)", plan).group(1).replace(",", ""))
     trainable = int(re.search(r"trainable parameters\s+([\d,]+)", plan).group(1).replace(",", ""))
     ratio = float(re.search(r"adam_mini / adamw\s+([\d.]+)", plan).group(1))
@@ -69,10 +85,19 @@ def test_configs_carry_the_reference_settings():
     assert all(section["ref_offload"] and section["reward_offload"] for section in (rloo, grpo, ppo))
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_memory_plan_runs_from_a_fresh_clone(name):
-    command = [sys.executable, "-m", "pipeline.plan", "--config", f"configs/llama2-7b/{name}.yaml",
+def test_memory_plan_runs_from_a_fresh_clone():
+    """As a user types it, in a process of its own."""
+    command = [sys.executable, "-m", "pipeline.plan", "--config", "configs/llama2-7b/sft_full.yaml",
                "--world-sizes", "2,8", "--gpu-memory", "80"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result.stdout.strip().splitlines()) == 1 + 2 * 4 * 2  # header, optimizers x stages x world sizes
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_memory_plan_runs_for_every_config(name, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    code, out, err = run_module("pipeline.plan", ["--config", f"configs/llama2-7b/{name}.yaml", "--world-sizes",
+                                                  "2,8", "--gpu-memory", "80"], capsys)
+    assert code == 0, out + err
+    assert len(out.strip().splitlines()) == 1 + 2 * 4 * 2  # header, optimizers x stages x world sizes
