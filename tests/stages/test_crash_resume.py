@@ -88,13 +88,31 @@ def logged_steps(output_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def launch_and_kill(args: list, output_dir: Path, after_step: int) -> None:
-    """Starts 2 ranks and SIGKILLs every rank once `after_step` is logged."""
+def after_step(step: int, delay: float = 0.0):
+    """A kill moment: `delay` seconds after `step` is logged."""
+    def reached(output_dir: Path, state: dict) -> bool:
+        if logged_steps(output_dir) < step:
+            return False
+        state.setdefault("logged_at", time.monotonic())
+        return time.monotonic() - state["logged_at"] >= delay
+    return reached
+
+
+def inside_checkpoint_write(step: int):
+    """A kill moment: the checkpoint of `step` has started to appear on disk but is not complete."""
+    def reached(output_dir: Path, state: dict) -> bool:
+        checkpoint = output_dir / "checkpoints" / f"step_{step}"
+        return checkpoint.is_dir() and any(checkpoint.iterdir()) and not (checkpoint / "COMPLETE").exists()
+    return reached
+
+
+def launch_and_kill(args: list, output_dir: Path, moment) -> None:
+    """Starts 2 ranks and SIGKILLs every rank once `moment(output_dir, state)` holds."""
     processes = start_ranks(2, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
+    deadline, state = time.monotonic() + 600, {}
     running = lambda: all(process.poll() is None for process in processes)  # noqa: E731
-    while running() and logged_steps(output_dir) < after_step and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while running() and not moment(output_dir, state) and time.monotonic() < deadline:
+        time.sleep(0.002)
     finished = not running()
     stop_ranks(processes)  # both ranks share one process group
     assert not finished, f"a rank ended (exit {[p.returncode for p in processes]}) before it could be killed"
@@ -165,10 +183,15 @@ def crashes(inputs, tmp_path_factory):
     """Per case (stage, ZeRO stage, kill after step): the uninterrupted run's and the killed-then-resumed
     run's directories and the step the restart resumed from. Also a finished 4-step run on 2 ranks."""
     root = tmp_path_factory.mktemp("crashes")
-    cases = {f"{stage}-{zero}": (stage, stage_config(stage, zero, inputs), KILL_AFTER_STEP)
+    cases = {f"{stage}-{zero}": (stage, stage_config(stage, zero, inputs), after_step(KILL_AFTER_STEP))
              for stage, zero in KILLED_CASES}
     for zero in ACCUMULATION_ZERO_STAGES:  # killed at step 7: checkpoint 6 is mid-epoch 2
-        cases[f"accumulation-{zero}"] = ("sft", accumulation_config(zero, inputs), 7)
+        cases[f"accumulation-{zero}"] = ("sft", accumulation_config(zero, inputs), after_step(7))
+    # Killed while step 4's checkpoint is being written (ZeRO-3: a file per rank), and at a moment
+    # drawn afresh on each run (named in the test's failure message).
+    cases["mid-checkpoint"] = ("sft", stage_config("sft", 3, inputs), inside_checkpoint_write(4))
+    random_step, random_delay = random.randint(1, STEPS - 2), round(random.uniform(0.0, 0.2), 3)
+    cases["random-moment"] = ("sft", stage_config("sft", 2, inputs), after_step(random_step, random_delay))
     runs, restarts = [], []
     for name, (stage, config, _) in cases.items():
         config_file = root / f"{name}.yaml"
@@ -182,10 +205,12 @@ def crashes(inputs, tmp_path_factory):
 
     worker = "tests/stages/stage_sequence_worker.py"
     launch_ranks(2, [worker, "--out", root / "uninterrupted.json", *[f"--run={run}" for run in runs]])
-    for name, (stage, _, kill_after) in cases.items():
+    for name, (stage, _, moment) in cases.items():
         crashed = root / name / "crashed"
-        launch_and_kill(stage_args(stage, root / f"{name}.yaml", crashed), crashed, after_step=kill_after)
+        launch_and_kill(stage_args(stage, root / f"{name}.yaml", crashed), crashed, moment)
         assert not (crashed / "final").exists()
+    written_when_killed = sorted(path.name for path in (root / "mid-checkpoint" / "crashed" / "checkpoints" /
+                                                         "step_4").iterdir())
     launch_ranks(2, [worker, "--out", root / "restarts.json", *[f"--run={run}" for run in restarts]])
     first, restarted = (json.loads((root / f"{which}.json").read_text())["runs"]
                         for which in ("uninterrupted", "restarts"))
@@ -193,6 +218,8 @@ def crashes(inputs, tmp_path_factory):
     results = {name: {"uninterrupted": root / name / "uninterrupted", "crashed": root / name / "crashed",
                       "resumed_from": run["resumed_from"]} for name, run in zip(cases, restarted)}
     results["four_steps"] = {"config": root / "four_steps.yaml", "run": root / "four_steps"}
+    results["mid-checkpoint"]["written_when_killed"] = written_when_killed
+    results["random-moment"]["moment"] = f"{random_delay} s after step {random_step} was logged"
     return results
 
 
@@ -234,6 +261,21 @@ def test_accumulation_that_does_not_divide_the_epoch_stays_in_step_with_deepspee
     assert case["resumed_from"] in (6, 8), "the restart did not resume in the second epoch"
     assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"), "final weights")
     assert strip_timing(crashed) == strip_timing(uninterrupted)
+
+
+@pytest.mark.parametrize("case", ["mid-checkpoint", "random-moment"])
+def test_a_run_killed_inside_a_checkpoint_write_or_at_a_random_moment_resumes_exactly(crashes, case):
+    result = crashes[case]
+    uninterrupted, crashed = result["uninterrupted"], result["crashed"]
+    if case == "mid-checkpoint":
+        # Some of step 4's files were on disk, COMPLETE was not: the restart takes step 2 and rewrites step 4.
+        assert result["written_when_killed"] and "COMPLETE" not in result["written_when_killed"]
+        assert result["resumed_from"] == 2
+    else:  # before the first checkpoint the restart begins at step 0
+        assert result["resumed_from"] in (None, 2, 4), result["moment"]
+    assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"),
+                        f"final weights ({result.get('moment', case)})")
+    assert strip_timing(crashed) == strip_timing(uninterrupted), result.get("moment", case)
 
 
 def test_resuming_with_another_number_of_ranks_is_refused_before_any_step(crashes):
