@@ -1,5 +1,5 @@
-"""Time for N ranks to have their tokenised data: every rank tokenising (`data.cache: false`, as the stages
-did before the cache) against one rank tokenising while the others wait and load (`data.cache: true`,
+"""Time for N ranks to have their tokenised data: every rank tokenising (`data.cache: false`) against
+one rank tokenising while the others wait and load (`data.cache: true`,
 empty cache), and against a cache an earlier run filled.
 
 N worker processes start together (each imports everything first, then all are released at once) and
