@@ -2,7 +2,7 @@
 rows per step (engine.global_batch_size), the data position re-derived and said so in the log, and
 the run ends where the 2-rank run that never stopped ends (SFT, Adam-mini, CPU fp32). ZeRO-3, whose
 model-states files and weight partitions are per rank; ZeRO-2 passed the same test (final weights
-within 6e-8, step-5 loss within 3e-8 relative) and shares all but those paths.
+within 6e-8, step-5 loss within 3e-8 relative) and shares all but those paths. In fp32 and in bf16.
 
 One row per micro-batch, so each row's loss is averaged the same way on 2 ranks (accumulation 3)
 and on 3 (accumulation 2): the two runs differ only in the order of floating-point sums."""
@@ -11,6 +11,7 @@ import re
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import launch_ranks
@@ -23,6 +24,7 @@ STEPS, CHECKPOINT_AT = 5, 3  # 56 rows, 6 per step: the checkpoint falls in the 
 # The issue's bound. Measured: final weights 1.2e-7 apart (they moved 0.039), step-5 loss 6e-8 relative
 # (ZeRO-2: 6e-8 and 3e-8).
 CLOSE = 1e-6
+BF16_LOSS_CLOSE = 1e-2  # relative: bf16 keeps 3 significant digits
 
 
 def train_rows(output_dir) -> list:
@@ -30,9 +32,12 @@ def train_rows(output_dir) -> list:
     return [row for row in rows if "loss" in row]
 
 
-def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path):  # noqa: F811 (the imported fixture)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path, precision):  # noqa: F811 (the imported fixture)
+    """bf16 keeps fp32 masters beside the bf16 weights DeepSpeed computes with: the re-cut restores
+    the masters, and the weights are their rounding."""
     config = stage_config("sft", 3, inputs)
-    config["engine"].update(micro_batch_size=1, global_batch_size=6)
+    config["engine"].update(micro_batch_size=1, global_batch_size=6, precision=precision)
     config["training"].update(max_steps=STEPS, eval_every_steps=CHECKPOINT_AT)
     config["checkpoint"].update(every_steps=CHECKPOINT_AT)
     config_file = tmp_path / "sft.yaml"
@@ -51,15 +56,30 @@ def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path):  # noqa:
 
     expected, actual = train_rows(uninterrupted), train_rows(resumed)
     assert [row["step"] for row in actual] == list(range(1, STEPS + 1))
+    # fp32: the runs differ in the order of sums alone. bf16: the forward computes in bf16 (8 bits of
+    # mantissa), so a master 1e-7 apart can round to the neighbouring bf16 weight and move the loss.
+    loss_close = CLOSE if precision == "fp32" else BF16_LOSS_CLOSE
     for before, after in zip(expected, actual):
-        assert after["loss"] == pytest.approx(before["loss"], rel=CLOSE, abs=0), after["step"]
+        assert after["loss"] == pytest.approx(before["loss"], rel=loss_close, abs=0), after["step"]
         assert after["lr"] == pytest.approx(before["lr"], rel=1e-12), after["step"]
     final_before, final_after = safetensors_of(uninterrupted / "final"), safetensors_of(resumed / "final")
     assert final_before.keys() == final_after.keys()
-    worst = max((final_before[key] - final_after[key]).abs().max().item() for key in final_before)
     initial = safetensors_of(inputs / "model")
-    travelled = max((final_before[key] - initial[key]).abs().max().item() for key in final_before)
-    assert worst <= CLOSE < travelled / 100
+    if precision == "fp32":
+        travelled = max((final_before[key] - initial[key]).abs().max().item() for key in final_before)
+        worst = max((final_before[key] - final_after[key]).abs().max().item() for key in final_before)
+        assert worst <= CLOSE < travelled / 100
+    else:
+        # bf16 gradients summed in another order (accumulation 2 on 3 ranks, 3 on 2) move a few weights
+        # to a neighbouring bf16 value, and Adam's normalised step carries that on. Measured: at most 3.1%
+        # of a tensor's elements more than one bf16 spacing apart, mean difference at most 0.12% of the
+        # mean distance the weights travelled.
+        for key in final_before:
+            before, after = final_before[key].float(), final_after[key].float()
+            spacing = torch.finfo(torch.bfloat16).eps * torch.maximum(before.abs(), after.abs())
+            assert ((before - after).abs() > spacing).float().mean().item() <= 0.05, key
+            moved = (before - initial[key].float()).abs().mean().item()
+            assert (before - after).abs().mean().item() <= 0.01 * moved, key
 
 
 def test_ppo_saved_on_two_ranks_continues_on_three_with_its_critic(inputs, tmp_path):  # noqa: F811
