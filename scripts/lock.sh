@@ -7,7 +7,14 @@
 # (`bash scripts/setup.sh && .venv/bin/python -m pytest -q tests`) before committing it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if command -v uv >/dev/null 2>&1; then uv=(uv); else uv=(.venv/bin/python -m uv); fi
+if command -v uv >/dev/null 2>&1; then
+    uv=(uv)
+elif .venv/bin/python -m uv --version >/dev/null 2>&1; then
+    uv=(.venv/bin/python -m uv)
+else
+    echo "scripts/lock.sh needs uv: pip install uv" >&2
+    exit 2
+fi
 "${uv[@]}" pip compile pyproject.toml --extra test --constraint requirements/torch.txt \
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements/cuda.txt
 python3 - <<'PY'
