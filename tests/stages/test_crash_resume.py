@@ -272,7 +272,7 @@ def test_a_run_killed_inside_a_checkpoint_write_or_at_a_random_moment_resumes_ex
         assert result["written_when_killed"] and "COMPLETE" not in result["written_when_killed"]
         assert result["resumed_from"] == 2
     else:  # before the first checkpoint the restart begins at step 0
-        assert result["resumed_from"] in (None, 2, 4), result["moment"]
+        assert result["resumed_from"] in (None, 2, 4, 6), result["moment"]
     assert_same_tensors(safetensors_of(uninterrupted / "final"), safetensors_of(crashed / "final"),
                         f"final weights ({result.get('moment', case)})")
     assert strip_timing(crashed) == strip_timing(uninterrupted), result.get("moment", case)
