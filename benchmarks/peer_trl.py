@@ -24,14 +24,17 @@ TRL's default), on the CPU threads given to this process. Ours runs in a world o
 inside this process; TRL runs its Trainer. Both are timed the same way: the wall-clock instant each
 optimizer step ends (ours: its progress line; TRL: `on_step_end`), so a step's time is everything
 between two step ends (data, generation and scoring where there is any, forward, backward, update,
-metrics). The first `--warmup` steps are dropped and the median of the rest reported. Time to first step
-runs from the call that builds the trainer (ours: the stage entry) to the end of step 1.
+metrics). The first `--warmup` steps are dropped and the median of the rest reported, and the fastest of
+them (on a shared machine its ratio moves less). Time to first step runs from the call that builds the
+trainer (ours: the stage entry) to the end of step 1.
 
 What no setting makes the same (TRL 1.16's trainers do it regardless):
   - RLOOTrainer runs a gradient-free forward of the policy over every sample for the log-probs its KL
     penalty reads, even with one update per rollout; ours takes the update's own log-probs, detached.
   - GRPOTrainer and RLOOTrainer decode each completion and re-tokenise prompt + completion for the reward
-    model; ours scores the sampled token ids.
+    model, so it scores the last text token; ours scores the sampled ids, at the eos where there is one.
+  - What is sampled: the same settings, but other random draws, and from step 2 on other weights. A step's
+    cost grows with the completions' length, so the table shows each side's mean over the timed steps.
   - SFT, reward and DPO: ours holds out 2% of the rows for its evaluation (not run while timed); TRL
     trains on all of them. Neither side truncates: every demo row fits in 40 tokens.
 The JSON result has per pair and side `per_step`, the batch of one optimizer step computed from that
@@ -72,7 +75,8 @@ PAIRWISE = ("reward", "dpo")   # two sequences (chosen, rejected) per row
 # ---- shared inputs ------------------------------------------------------------------------------
 
 def build_inputs(root: Path, hidden: int, layers: int) -> dict:
-    """The policy (a fresh Llama), a reward model from it in both our format and TRL's, and data."""
+    """The policy (a fresh Llama), a reward model from it (the same weights in our format and TRL's), and
+    one batch of held-out prompts."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from pipeline.config import ModelConfig
@@ -87,9 +91,11 @@ def build_inputs(root: Path, hidden: int, layers: int) -> dict:
     LlamaForCausalLM(config).save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
     torch.manual_seed(1)
-    RewardModel.from_causal_lm(ModelConfig(path=str(root / "policy"))).save_pretrained(root / "reward_ours")
-    torch.manual_seed(1)
+    reward_ours = RewardModel.from_causal_lm(ModelConfig(path=str(root / "policy")))
+    reward_ours.save_pretrained(root / "reward_ours")
     trl_reward = LlamaForSequenceClassification.from_pretrained(root / "policy", num_labels=1)
+    with torch.no_grad():  # the same scoring function on both sides: what is sampled (and how long) follows it
+        trl_reward.score.weight.copy_(reward_ours.v_head.weight)
     trl_reward.config.pad_token_id = tokenizer.pad_token_id
     trl_reward.save_pretrained(root / "reward_trl")
     tokenizer.save_pretrained(root / "reward_trl")
@@ -198,7 +204,9 @@ def run_ours(pair: str, inputs: dict, steps: int) -> dict:
         logging.getLogger("pipeline.loop").removeHandler(clock)
     if code != 0:
         raise SystemExit(f"our {pair} stage failed (exit {code})")
+    records = read_jsonl(Path(resolved.output_dir) / "metrics.jsonl")
     return {"started": started, "step_ends": clock.step_ends, "engine_ready": clock.engine_ready,
+            "completion_lengths": [r["response_length"] for r in records if "response_length" in r],
             "per_step": our_per_step(pair, resolved, int(os.environ.get("WORLD_SIZE", "1"))),
             "precision": resolved.engine.precision,
             "activation_checkpointing": resolved.model.gradient_checkpointing}
@@ -299,7 +307,9 @@ def run_trl(pair: str, inputs: dict, steps: int) -> dict:
                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                                 reward_processing_classes=tokenizer, callbacks=[callback])
     trainer.train()
+    history = trainer.state.log_history  # one record per step (logging_steps=1), then the run's summary
     return {"started": started, "step_ends": callback.step_ends, "per_step": trl_per_step(pair, trainer.args),
+            "completion_lengths": [r["completions/mean_length"] for r in history if "completions/mean_length" in r],
             "precision": trl_precision(trainer.args),
             "activation_checkpointing": trainer.args.activation_checkpointing}
 
@@ -309,22 +319,30 @@ def run_trl(pair: str, inputs: dict, steps: int) -> dict:
 def summarise(timed: dict, warmup: int) -> dict:
     ends = timed["step_ends"]
     intervals = [b - a for a, b in zip(ends, ends[1:])][max(warmup - 1, 0):]
-    summary = {"step_ms": 1000 * statistics.median(intervals), "first_step_s": ends[0] - timed["started"],
+    # The fastest step too: load from other processes only ever adds time, so on a shared machine its ratio
+    # moves less than the median's.
+    summary = {"step_ms": 1000 * statistics.median(intervals), "fastest_step_ms": 1000 * min(intervals),
+               "first_step_s": ends[0] - timed["started"],
                "steps": len(ends), **{key: timed[key] for key in ("per_step", "precision", "activation_checkpointing")}}
+    if timed["completion_lengths"]:  # sampling pairs: a step's cost grows with what was sampled
+        summary["completion_length"] = statistics.mean(timed["completion_lengths"][warmup:])
     if timed.get("engine_ready") is not None:  # ours: data, model and DeepSpeed engine, then the first step
         summary["setup_s"] = timed["engine_ready"] - timed["started"]
     return summary
 
 
 def format_table(results: dict) -> str:
-    header = ("pair", "sequences/step", "ours ms/step", "TRL ms/step", "step ratio", "ours first step s",
-              "of which set-up s", "TRL first step s")
+    header = ("pair", "sequences/step", "completion tokens", "ours ms/step", "TRL ms/step", "step ratio",
+              "fastest-step ratio", "ours first step s", "of which set-up s", "TRL first step s")
     lines = [header]
     for pair, result in results.items():
         ours, trl = result["ours"], result["trl"]
         trained = [side["per_step"]["sequences_trained"] for side in (ours, trl)]
-        lines.append((pair, f"{trained[0]}" if trained[0] == trained[1] else f"{trained[0]} vs {trained[1]}",
+        lengths = (f"{ours['completion_length']:.1f} / {trl['completion_length']:.1f}"
+                   if "completion_length" in ours else "")
+        lines.append((pair, f"{trained[0]}" if trained[0] == trained[1] else f"{trained[0]} vs {trained[1]}", lengths,
                       f"{ours['step_ms']:.1f}", f"{trl['step_ms']:.1f}", f"{ours['step_ms'] / trl['step_ms']:.2f}",
+                      f"{ours['fastest_step_ms'] / trl['fastest_step_ms']:.2f}",
                       f"{ours['first_step_s']:.1f}", f"{ours.get('setup_s', float('nan')):.1f}",
                       f"{trl['first_step_s']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
