@@ -83,9 +83,10 @@ class RunDirectory:
             ResumeError: resuming, and the checkpoint's files fail `verify_checkpoint` (nothing written).
         """
         checkpoint = self.config.checkpoint
-        if checkpoint.resume and latest_checkpoint(self.path) is not None:
+        newest = latest_checkpoint(self.path) if checkpoint.resume else None
+        if newest is not None:
             # Refused before the resumed run writes anything: its files' SHA-256 and safe unpickling.
-            verify_on_rank_zero(latest_checkpoint(self.path))
+            verify_on_rank_zero(newest)
         if _rank() == 0:
             if checkpoint.overwrite and not checkpoint.resume:
                 # Asked for explicitly: an old run's checkpoints left behind would be picked up by a later resume.

@@ -1,6 +1,8 @@
 """Helpers for the worker scripts that tests start under real DeepSpeed ranks."""
 import argparse
 import json
+import runpy
+import sys
 
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
@@ -37,3 +39,16 @@ def write_results(path, results: dict) -> None:
             json.dump(results, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_as_main(module: str, argv: list) -> int:
+    """Runs `python -m MODULE ARGV` in this process (its entry point, argument parsing and exit code);
+    returns the exit code."""
+    saved_argv, sys.argv = sys.argv, [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code or 0
+    finally:
+        sys.argv = saved_argv

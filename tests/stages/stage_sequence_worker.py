@@ -9,12 +9,10 @@ Rank 0 writes, per run in order, its exit code and the step it resumed from (nul
 import gc
 import logging
 import re
-import runpy
 import shlex
-import sys
 
 from pipeline.engine import init_distributed
-from tests.rank_tools import worker_parser, write_results
+from tests.rank_tools import run_as_main, worker_parser, write_results
 
 
 class ResumedFrom(logging.Handler):
@@ -34,14 +32,9 @@ def run_command(command: str) -> dict:
     module, *argv = shlex.split(command)
     handler, logger = ResumedFrom(), logging.getLogger("pipeline.rundir")
     logger.addHandler(handler)
-    saved_argv, sys.argv = sys.argv, [module, *argv]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
+        code = run_as_main(module, argv)
     finally:
-        sys.argv = saved_argv
         logger.removeHandler(handler)
     gc.collect()  # the finished run's engines go before the next run builds its own
     return {"command": command, "exit": code, "resumed_from": handler.step}

@@ -2,7 +2,6 @@
 from the shipped config.json alone (no weights, no earlier stage's export), and a memory plan with
 Adam-mini next to AdamW."""
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, rank_env
+from tests.rank_tools import run_as_main
 
 pytestmark = pytest.mark.slow
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",
@@ -20,15 +20,7 @@ CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages
 def run_module(module: str, argv: list, capsys) -> tuple:
     """(exit code, stdout, stderr) of `python -m MODULE ARGV`, run in this process (the same entry
     point and argument parsing; one interpreter start for all the configs instead of one each)."""
-    saved = sys.argv
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = saved
+    code = run_as_main(module, argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
