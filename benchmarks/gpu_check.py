@@ -101,7 +101,7 @@ def stage_configs(root: Path, size: dict, steps: int) -> dict:
         "remax": dict(common(), output_dir=str(root / "remax"),
                       model=dict(path=sft_export, dtype="bf16", gradient_checkpointing=True),
                       data=dict(path=str(root / "data" / "prompts.jsonl"), format="prompt", **lengths),
-                      remax=dict(reward_model_path=str(root / "reward" / "final"), kl_ctl=0.1,
+                      remax=dict(reward_model_path=str(root / "reward" / "final"), kl_coef=0.1,
                                  max_new_tokens=size["max_new_tokens"], temperature=1.0, top_p=1.0)),
     }
 

@@ -67,7 +67,7 @@ REMAX = {
     # Frozen models stay whole on each rank (ZeRO-0) in every run, so only the actor's
     # optimizer differs between the two runs of a pair. Evaluation runs only at step 0 and after
     # the last step, outside the timed steps.
-    "remax": {"eval_prompts_path": "data/demo/eval_prompts.jsonl", "max_new_tokens": 12, "kl_ctl": 0.05,
+    "remax": {"eval_prompts_path": "data/demo/eval_prompts.jsonl", "max_new_tokens": 12, "kl_coef": 0.05,
               "eval_every_steps": 10**6, "ref_zero_stage": 0, "reward_zero_stage": 0},
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -18,6 +19,8 @@ from typing import Any, Optional
 import yaml
 
 from .optim import OPTIMIZERS
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -330,6 +333,16 @@ def _build(cls, values: dict, prefix: str, problems: list):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    # A section's renamed keys (`RENAMED = {old: new}`) are still read, with a warning naming the new one.
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old not in values:
+            continue
+        if new in values:
+            problems.append(f"`{prefix}{old}` and `{prefix}{new}` are both set; `{prefix}{old}` is the old name "
+                            f"of `{prefix}{new}`: keep only `{prefix}{new}`")
+            continue
+        logger.warning("`%s%s` is deprecated: it is now `%s%s` (read as that)", prefix, old, prefix, new)
+        values = {(new if key == old else key): value for key, value in values.items()}
     for key, value in values.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)

@@ -458,6 +458,7 @@ def score_batch(models: PolicyModels, batch: dict, generation: tuple, config: Po
     under "kl" each sample's summed log pi - log pi_ref (the sample estimate of KL(pi || pi_ref), as
     ReMax logs it)."""
     from pipeline.generation import generate_responses, response_logprobs, scored
+    from pipeline.rl.algos import sequence_log_ratio
 
     sample_config, greedy_config = generation
     tokenizer, prompts = models.tokenizer, batch["prompt"]
@@ -478,7 +479,7 @@ def score_batch(models: PolicyModels, batch: dict, generation: tuple, config: Po
             length = sampled.mask.shape[1]
             logprobs, _ = response_logprobs(models.policy, sampled.sequences, sampled.attention_mask, length)
             ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, length)
-            values["kl"] += ((logprobs - ref_logprobs) * sampled.mask).sum(-1).tolist()
+            values["kl"] += sequence_log_ratio(logprobs, ref_logprobs, sampled.mask).tolist()
     return values
 
 

@@ -252,7 +252,9 @@ class Stage:
     `step(batch)` runs one micro-batch (already on the device) forward and returns (loss with grad,
     sums): numbers or 0-dim tensors added over the window's micro-batches and over the ranks, from
     which `metrics` makes the logged values; "tokens" (tokens processed) feeds tokens/s. The loop
-    adds "loss" and "micro_batches" itself.
+    adds "loss" and "micro_batches" itself. A stage that trains further engines (`engines`, e.g.
+    PPO's critic) returns (loss, sums, {name: that engine's loss}): the loop steps each after the
+    actor, in the same accumulation window, and logs `<name>_grad_norm` and `<name>_skipped_steps`.
     """
     train_set: Sequence
     eval_set: Sequence
@@ -266,8 +268,8 @@ class Stage:
     load_state: Callable[[dict], None] = lambda state: None
     progress: tuple = ("loss",)                     # metrics on the progress line
     eval_every_steps: Optional[int] = None          # None: `training.eval_every_steps`
-    # Further training engines the stage steps itself (PPO's critic), {name: engine}: checkpointed into
-    # the actor's checkpoint directory and resumed with it.
+    # Further training engines (PPO's critic), {name: engine}: stepped by the loop on the losses `step`
+    # returns for them, checkpointed into the actor's checkpoint directory and resumed with it.
     engines: dict = dataclasses.field(default_factory=dict)
 
 
@@ -315,13 +317,17 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
             engine.train()
             if not window:
                 lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
-            loss, sums = stage.step(to_device(batch, device))
+            loss, sums, *more = stage.step(to_device(batch, device))
             engine.backward(loss)
             outcome = optimizer_step(engine)
+            outcomes = {}
+            for name, other_loss in (more[0] if more else {}).items():
+                stage.engines[name].backward(other_loss)
+                outcomes[name] = optimizer_step(stage.engines[name])
             position.micro_batch += 1
             window = add_sums(window, {**sums, "loss": loss.detach(), "micro_batches": 1})
             window_full = position.micro_batch % plan.gradient_accumulation_steps == 0
-            if outcome.boundary != window_full:
+            if any(other.boundary != window_full for other in (outcome, *outcomes.values())):
                 raise RuntimeError(f"micro-batch {position.micro_batch} of epoch {position.epoch}: the loop's "
                                    "accumulation window and DeepSpeed's disagree")
             if not window_full:
@@ -332,6 +338,9 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
             logged = {**stage.metrics(total), "lr": lr, "grad_norm": outcome.grad_norm,
                       "skipped_steps": engine.skipped_steps, **timing, "optimizer_step_time": outcome.seconds,
                       "peak_memory_bytes": peak_memory_bytes()}
+            for name, other in outcomes.items():
+                logged.update({f"{name}_grad_norm": other.grad_norm,
+                               f"{name}_skipped_steps": stage.engines[name].skipped_steps})
             if position.step == 1:  # optimizer state exists from the first step on
                 logged["optimizer_state_bytes"] = held_state_bytes(built.optimizer)
             if is_due(position.step, config.logging.every_steps, total_steps):

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import is_flash_attn_2_available
 
 from pipeline.config import LoraConfig, ModelConfig
+from pipeline.rl.algos import last_token_index
 
 logger = logging.getLogger(__name__)
 
@@ -361,15 +362,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Reward model
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, for right or left padding.
-
-    attention_mask: (B, T) of 0/1. Returns (B,) long; a row without real tokens gives 0.
-    """
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
-    return (attention_mask.long() * positions).max(dim=-1).values
 
 
 def hidden_size_of(config) -> int:

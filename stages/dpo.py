@@ -12,8 +12,6 @@ actor itself with its adapters disabled, so no second copy of the model is held.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import logging
 import sys
@@ -26,10 +24,11 @@ from trl.trainer.utils import selective_log_softmax
 
 from pipeline.config import RunConfig
 from pipeline.data import IGNORE_INDEX, collate_pairwise, prepare_dataset
-from pipeline.engine import (batch_plan, create_engine, create_frozen_engine, frozen_ds_config, init_distributed,
-                             sharded_creation, training_ds_config)
+from pipeline.engine import batch_plan, init_distributed
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
-from pipeline.models import apply_lora, load_causal_lm, load_reference, load_tokenizer, model_dtype
+from pipeline.models import load_tokenizer
+from pipeline.rl.models import Models, build_models, reference_policy
+from pipeline.rl.sections import ReferenceFields
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -41,13 +40,9 @@ LOSS_TYPES = ("sigmoid", "ipo")
 # ---- config -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class DpoSection:
+class DpoSection(ReferenceFields):
     beta: float = 0.1                         # strength of the pull towards the reference
     loss_type: str = "sigmoid"                # sigmoid | ipo
-    ref_model_path: Optional[str] = None      # frozen reference; defaults to the actor's starting weights
-    # A frozen model has no optimizer state or gradients: only ZeRO-3 (weight sharding) saves memory.
-    ref_zero_stage: int = 0
-    ref_offload: bool = False
 
 
 @dataclasses.dataclass
@@ -64,12 +59,7 @@ class DpoConfig(RunConfig):
             problems.append(f"`dpo.beta` is {dpo.beta}; it must be positive")
         if dpo.loss_type not in LOSS_TYPES:
             problems.append(f"`dpo.loss_type` is {dpo.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
-        if dpo.ref_zero_stage not in (0, 3):
-            problems.append(f"`dpo.ref_zero_stage` is {dpo.ref_zero_stage}; use 0 (a full copy per rank) or 3 "
-                            "(sharded): a frozen model has no optimizer state or gradients for ZeRO 1 or 2 to shard")
-        if dpo.ref_offload and dpo.ref_zero_stage != 3:
-            problems.append(f"`dpo.ref_offload` is true with `dpo.ref_zero_stage` {dpo.ref_zero_stage}; "
-                            "offloading needs ZeRO-3")
+        problems += dpo.reference_model("dpo").problems("dpo.ref")
         if self.model.lora.enabled and dpo.ref_model_path is not None:
             problems.append("`dpo.ref_model_path` is set with `model.lora.enabled`; with LoRA the reference is the "
                             "actor with its adapters disabled: unset one of them")
@@ -127,42 +117,6 @@ def pair_means(total: dict) -> dict:
 
 # ---- models and their passes --------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Models:
-    policy: object               # training DeepSpeed engine
-    reference: Optional[object]  # frozen engine; None: the policy with its LoRA adapters disabled
-
-
-def build_models(config: DpoConfig, total_steps: int):
-    """(Models, the policy's TrainingEngine).
-
-    Raises:
-        ModelLoadError: naming `model.path` or `dpo.ref_model_path`.
-        EngineConfigError: as create_engine / create_frozen_engine.
-    """
-    dpo = config.dpo
-    # As the policy-optimisation stages (pipeline.policy.build_models): every model in the precision it
-    # runs in, created sharded where its engine is ZeRO-3, and wrapped in its engine before the next loads.
-    dtype = model_dtype(config.model, config.engine.precision)
-    # From its own files (a wrong path fails before the policy loads), never a copy of the policy; None
-    # with LoRA: the policy with its adapters disabled is the reference.
-    with sharded_creation(frozen_ds_config(config, dpo.ref_zero_stage, dpo.ref_offload)):
-        reference = load_reference(config.model, dpo.ref_model_path, dtype=dtype, field="dpo.ref_model_path")
-    copy_reference = reference is None and not config.model.lora.enabled
-    frozen = None if reference is None else create_frozen_engine(config, reference, zero_stage=dpo.ref_zero_stage,
-                                                                 offload=dpo.ref_offload)
-    # A fresh model (`model.config`) has no files: its reference is a copy of its starting weights.
-    with contextlib.nullcontext() if copy_reference else sharded_creation(training_ds_config(config)):
-        policy = load_causal_lm(config.model, dtype=dtype)
-    if copy_reference:  # DeepSpeed casts it as it does the policy's
-        frozen = create_frozen_engine(config, copy.deepcopy(policy), zero_stage=dpo.ref_zero_stage,
-                                      offload=dpo.ref_offload)
-    if config.model.lora.enabled:
-        policy = apply_lora(policy, config.model.lora)
-    built = create_engine(config, policy, total_steps)
-    return Models(built.engine, frozen), built
-
-
 def answer_logprobs(model, batch: dict) -> tuple:
     """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked batch."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -172,16 +126,14 @@ def answer_logprobs(model, batch: dict) -> tuple:
 @torch.no_grad()
 def reference_logprobs(models: Models, batch: dict) -> tuple:
     """The reference's (chosen (B,), rejected (B,)); with LoRA, the policy's base weights alone."""
-    if models.reference is not None:
-        return answer_logprobs(models.reference, batch)
-    with models.policy.module.disable_adapter():
-        return answer_logprobs(models.policy.module, batch)
+    with reference_policy(models) as reference:
+        return answer_logprobs(reference, batch)
 
 
 def pair_losses(models: Models, batch: dict, dpo: DpoSection) -> tuple:
     """(losses (B,) with grad when enabled, chosen rewards (B,), rejected rewards (B,), policy log-probs)."""
     ref_chosen, ref_rejected = reference_logprobs(models, batch)
-    chosen, rejected = answer_logprobs(models.policy, batch)
+    chosen, rejected = answer_logprobs(models.actor, batch)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta,
                                                         dpo.loss_type)
     return losses, chosen_rewards, rejected_rewards, (chosen.detach(), rejected.detach())
@@ -199,12 +151,12 @@ def dpo_step(models: Models, batch: dict, dpo: DpoSection) -> tuple:
 def evaluate(models: Models, loader, dpo: DpoSection, device) -> dict:
     """Held-out pairs: the loss and the reward statistics of training, per pair over every rank's pairs,
     and the reference's mean log-probs (constant over a run: the reference never moves)."""
-    models.policy.eval()
+    models.actor.eval()
     total = {}
     for batch in loader:
         batch = to_device(batch, device)
         ref_chosen, ref_rejected = reference_logprobs(models, batch)
-        chosen, rejected = answer_logprobs(models.policy, batch)
+        chosen, rejected = answer_logprobs(models.actor, batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta,
                                                             dpo.loss_type)
         total = add_sums(total, {**reward_sums(chosen_rewards, rejected_rewards), "loss": losses.sum(),
@@ -225,7 +177,8 @@ def run(config: DpoConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     if dist.get_rank() == 0:
         logger.info(report.summary())
-    models, built = build_models(config, total_optimizer_steps(config, len(train_set), plan))
+    models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan),
+                                 config.dpo.reference_model("dpo"))
     device = built.engine.device
     stage = Stage(train_set, eval_set, collate=lambda rows: collate_pairwise(rows, tokenizer.pad_token_id),
                   step=lambda batch: dpo_step(models, batch, config.dpo),

@@ -17,12 +17,14 @@ import dataclasses
 import sys
 
 from pipeline.config import RunConfig
-from pipeline.policy import PolicySection, grpo_advantage, run_group_stage, section_problems
+from pipeline.rl.algos import grpo_advantage
+from pipeline.rl.sections import GroupSection
+from pipeline.rl.stage import run_group_stage
 from pipeline.run import main
 
 
 @dataclasses.dataclass
-class GrpoSection(PolicySection):
+class GrpoSection(GroupSection):
     kl_penalty: str = "loss"      # k3 per token in the loss, as DeepSeekMath's GRPO
     scale_rewards: bool = True    # divide by the group's std; false: only subtract its mean
     std_eps: float = 1e-4         # added to the std so that nearly equal rewards do not blow up
@@ -33,7 +35,7 @@ class GrpoConfig(RunConfig):
     grpo: GrpoSection = dataclasses.field(default_factory=GrpoSection)
 
     def problems(self) -> list:
-        problems = super().problems() + section_problems(self, self.grpo, "grpo")
+        problems = super().problems() + self.grpo.problems(self, "grpo")
         if not self.grpo.std_eps > 0:
             problems.append(f"`grpo.std_eps` is {self.grpo.std_eps}; it must be positive")
         return problems

@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engine import create_engine, sharded_creation, training_ds_config
-from pipeline.generation import collate_with_prompts, generation_configs
-from pipeline.loop import Stage, optimizer_step, total_optimizer_steps, train
-from pipeline.models import RewardModel, enable_gradient_checkpointing, model_dtype
-from pipeline.policy import (BestCheckpoint, build_models, clipped_surrogate_loss, clipped_value_loss, evaluate,
-                             gae_advantages, group_rollout, GroupRollout, k3_kl, kl_penalized_rewards,
-                             load_reward_model, masked_whiten, Models, policy_logprobs, PolicySection, prompt_data,
-                             RolloutBuffer, section_problems, sequence_log_ratio)
-from pipeline.rundir import RunDirectory
+from pipeline.loop import total_optimizer_steps, train
+from pipeline.rl.algos import (clipped_surrogate_loss, clipped_value_loss, gae_advantages, kl_penalized_token_rewards,
+                               masked_whiten, sequence_log_ratio)
+from pipeline.rl.models import Models, build_critic
+from pipeline.rl.rollout import HfRollouts, RolloutBuffer, critic_values, group_rollout, policy_logprobs
+from pipeline.rl.sections import GroupSection
+from pipeline.rl.stage import (build_sampling_models, prompt_data, response_sums, sampling_of, sampling_stage,
+                               step_metrics, surrogate_sums)
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
@@ -43,8 +41,9 @@ CRITIC_DIR = "critic"  # the critic's engine inside each checkpoint, and its exp
 
 
 @dataclasses.dataclass
-class PpoSection(PolicySection):
-    num_samples: int = 1              # responses per prompt; the critic is the baseline
+class PpoSection(GroupSection):
+    MIN_SAMPLES: ClassVar[int] = 1    # the critic is the baseline
+    num_samples: int = 1              # responses per prompt
     kl_penalty: str = "reward"        # per-token -kl_coef * log-ratio in the reward (InstructGPT); loss: k3 term
     updates_per_rollout: int = 2
     critic_init: str = "reward"       # the critic's weights: the reward model's, or the SFT policy's + a new v_head
@@ -61,7 +60,7 @@ class PpoConfig(RunConfig):
 
     def problems(self) -> list:
         ppo = self.ppo
-        problems = super().problems() + section_problems(self, ppo, "ppo", min_samples=1)
+        problems = super().problems() + ppo.problems(self, "ppo")
         if ppo.critic_init not in CRITIC_INITS:
             problems.append(f"`ppo.critic_init` is {ppo.critic_init!r}; use one of {', '.join(CRITIC_INITS)}")
         if ppo.critic_lr is not None and not ppo.critic_lr > 0:
@@ -74,52 +73,6 @@ class PpoConfig(RunConfig):
         return problems
 
 
-def build_critic(config: PpoConfig, total_steps: int):
-    """The critic's TrainingEngine: a RewardModel from `ppo.reward_model_path` or from `model` with a new
-    v_head, trained by the configured optimizer at `ppo.critic_lr` under the actor's ZeRO settings.
-
-    Raises:
-        ModelLoadError: naming `ppo.reward_model_path` or `model.path`.
-    """
-    ppo, model_config = config.ppo, config.model
-    dtype = model_dtype(model_config, config.engine.precision)
-    critic_optim = dataclasses.replace(config.optim, lr=ppo.critic_lr or config.optim.lr)
-    critic_config = dataclasses.replace(config, optim=critic_optim)
-    # At ZeRO-3 each parameter is split over the ranks as it is created, as the actor's are.
-    with sharded_creation(training_ds_config(critic_config)):
-        if ppo.critic_init == "reward":
-            critic = load_reward_model(config, ppo.reward_model_path, "ppo.reward_model_path", dtype)
-        else:
-            critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
-    if ppo.critic_init == "reward" and model_config.gradient_checkpointing:
-        enable_gradient_checkpointing(critic.backbone)
-    return create_engine(critic_config, critic, total_steps)
-
-
-def critic_values(critic, sampled) -> torch.Tensor:
-    """(N, T) V(s_t) for each response token: the critic at the position before the token (the state
-    it is chosen in), as the log-probs are read."""
-    length = sampled.mask.shape[1]
-    values = critic(sampled.sequences, sampled.attention_mask, per_token=True)  # (N, P + T)
-    return values[:, -length - 1:-1].float()
-
-
-@dataclasses.dataclass
-class PpoRollout(GroupRollout):
-    old_values: Optional[torch.Tensor] = None  # (N, T) the critic's at sampling; None: the update's own, detached
-
-
-@torch.no_grad()
-def ppo_rollout(models: Models, critic, batch: dict, section: PpoSection, sample_config) -> PpoRollout:
-    multi = section.updates_per_rollout > 1
-    experience = group_rollout(models, batch, section.num_samples, sample_config, multi)
-    old_values = None
-    if multi:
-        critic.eval()
-        old_values = critic_values(critic, experience.sampled)
-    return PpoRollout(**vars(experience), old_values=old_values)
-
-
 def ppo_targets(rewards: torch.Tensor, old_values: torch.Tensor, mask: torch.Tensor, section: PpoSection) -> tuple:
     """((N, T) advantages for the policy loss, whitened if configured; (N, T) returns for the value loss)."""
     advantages, returns = gae_advantages(rewards, old_values, mask, section.gamma, section.lam)
@@ -128,52 +81,37 @@ def ppo_targets(rewards: torch.Tensor, old_values: torch.Tensor, mask: torch.Ten
     return advantages, returns
 
 
-def ppo_step(models: Models, critic, batch: dict, section: PpoSection, sample_config, buffer: RolloutBuffer,
-             critic_log: dict) -> tuple:
-    """Rollout (or the kept one); the critic's clipped value loss, its backward and step here; returns
-    (the actor's clipped surrogate loss with grad, sums for `ppo_metrics`)."""
+def ppo_step(models: Models, engine, batch: dict, section: PpoSection, buffer: RolloutBuffer) -> tuple:
+    """Rollout (or the kept one); returns (the actor's clipped surrogate loss with grad, sums for
+    `ppo_metrics`, {"critic": the critic's clipped value loss with grad}): the loop steps both engines."""
     multi = section.updates_per_rollout > 1
-    experience = buffer.get(lambda: ppo_rollout(models, critic, batch, section, sample_config))
+    experience = buffer.get(lambda: group_rollout(models, engine, batch, section.num_samples, sampling_of(section),
+                                                  multi))
     sampled, mask, ref = experience.sampled, experience.sampled.mask, experience.ref_logprobs
     models.actor.train()
     logprobs, entropy = policy_logprobs(models.actor, sampled)
-    critic.train()
-    values = critic_values(critic, sampled)
+    models.critic.train()
+    values = critic_values(models.critic, sampled)
     old = experience.old_logprobs if multi else logprobs.detach()
     old_values = experience.old_values if multi else values.detach()
     in_reward = section.kl_penalty == "reward"
-    rewards = kl_penalized_rewards(old, ref, mask, sampled.reward, section.kl_coef if in_reward else 0.0)
+    rewards = kl_penalized_token_rewards(old, ref, mask, sampled.reward, section.kl_coef if in_reward else 0.0)
     advantages, returns = ppo_targets(rewards, old_values, mask, section)
     loss, clipped = clipped_surrogate_loss(logprobs, old, advantages, mask, section.clip_range,
                                            None if in_reward else ref, section.kl_coef)
     value_loss = clipped_value_loss(values, old_values, returns, mask, section.value_clip_range)
-    critic.backward(value_loss)
-    outcome = optimizer_step(critic)  # the critic's window ends with the actor's: same batch plan
-    if outcome.boundary:
-        critic_log.update(grad_norm=outcome.grad_norm, skipped_steps=critic.skipped_steps)
     fmask = mask.to(values.dtype)
-    sums = {"sequences": len(sampled.reward), "reward": sampled.reward.sum(), "value_loss": value_loss.detach(),
-            "value": (old_values * fmask).sum(), "return": (returns * fmask).sum(),
-            "kl": sequence_log_ratio(old, ref, fmask).sum(), "k3_kl": (k3_kl(logprobs.detach(), ref) * fmask).sum(),
-            "clipped_tokens": clipped.sum(), "response_length": sampled.lengths.sum(),
-            "entropy": (entropy * fmask).sum(), "response_tokens": fmask.sum(), "tokens": sampled.attention_mask.sum()}
-    if models.gold_reward is not None:
-        sums["gold_reward"] = sum(models.gold_reward(experience.prompts, sampled.texts(models.tokenizer)))
-    return loss, sums
+    sums = {**response_sums(models, experience.prompts, sampled, sequence_log_ratio(old, ref, mask), entropy),
+            **surrogate_sums(logprobs, ref, mask, clipped), "value_loss": value_loss.detach(),
+            "value": (old_values * fmask).sum(), "return": (returns * fmask).sum()}
+    return loss, sums, {CRITIC_DIR: value_loss}
 
 
-def ppo_metrics(total: dict, critic_log: dict) -> dict:
-    """Per-step metrics from `ppo_step` sums added over micro-batches and ranks, and the critic's step."""
-    n, tokens, micro_batches = total["sequences"], max(total["response_tokens"], 1.0), total["micro_batches"]
-    metrics = {"reward": total["reward"] / n, "kl": total["kl"] / n, "k3_kl": total["k3_kl"] / tokens,
-               "value_loss": total["value_loss"] / micro_batches, "value_mean": total["value"] / tokens,
-               "return_mean": total["return"] / tokens, "clip_fraction": total["clipped_tokens"] / tokens,
-               "response_length": total["response_length"] / n, "entropy": total["entropy"] / tokens,
-               "loss": total["loss"] / micro_batches, "critic_grad_norm": critic_log.get("grad_norm", math.nan),
-               "critic_skipped_steps": critic_log.get("skipped_steps", 0)}
-    if "gold_reward" in total:
-        metrics["gold_reward"] = total["gold_reward"] / n
-    return metrics
+def ppo_metrics(total: dict) -> dict:
+    """The sampling stages' step metrics, and the critic's loss, values and returns."""
+    tokens = max(total["response_tokens"], 1.0)
+    return {**step_metrics(total), "value_loss": total["value_loss"] / total["micro_batches"],
+            "value_mean": total["value"] / tokens, "return_mean": total["return"] / tokens}
 
 
 def run(config: PpoConfig) -> dict:
@@ -182,20 +120,16 @@ def run(config: PpoConfig) -> dict:
     ppo = config.ppo
     tokenizer, train_set, eval_set, plan = prompt_data(config, ppo)
     total_steps = total_optimizer_steps(config, len(train_set), plan)
-    models, built = build_models(config, ppo, "ppo", tokenizer, total_steps)
-    critic = build_critic(config, total_steps).engine
-    device, run_dir = built.engine.device, RunDirectory(config)
-    generation = generation_configs(tokenizer, ppo.max_new_tokens, ppo.temperature, ppo.top_p)
+    models, built = build_sampling_models(config, ppo, "ppo", tokenizer, total_steps)
+    models.critic = build_critic(config, ppo.critic_init, ppo.reward_model_path, ppo.critic_lr, total_steps).engine
+    engine = HfRollouts(built.engine, tokenizer)
     buffer = RolloutBuffer(ppo.updates_per_rollout, plan.gradient_accumulation_steps)
-    best, critic_log = BestCheckpoint(run_dir, built.engine, tokenizer, buffer), {}
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
-                  step=lambda batch: ppo_step(models, critic, batch, ppo, generation[0], buffer, critic_log),
-                  evaluate=lambda loader: evaluate(models, loader, generation, device),
-                  tokenizer=tokenizer, metrics=lambda total: ppo_metrics(total, critic_log),
-                  progress=("reward", "kl", "value_loss"), eval_every_steps=ppo.eval_every_steps,
-                  engines={CRITIC_DIR: critic}, **best.stage_hooks())
+    stage, run_dir = sampling_stage(config, ppo, models, engine, built, tokenizer, train_set, eval_set, buffer=buffer,
+                                    step=lambda batch: ppo_step(models, engine, batch, ppo, buffer),
+                                    metrics=ppo_metrics, progress=("reward", "kl", "value_loss"),
+                                    engines={CRITIC_DIR: models.critic})
     result = train(config, built, run_dir, stage)
-    run_dir.export(critic, None, CRITIC_DIR)
+    run_dir.export(models.critic, None, CRITIC_DIR)
     return result
 
 

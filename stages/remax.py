@@ -5,7 +5,7 @@
 
 Per prompt x the actor samples a response y and decodes a greedy one y_hat; the frozen reward
 model scores both. The advantage r(x, y) - r(x, y_hat) (clipped) is credited at y's last token,
-every token of y pays kl_ctl * (log pi(y_t) - log pi_ref(y_t)) against the frozen reference
+every token of y pays kl_coef * (log pi(y_t) - log pi_ref(y_t)) against the frozen reference
 policy, and the loss is the token mean of -return_t * log pi(y_t). One optimizer step per batch.
 
 A response runs up to and including its first eos (an immediate eos is a one-token response)
@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 from typing import Optional
 
 from pipeline.config import RunConfig
-from pipeline.generation import collate_with_prompts, generation_configs, response_logprobs
-from pipeline.loop import Stage, total_optimizer_steps, train
-# The parts ReMax is made of, shared with RLOO and GRPO (and importable from here as before).
-from pipeline.policy import (BEST_DIR, BestCheckpoint, Models, Rollout, discounted_returns, evaluate,  # noqa: F401
-                             kl_penalized_rewards, prompt_data, reference_policy, reinforce_loss, remax_advantage,
-                             rollout, sampling_problems, sequence_kl, weights_for_generation)
-from pipeline.policy import build_models as build_policy_models
-from pipeline.rundir import RunDirectory
+from pipeline.generation import response_logprobs
+from pipeline.loop import total_optimizer_steps, train
+from pipeline.rl.algos import (discounted_returns, kl_penalized_token_rewards, reinforce_loss, remax_advantage,
+                               sequence_log_ratio)
+from pipeline.rl.models import Models
+from pipeline.rl.rollout import HfRollouts, rollout
+from pipeline.rl.sections import SamplingSection
+from pipeline.rl.stage import (advantage_sums, build_sampling_models, prompt_data, response_sums, sampling_of,
+                               sampling_stage, step_metrics)
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
@@ -38,26 +38,10 @@ logger = logging.getLogger(__name__)
 # ---- config -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class RemaxSection:
-    reward_model_path: Optional[str] = None   # a RewardModel directory (stages.reward's export)
-    ref_model_path: Optional[str] = None      # frozen reference policy; defaults to the actor's starting weights
-    eval_prompts_path: Optional[str] = None   # held-out prompts; else `data.eval_path` or a split of `data.path`
-    kl_ctl: float = 0.1
+class RemaxSection(SamplingSection):
+    kl_coef: float = 0.1                      # per-token KL penalty (`kl_ctl` before: still read)
     gamma: float = 1.0
     clip_advantage: Optional[float] = 5.0     # the reference code clips the advantage to +-5; null: no clipping
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    eval_every_steps: Optional[int] = None    # also evaluated at step 0 and at the end
-    # Frozen models have no optimizer state or gradients: only ZeRO-3 (weight sharding) saves memory.
-    ref_zero_stage: int = 0
-    ref_offload: bool = False
-    reward_zero_stage: int = 0
-    reward_offload: bool = False
-    gold_reward: Optional[str] = None         # a programmatic true reward to log next to the model's: "demo"
-    # Subtracted from the reward of responses cut by max_new_tokens before their eos: a reward
-    # model never saw such text and tends to over-score it, which a policy learns to exploit.
-    missing_eos_penalty: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -66,9 +50,7 @@ class RemaxConfig(RunConfig):
 
     def problems(self) -> list:
         remax = self.remax
-        problems = super().problems() + sampling_problems(self, remax, "remax")
-        if remax.kl_ctl < 0:
-            problems.append(f"`remax.kl_ctl` is {remax.kl_ctl}; it must not be negative (0 turns the KL penalty off)")
+        problems = super().problems() + remax.problems(self, "remax")
         if not 0 <= remax.gamma <= 1:
             problems.append(f"`remax.gamma` is {remax.gamma}; use a value in [0, 1]")
         if remax.clip_advantage is not None and remax.clip_advantage <= 0:
@@ -80,76 +62,48 @@ class RemaxConfig(RunConfig):
         return self.remax.eval_every_steps or self.training.eval_every_steps
 
 
-def build_models(config: RemaxConfig, tokenizer, total_steps: int):
-    """(Models, the actor's TrainingEngine): actor from `model`, reference and reward model frozen.
+# ---- one step -----------------------------------------------------------------------------------
 
-    Raises:
-        ModelLoadError: naming `model.path`, `remax.ref_model_path` or `remax.reward_model_path`.
-        EngineConfigError: as create_engine / create_frozen_engine.
-    """
-    return build_policy_models(config, config.remax, "remax", tokenizer, total_steps)
-
-
-# ---- one step, evaluation, the best checkpoint --------------------------------------------------
-
-def remax_step(models: Models, batch: dict, remax: RemaxSection, generation: tuple) -> tuple:
+def remax_step(models: Models, engine, batch: dict, remax: RemaxSection) -> tuple:
     """Rollout, then the REINFORCE loss with grad for one micro-batch.
 
-    Returns (loss, sums over this micro-batch's sequences for the step's metrics, see `step_metrics`).
+    Returns (loss, sums over this micro-batch's sequences for the step's metrics, see `remax_metrics`).
     """
-    experience = rollout(models, batch, *generation)
+    experience = rollout(models, engine, batch, sampling_of(remax))
     sampled, greedy = experience.sampled, experience.greedy
     advantage = remax_advantage(sampled.reward, greedy.reward, remax.clip_advantage)  # (B,)
-    rewards = kl_penalized_rewards(experience.actor_logprobs, experience.ref_logprobs, sampled.mask, advantage,
-                                   remax.kl_ctl)  # (B, T)
+    rewards = kl_penalized_token_rewards(experience.actor_logprobs, experience.ref_logprobs, sampled.mask, advantage,
+                                         remax.kl_coef)  # (B, T)
     returns = discounted_returns(rewards, sampled.mask, remax.gamma)
     models.actor.train()
     logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, sampled.mask.shape[1])
     loss = reinforce_loss(logprobs, returns, sampled.mask)
-    mask = sampled.mask.float()
+    kl = sequence_log_ratio(experience.actor_logprobs, experience.ref_logprobs, sampled.mask)
     # advantage_mean and advantage_std describe the advantage as trained on: after clipping.
-    sums = {"sequences": len(advantage), "reward": sampled.reward.sum(), "baseline_reward": greedy.reward.sum(),
-            "advantage": advantage.sum(), "advantage_squared": advantage.square().sum(),
-            "wins": (sampled.reward > greedy.reward).sum(), "kl": sequence_kl(experience).sum(),
-            "response_length": sampled.lengths.sum(), "entropy": (experience.entropy * mask).sum(),
-            "response_tokens": mask.sum(), "tokens": sampled.attention_mask.sum()}
-    if models.gold_reward is not None:
-        sums["gold_reward"] = sum(models.gold_reward(batch["prompt"], sampled.texts(models.tokenizer)))
+    sums = {**response_sums(models, batch["prompt"], sampled, kl, experience.entropy), **advantage_sums(advantage),
+            "baseline_reward": greedy.reward.sum(), "wins": (sampled.reward > greedy.reward).sum()}
     return loss, sums
 
 
-def step_metrics(total: dict) -> dict:
-    """Per-step metrics from `remax_step` sums added over micro-batches and ranks (the loop adds
-    "loss" and "micro_batches")."""
+def remax_metrics(total: dict) -> dict:
+    """The sampling stages' step metrics, and the greedy baseline's reward and the samples' win rate."""
     n = total["sequences"]
-    advantage_mean = total["advantage"] / n
-    metrics = {"reward": total["reward"] / n, "baseline_reward": total["baseline_reward"] / n,
-               "advantage_mean": advantage_mean,
-               "advantage_std": math.sqrt(max(total["advantage_squared"] / n - advantage_mean ** 2, 0.0)),
-               "win_rate_vs_greedy": total["wins"] / n, "kl": total["kl"] / n,
-               "response_length": total["response_length"] / n,
-               "entropy": total["entropy"] / max(total["response_tokens"], 1.0),
-               "loss": total["loss"] / total["micro_batches"]}
-    if "gold_reward" in total:
-        metrics["gold_reward"] = total["gold_reward"] / n
-    return metrics
+    return {**step_metrics(total), "baseline_reward": total["baseline_reward"] / n,
+            "win_rate_vs_greedy": total["wins"] / n}
 
 
 # ---- the run ------------------------------------------------------------------------------------
 
 def run(config: RemaxConfig) -> dict:
-    """Trains the actor for the planned steps; returns the last evaluation's metrics."""
+    """Trains the actor for the planned steps, keeping `best/` at the best held-out greedy reward;
+    returns the last evaluation's metrics."""
     remax = config.remax
     tokenizer, train_set, eval_set, plan = prompt_data(config, remax)
-    models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan))
-    device, run_dir = built.engine.device, RunDirectory(config)
-    generation = generation_configs(tokenizer, remax.max_new_tokens, remax.temperature, remax.top_p)
-    best = BestCheckpoint(run_dir, built.engine, tokenizer)
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_with_prompts(rows, tokenizer.pad_token_id),
-                  step=lambda batch: remax_step(models, batch, remax, generation),
-                  evaluate=lambda loader: evaluate(models, loader, generation, device),
-                  tokenizer=tokenizer, metrics=step_metrics, progress=("reward", "kl"),
-                  eval_every_steps=config.eval_every_steps, **best.stage_hooks())
+    models, built = build_sampling_models(config, remax, "remax", tokenizer,
+                                          total_optimizer_steps(config, len(train_set), plan))
+    engine = HfRollouts(built.engine, tokenizer)
+    stage, run_dir = sampling_stage(config, remax, models, engine, built, tokenizer, train_set, eval_set,
+                                    step=lambda batch: remax_step(models, engine, batch, remax), metrics=remax_metrics)
     return train(config, built, run_dir, stage)
 
 

@@ -18,12 +18,14 @@ import dataclasses
 import sys
 
 from pipeline.config import RunConfig
-from pipeline.policy import PolicySection, rloo_advantage, run_group_stage, section_problems
+from pipeline.rl.algos import rloo_advantage
+from pipeline.rl.sections import GroupSection
+from pipeline.rl.stage import run_group_stage
 from pipeline.run import main
 
 
 @dataclasses.dataclass
-class RlooSection(PolicySection):
+class RlooSection(GroupSection):
     kl_penalty: str = "reward"  # the RLOO paper's sequence-level penalty
 
 
@@ -32,7 +34,7 @@ class RlooConfig(RunConfig):
     rloo: RlooSection = dataclasses.field(default_factory=RlooSection)
 
     def problems(self) -> list:
-        return super().problems() + section_problems(self, self.rloo, "rloo")
+        return super().problems() + self.rloo.problems(self, "rloo")
 
 
 def run(config: RlooConfig) -> dict:

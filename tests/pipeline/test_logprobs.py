@@ -5,7 +5,7 @@ lengths, a response that stops at eos and is padded after it, and one cut by the
 import torch
 
 from pipeline.generation import Responses, response_logprobs, response_mask
-from pipeline.policy import policy_logprobs
+from pipeline.rl.rollout import policy_logprobs
 from tests.tiny_models import tiny_llama
 
 PAD, EOS = 0, 2

@@ -65,7 +65,7 @@ def test_configs_carry_the_reference_settings():
     assert (settings["reward"]["optim"]["lr"], settings["reward"]["engine"]["micro_batch_size"]) == (2e-5, 10)
     assert all(s["engine"]["precision"] == "bf16" and s["engine"]["zero_stage"] == 2 for s in settings.values())
     remax = settings["remax"]
-    assert (remax["optim"]["lr"], remax["engine"]["micro_batch_size"], remax["remax"]["kl_ctl"]) == (2e-7, 12, 0.1)
+    assert (remax["optim"]["lr"], remax["engine"]["micro_batch_size"], remax["remax"]["kl_coef"]) == (2e-7, 12, 0.1)
     assert remax["remax"]["ref_offload"] and remax["remax"]["reward_offload"]
     dpo = settings["dpo"]
     assert (dpo["optim"]["lr"], dpo["dpo"]["beta"], dpo["dpo"]["loss_type"]) == (5e-7, 0.1, "sigmoid")

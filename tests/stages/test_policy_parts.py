@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.policy import (RolloutBuffer, clipped_surrogate_loss, clipped_value_loss, gae_advantages,
-                             grpo_advantage, k3_kl, kl_penalized_reward, reinforce_loss, repeat_prompts,
-                             rloo_advantage)
+from pipeline.rl.algos import (clipped_surrogate_loss, clipped_value_loss, gae_advantages, grpo_advantage, k3_kl,
+                               kl_penalized_sequence_reward, reinforce_loss, rloo_advantage)
+from pipeline.rl.rollout import RolloutBuffer, repeat_prompts
 from pipeline.run import EXIT_USER_ERROR, main
 from stages import grpo, rloo
 
@@ -52,7 +52,7 @@ def test_kl_in_the_reward_subtracts_the_summed_log_ratio_over_response_tokens():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], requires_grad=True)
     ref = torch.tensor([[-1.5, -1.0, -9.0], [-2.0, -2.0, -2.0]])  # row 0's third token is past its eos
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    penalised = kl_penalized_reward(reward, logprobs, ref, mask, kl_coef=0.1)
+    penalised = kl_penalized_sequence_reward(reward, logprobs, ref, mask, kl_coef=0.1)
     assert penalised.tolist() == pytest.approx([1.0 - 0.1 * (0.5 - 1.0), 2.0 - 0.1 * 3.0], abs=1e-6)
     assert not penalised.requires_grad  # the penalty shapes the advantage; it is not differentiated
 

@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.generation import Responses
 from pipeline.models import RewardModel
-from pipeline.policy import clipped_surrogate_loss, kl_penalized_rewards, masked_whiten
+from pipeline.rl.algos import clipped_surrogate_loss, kl_penalized_token_rewards, masked_whiten
 from pipeline.run import EXIT_USER_ERROR, main
 from stages import ppo
 from tests.tiny_models import tiny_llama
@@ -60,7 +60,7 @@ def test_the_score_lands_on_the_last_response_token_and_gae_turns_kl_penalised_r
     ref = torch.tensor([[-1.5, -1.0, -1.5], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     score = torch.tensor([2.0, -1.0])
-    rewards = kl_penalized_rewards(old, ref, mask, score, 0.1)
+    rewards = kl_penalized_token_rewards(old, ref, mask, score, 0.1)
     assert rewards.tolist() == [pytest.approx([-0.05, 0.1, 2.0], abs=1e-6), pytest.approx([-0.05, -1.0, 0.0], abs=1e-6)]
     values = torch.tensor([[0.5, 1.0, 1.5], [0.2, -0.4, 7.0]])
     section = ppo.PpoSection(gamma=1.0, lam=1.0, whiten_advantages=False)

@@ -17,8 +17,8 @@ from pipeline.data import collate_prompts
 from pipeline.generation import (generate_responses, generation_configs, missing_eos_penalized, response_logprobs,
                                  response_mask, scored)
 from pipeline.models import RewardModel
-from stages.remax import (RemaxConfig, discounted_returns, kl_penalized_rewards, reinforce_loss,
-                          remax_advantage)
+from pipeline.rl.algos import discounted_returns, kl_penalized_token_rewards, reinforce_loss, remax_advantage
+from stages.remax import RemaxConfig
 from tests.conftest import launch_ranks, without_timing
 from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir, tiny_llama, tiny_tokenizer
 
@@ -37,16 +37,16 @@ def test_without_kl_the_rewards_are_the_advantage_at_each_last_token():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -0.1], [-1.2, -0.4, -0.9]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
     advantage = torch.tensor([2.0, -1.0, 0.5])
-    rewards = kl_penalized_rewards(logprobs, logprobs.clone(), mask, advantage, kl_ctl=0.1)
+    rewards = kl_penalized_token_rewards(logprobs, logprobs.clone(), mask, advantage, kl_coef=0.1)
     assert torch.equal(rewards, torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, -1.0], [0.5, 0.0, 0.0]]))
 
 
 def test_kl_penalty_is_charged_on_response_tokens_only():
     actor = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, -3.0]])  # the third token is past the eos: no charge
-    rewards = kl_penalized_rewards(actor, ref, torch.tensor([[1, 1, 0]]), torch.tensor([1.0]), kl_ctl=0.1)
+    rewards = kl_penalized_token_rewards(actor, ref, torch.tensor([[1, 1, 0]]), torch.tensor([1.0]), kl_coef=0.1)
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1 + 1.0, 0.0]]))
-    empty = kl_penalized_rewards(actor, ref, torch.zeros(1, 3, dtype=torch.long), torch.tensor([1.0]), kl_ctl=0.1)
+    empty = kl_penalized_token_rewards(actor, ref, torch.zeros(1, 3, dtype=torch.long), torch.tensor([1.0]), kl_coef=0.1)
     assert torch.equal(empty, torch.zeros(1, 3))  # no tokens, nothing to credit
 
 
@@ -156,17 +156,28 @@ def test_left_padding_changes_neither_greedy_responses_nor_their_logprobs(archit
 
 def test_config_reports_every_remax_problem_by_field():
     with pytest.raises(ConfigError) as error:
-        load_config(RemaxConfig, None, ["model.path=m", "data.path=d", "remax.kl_ctl=-1", "remax.top_p=0",
+        load_config(RemaxConfig, None, ["model.path=m", "data.path=d", "remax.kl_coef=-1", "remax.top_p=0",
                                         "remax.ref_offload=true", "remax.gold_reward=oracle",
                                         "remax.max_new_tokens=400"])
     problems = "\n".join(error.value.problems)
-    for expected in ("`data.format` is 'sft'", "`remax.reward_model_path` is not set", "`remax.kl_ctl` is -1.0",
+    for expected in ("`data.format` is 'sft'", "`remax.reward_model_path` is not set", "`remax.kl_coef` is -1.0",
                      "`remax.top_p` is 0", "`remax.ref_offload` is true with `remax.ref_zero_stage` 0",
                      "`remax.gold_reward` is 'oracle'", "`remax.max_new_tokens` 400 exceeds `data.max_length` 512"):
         assert expected in problems
     config = load_config(RemaxConfig, None, ["model.path=m", "data.path=d", "data.format=prompt",
                                              "remax.reward_model_path=r", "remax.ref_zero_stage=3"])
-    assert (config.remax.kl_ctl, config.remax.clip_advantage, config.remax.ref_zero_stage) == (0.1, 5.0, 3)
+    assert (config.remax.kl_coef, config.remax.clip_advantage, config.remax.ref_zero_stage) == (0.1, 5.0, 3)
+
+
+def test_the_old_name_kl_ctl_is_still_read_with_a_message_naming_kl_coef(caplog):
+    base = ["model.path=m", "data.path=d", "data.format=prompt", "remax.reward_model_path=r"]
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        config = load_config(RemaxConfig, None, [*base, "remax.kl_ctl=0.03"])
+    assert config.remax.kl_coef == 0.03
+    assert "`remax.kl_ctl` is deprecated: it is now `remax.kl_coef`" in caplog.text
+    with pytest.raises(ConfigError) as error:
+        load_config(RemaxConfig, None, [*base, "remax.kl_ctl=0.03", "remax.kl_coef=0.1"])
+    assert "`remax.kl_ctl` and `remax.kl_coef` are both set" in "\n".join(error.value.problems)
 
 
 def test_gold_reward_is_skipped_when_its_module_is_absent(monkeypatch):

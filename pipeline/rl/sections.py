@@ -1,0 +1,141 @@
+"""The config sections of the policy stages: one sampling section with the fields ReMax, RLOO, GRPO and
+PPO share (and their checks), the group fields of the clipped-surrogate stages, and the frozen models'
+settings ({path, zero_stage, offload}) as one type.
+
+A stage's section is one of these with its own defaults and fields added (stages/*.py); each problem
+names its field as `<stage>.<field>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from pipeline.rl.algos import KL_PENALTIES
+
+GOLD_REWARDS = ("demo",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+    """A model that is scored or compared against but never trained: its directory (None: the actor's
+    starting weights, for the reference), its ZeRO stage (0: a full copy per rank; 3: sharded) and
+    whether ZeRO-3 offloads it to host memory. `field` names the path's config key in messages."""
+    path: Optional[str]
+    zero_stage: int = 0
+    offload: bool = False
+    field: str = ""
+
+    def problems(self, name: str) -> list:
+        """`name`: the key prefix of its settings, e.g. `remax.ref` for `remax.ref_zero_stage`."""
+        problems = []
+        if self.zero_stage not in (0, 3):
+            problems.append(f"`{name}_zero_stage` is {self.zero_stage}; use 0 (a full copy per rank) or 3 (sharded): "
+                            "a frozen model has no optimizer state or gradients for ZeRO 1 or 2 to shard")
+        if self.offload and self.zero_stage != 3:
+            problems.append(f"`{name}_offload` is true with `{name}_zero_stage` {self.zero_stage}; offloading needs "
+                            "ZeRO-3")
+        return problems
+
+
+@dataclasses.dataclass
+class ReferenceFields:
+    """The frozen reference policy's settings (every policy stage, DPO included)."""
+    ref_model_path: Optional[str] = None      # frozen reference policy; defaults to the actor's starting weights
+    # Frozen models have no optimizer state or gradients: only ZeRO-3 (weight sharding) saves memory.
+    ref_zero_stage: int = 0
+    ref_offload: bool = False
+
+    def reference_model(self, name: str) -> FrozenModel:
+        return FrozenModel(self.ref_model_path, self.ref_zero_stage, self.ref_offload, f"{name}.ref_model_path")
+
+
+@dataclasses.dataclass
+class SamplingSection(ReferenceFields):
+    """What every stage that samples from its actor sets: the reward model, the held-out prompts, the KL
+    coefficient, decoding and evaluation."""
+    RENAMED: ClassVar[dict] = {"kl_ctl": "kl_coef"}
+
+    reward_model_path: Optional[str] = None   # a RewardModel directory (stages.reward's export)
+    reward_zero_stage: int = 0
+    reward_offload: bool = False
+    eval_prompts_path: Optional[str] = None   # held-out prompts; else `data.eval_path` or a split of `data.path`
+    kl_coef: float = 0.05
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    eval_every_steps: Optional[int] = None    # also evaluated at step 0 and at the end
+    gold_reward: Optional[str] = None         # a programmatic true reward to log next to the model's: "demo"
+    # Subtracted from the reward of responses cut by max_new_tokens before their eos: a reward
+    # model never saw such text and tends to over-score it, which a policy learns to exploit.
+    missing_eos_penalty: Optional[float] = None
+
+    def reward_model(self, name: str) -> FrozenModel:
+        return FrozenModel(self.reward_model_path, self.reward_zero_stage, self.reward_offload,
+                           f"{name}.reward_model_path")
+
+    def problems(self, config, name: str) -> list:
+        """Every problem of this section, called `name` within `config`, each naming its field."""
+        problems = []
+        if config.data.format != "prompt":
+            problems.append(f"`data.format` is {config.data.format!r}; {name} generates from prompts: use prompt")
+        if self.reward_model_path is None:
+            problems.append(f"`{name}.reward_model_path` is not set; give the directory of a trained reward model "
+                            "(the export of stages.reward)")
+        if self.kl_coef < 0:
+            problems.append(f"`{name}.kl_coef` is {self.kl_coef}; it must not be negative (0 turns the KL off)")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            problems.append(f"`{name}.missing_eos_penalty` is {self.missing_eos_penalty}; it must not be negative")
+        if self.temperature <= 0:
+            problems.append(f"`{name}.temperature` is {self.temperature}; it must be positive")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"`{name}.top_p` is {self.top_p}; use a value in (0, 1]")
+        if self.max_new_tokens <= 0:
+            problems.append(f"`{name}.max_new_tokens` is {self.max_new_tokens}; it must be a positive integer")
+        elif config.data.max_prompt_length + self.max_new_tokens > config.data.max_length:
+            problems.append(f"`data.max_prompt_length` {config.data.max_prompt_length} + `{name}.max_new_tokens` "
+                            f"{self.max_new_tokens} exceeds `data.max_length` {config.data.max_length}; raise "
+                            "`data.max_length` or shorten one of them")
+        if self.eval_every_steps is not None and self.eval_every_steps <= 0:
+            problems.append(f"`{name}.eval_every_steps` is {self.eval_every_steps}; it must be a positive integer")
+        if (self.eval_every_steps and config.training.eval_every_steps
+                and self.eval_every_steps != config.training.eval_every_steps):
+            problems.append(f"`{name}.eval_every_steps` {self.eval_every_steps} and `training.eval_every_steps` "
+                            f"{config.training.eval_every_steps} disagree; set only one")
+        if self.eval_prompts_path and config.data.eval_path and self.eval_prompts_path != config.data.eval_path:
+            problems.append(f"`{name}.eval_prompts_path` {self.eval_prompts_path} and `data.eval_path` "
+                            f"{config.data.eval_path} disagree; set only one")
+        problems += self.reference_model(name).problems(f"{name}.ref")
+        problems += self.reward_model(name).problems(f"{name}.reward")
+        if self.gold_reward is not None and self.gold_reward not in GOLD_REWARDS:
+            problems.append(f"`{name}.gold_reward` is {self.gold_reward!r}; use one of {', '.join(GOLD_REWARDS)} "
+                            "or leave it unset")
+        return problems
+
+
+@dataclasses.dataclass
+class GroupSection(SamplingSection):
+    """The stages trained on PPO's clipped surrogate (RLOO, GRPO, PPO): k samples per prompt, where the
+    KL goes, and how often each rollout is trained on."""
+    num_samples: int = 4                      # k responses per prompt
+    kl_penalty: str = "reward"                # reward: -kl_coef * log-ratio summed into the reward; loss: k3 term
+    updates_per_rollout: int = 1              # optimizer steps on each rollout (1: old log-probs = current, detached)
+    clip_range: float = 0.2                   # the surrogate's ratio clip, 1 +- clip_range
+
+    MIN_SAMPLES: ClassVar[int] = 2            # the baseline comes from the other samples of a prompt
+
+    def problems(self, config, name: str) -> list:
+        problems = super().problems(config, name)
+        if self.num_samples < self.MIN_SAMPLES:
+            why = "the baseline comes from the other samples of the same prompt: " if self.MIN_SAMPLES > 1 else ""
+            problems.append(f"`{name}.num_samples` is {self.num_samples}; {why}use {self.MIN_SAMPLES} or more")
+        if self.kl_penalty not in KL_PENALTIES:
+            problems.append(f"`{name}.kl_penalty` is {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}")
+        if self.updates_per_rollout < 1:
+            problems.append(f"`{name}.updates_per_rollout` is {self.updates_per_rollout}; use 1 or more")
+        elif config.checkpoint.every_steps and config.checkpoint.every_steps % self.updates_per_rollout:
+            problems.append(f"`checkpoint.every_steps` {config.checkpoint.every_steps} is not a multiple of "
+                            f"`{name}.updates_per_rollout` {self.updates_per_rollout}; a checkpoint must fall "
+                            "between rollouts so that a resumed run samples where the uninterrupted one does")
+        if not self.clip_range > 0:
+            problems.append(f"`{name}.clip_range` is {self.clip_range}; it must be positive")
+        return problems
