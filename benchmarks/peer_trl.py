@@ -131,18 +131,11 @@ class StepClock(logging.Handler):
             self.engine_ready = time.perf_counter()
 
 
-OUR_STAGES = {"sft": ("stages.sft", "SFTConfig"), "reward": ("stages.reward", "RewardConfig"),
-              "grpo": ("stages.grpo", "GrpoConfig"), "rloo": ("stages.rloo", "RlooConfig"),
-              "dpo": ("stages.dpo", "DpoConfig")}
-
-
 def our_stage(pair: str) -> tuple:
-    """(the stage's `run`, its config class)."""
-    import importlib
+    """(the stage's `run`, its config class): each pair is named after our stage."""
+    from pipeline.stages import STAGES
 
-    module, config_class = OUR_STAGES[pair]
-    module = importlib.import_module(module)
-    return module.run, getattr(module, config_class)
+    return STAGES[pair].run, STAGES[pair].config_class
 
 
 def our_config(pair: str, root: Path, steps: int) -> dict:

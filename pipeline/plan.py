@@ -37,21 +37,13 @@ from .config import ConfigError, RunConfig, load_config
 from .engine import MAX_LIVE_PARAMETERS, SUB_GROUP_ELEMENTS, reduce_bucket_elements
 from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, load_causal_lm
 from .optim import OPTIMIZERS, planned_state_bytes
+from .stages import STAGES, stage_named
 
 GIB = 2**30
-# Policy optimisation stages: generation from prompts, a frozen reference and reward model. Their
-# config section carries the same fields (reward_model_path, ref_/reward_zero_stage, max_new_tokens...).
-POLICY_STAGES = ("remax", "rloo", "grpo", "ppo")
-STAGES = ("sft", "reward", "dpo") + POLICY_STAGES
-CONFIG_CLASSES = {"remax": ("stages.remax", "RemaxConfig"), "rloo": ("stages.rloo", "RlooConfig"),
-                  "grpo": ("stages.grpo", "GrpoConfig"), "ppo": ("stages.ppo", "PpoConfig"),
-                  "dpo": ("stages.dpo", "DpoConfig")}
-
-
 def build_meta_model(config: RunConfig, stage: str = "sft"):
     """The run's trained model (LoRA applied) on the meta device: only config.json is read. The reward
     stage trains a reward model (backbone + v_head, no LM head)."""
-    if stage == "reward":
+    if STAGES[stage].trains_reward_model:
         model = RewardModel.from_causal_lm(config.model, device="meta")
     else:
         model = load_causal_lm(config.model, device="meta")
@@ -127,31 +119,30 @@ class Workload:
 
 
 def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Workload:
-    """The per-rank workload of `config` run as `stage`; `frozen_numels` gives the frozen models' sizes
-    ({"reference": n, "reward": n}; default: the trained model's)."""
+    """The per-rank workload of `config` run as `stage` (a row of pipeline.stages.STAGES);
+    `frozen_numels` gives the frozen models' sizes ({"reference": n, "reward": n}; default: the trained
+    model's)."""
+    spec = STAGES[stage]
     batch, length = config.engine.micro_batch_size, config.data.max_length
     checkpointing = config.model.gradient_checkpointing
     frozen_numels = frozen_numels or {}
-    if stage == "reward":
-        return Workload(stage, 2 * batch, length, 0, checkpointing)
-    if stage == "dpo":
-        dpo = getattr(config, "dpo", None)
-        frozen = () if config.model.lora.enabled and getattr(dpo, "ref_model_path", None) is None else (
-            ("reference", frozen_numels.get("reference"), getattr(dpo, "ref_zero_stage", 0) == 3,
-             getattr(dpo, "ref_offload", False)),)
-        return Workload(stage, 2 * batch, length, length, checkpointing, frozen=frozen)
-    if stage in POLICY_STAGES:
-        section = getattr(config, stage)
-        frozen = [("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3, section.reward_offload)]
-        if not (config.model.lora.enabled and section.ref_model_path is None):
-            frozen.insert(0, ("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
-                              section.ref_offload))
+    section = getattr(config, spec.section) if spec.section else None
+    frozen = []
+    # With LoRA and no reference of its own, the reference is the actor without its adapters: nothing frozen.
+    if spec.reference and not (config.model.lora.enabled and section.ref_model_path is None):
+        frozen.append(("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
+                       section.ref_offload))
+    if spec.samples:
+        frozen.append(("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3,
+                       section.reward_offload))
         prompt = config.data.max_prompt_length
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
         return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
                         prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen))
-    return Workload(stage, batch, length, length, checkpointing)
+    rows = 2 * batch if spec.pairs else batch
+    return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
+                    frozen=tuple(frozen))
 
 
 # ---- the components -------------------------------------------------------------------------------
@@ -273,7 +264,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
             own_shard = 0 if offload else 1 / world_size
             frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - own_shard))
     generation = scoring = 0
-    if w.stage in POLICY_STAGES:
+    if STAGES[w.stage].samples:
         gathered = a * total * (1 - 1 / world_size) if stage == 3 else 0  # `generate` runs on whole weights
         per_step_logits = 2 * w.rows * g.vocab * 4
         generation = gathered + kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits
@@ -321,21 +312,17 @@ def add_critic(row: dict, critic: dict) -> dict:
 def frozen_numels(config, stage: str) -> dict:
     """Parameter counts of the frozen models, from their config.json where it exists (else the trained
     model's architecture is assumed)."""
-    numels = {}
-    if stage in POLICY_STAGES:
+    numels, spec = {}, STAGES[stage]
+    if spec.samples:
         numels["reward"] = count_parameters(meta_reward_model(config, getattr(config, stage).reward_model_path))[0]
-    if stage in POLICY_STAGES + ("dpo",):
+    if spec.reference:
         numels["reference"] = count_parameters(load_causal_lm(base_model_config(config), device="meta"))[0]
     return numels
 
 
 def stage_of(config) -> str:
-    """The stage a config is for: its own section (remax, rloo, grpo, ppo, dpo), else pairwise data
-    means reward."""
-    for stage in POLICY_STAGES + ("dpo",):
-        if hasattr(config, stage):
-            return stage
-    return "reward" if config.data.format == "pairwise" else "sft"
+    """The stage a validated config is for (pipeline.stages.stage_named)."""
+    return stage_named({field.name: getattr(config, field.name) for field in dataclasses.fields(config)})
 
 
 def dry_run_plan(config: RunConfig, world_size: int) -> str:
@@ -413,12 +400,7 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
 
 def config_class(stage: str):
     """The stage's config class (its own section validated with the rest)."""
-    if stage not in CONFIG_CLASSES:
-        return RunConfig
-    import importlib
-
-    module, name = CONFIG_CLASSES[stage]
-    return getattr(importlib.import_module(module), name)
+    return STAGES[stage].config_class
 
 
 def _stage_in_file(path: str) -> str:
@@ -430,13 +412,7 @@ def _stage_in_file(path: str) -> str:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return "sft"
-    if not isinstance(values, dict):
-        return "sft"
-    for stage in POLICY_STAGES + ("dpo",):
-        if stage in values:
-            return stage
-    data = values.get("data") or {}
-    return "reward" if isinstance(data, dict) and data.get("format") == "pairwise" else "sft"
+    return stage_named(values) if isinstance(values, dict) else "sft"
 
 
 def main(argv=None) -> int:
@@ -445,7 +421,7 @@ def main(argv=None) -> int:
     parser.add_argument("--world-sizes", default="1,2,8", help="comma-separated rank counts")
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU, to say what fits")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--stage", choices=STAGES, default=None,
+    parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="the stage to plan for (default: from the config: its remax/dpo section, pairwise data "
                              "for reward, else sft)")
     parser.add_argument("overrides", nargs="*")
@@ -461,7 +437,7 @@ def main(argv=None) -> int:
         config = load_config(config_class(stage), args.config, args.overrides)
         model = build_meta_model(config, stage)
         workload = workload_of(config, stage, frozen_numels(config, stage))
-        critic = build_meta_critic(config) if stage == "ppo" else None
+        critic = build_meta_critic(config) if STAGES[stage].critic else None
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.stages import STAGES
 from tests.conftest import REPO_ROOT, launch_ranks, rank_env, start_ranks, stop_ranks, without_timing
 from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
 
@@ -48,9 +49,8 @@ def inputs(tmp_path_factory):
 
 
 def stage_config(stage: str, zero_stage: int, inputs: Path) -> dict:
-    sampling = stage in ("remax", "rloo", "grpo", "ppo")
-    data_format = "prompt" if sampling else {"sft": "sft", "reward": "pairwise", "dpo": "pairwise"}[stage]
-    data_file = "prompts.jsonl" if sampling else "pairs.jsonl"
+    data_format = STAGES[stage].data_format
+    data_file = "prompts.jsonl" if STAGES[stage].samples else "pairs.jsonl"
     config = dict(seed=0, model={"path": str(inputs / "model")},
                   data={"path": str(inputs / data_file), "format": data_format, "eval_fraction": 0.125,
                         "max_length": 24, "max_prompt_length": 12},
