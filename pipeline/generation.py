@@ -142,6 +142,7 @@ class Responses:
     attention_mask: torch.Tensor  # (B, P + T) 1 on the real prompt and response tokens
     mask: torch.Tensor            # (B, T) response tokens (up to and including the first eos)
     reward: torch.Tensor          # (B,) reward model score
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, T) the rollout engine's, where it gives them (vLLM)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -177,9 +178,10 @@ def missing_eos_penalized(reward: torch.Tensor, responses: torch.Tensor, mask: t
 
 
 def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-           eos_token_id: int, missing_eos_penalty: Optional[float] = None) -> Responses:
+           eos_token_id: int, missing_eos_penalty: Optional[float] = None,
+           sampler_logprobs: Optional[torch.Tensor] = None) -> Responses:
     """Responses with their reward. Tokens after the first eos are masked out, so the score is read
     at the eos (or at the last token of a response cut by the length limit, then penalised)."""
     reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
     reward = missing_eos_penalized(reward, sequences[:, -mask.shape[1]:], mask, eos_token_id, missing_eos_penalty)
-    return Responses(sequences, attention_mask, mask, reward=reward)
+    return Responses(sequences, attention_mask, mask, reward=reward, sampler_logprobs=sampler_logprobs)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from pipeline.config import RunConfig
 from pipeline.rl.algos import grpo_advantage
-from pipeline.rl.sections import GroupSection
+from pipeline.rl.sections import GroupSection, SamplingRunConfig
 from pipeline.rl.stage import run_group_stage
 from pipeline.run import main
 
@@ -31,7 +30,7 @@ class GrpoSection(GroupSection):
 
 
 @dataclasses.dataclass
-class GrpoConfig(RunConfig):
+class GrpoConfig(SamplingRunConfig):
     grpo: GrpoSection = dataclasses.field(default_factory=GrpoSection)
 
     def problems(self) -> list:

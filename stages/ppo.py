@@ -23,15 +23,14 @@ from typing import ClassVar, Optional
 
 import torch
 
-from pipeline.config import RunConfig
 from pipeline.loop import total_optimizer_steps, train
 from pipeline.rl.algos import (clipped_surrogate_loss, clipped_value_loss, gae_advantages, kl_penalized_token_rewards,
                                masked_whiten, sequence_log_ratio)
 from pipeline.rl.models import Models, build_critic
-from pipeline.rl.rollout import HfRollouts, RolloutBuffer, critic_values, group_rollout, policy_logprobs
-from pipeline.rl.sections import GroupSection
-from pipeline.rl.stage import (build_sampling_models, prompt_data, response_sums, sampling_of, sampling_stage,
-                               step_metrics, surrogate_sums)
+from pipeline.rl.rollout import RolloutBuffer, critic_values, group_rollout, policy_logprobs, rollout_engine
+from pipeline.rl.sections import GroupSection, SamplingRunConfig
+from pipeline.rl.stage import (build_sampling_models, prompt_data, response_sums, sampler_correction, sampling_of,
+                               sampling_stage, step_metrics, surrogate_sums)
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class PpoSection(GroupSection):
 
 
 @dataclasses.dataclass
-class PpoConfig(RunConfig):
+class PpoConfig(SamplingRunConfig):
     ppo: PpoSection = dataclasses.field(default_factory=PpoSection)
 
     def problems(self) -> list:
@@ -81,12 +80,13 @@ def ppo_targets(rewards: torch.Tensor, old_values: torch.Tensor, mask: torch.Ten
     return advantages, returns
 
 
-def ppo_step(models: Models, engine, batch: dict, section: PpoSection, buffer: RolloutBuffer) -> tuple:
+def ppo_step(models: Models, engine, batch: dict, section: PpoSection, buffer: RolloutBuffer,
+             correction=None) -> tuple:
     """Rollout (or the kept one); returns (the actor's clipped surrogate loss with grad, sums for
     `ppo_metrics`, {"critic": the critic's clipped value loss with grad}): the loop steps both engines."""
     multi = section.updates_per_rollout > 1
-    experience = buffer.get(lambda: group_rollout(models, engine, batch, section.num_samples, sampling_of(section),
-                                                  multi))
+    experience = buffer.get(lambda key: group_rollout(models, engine, batch, section.num_samples,
+                                                      sampling_of(section), multi, key))
     sampled, mask, ref = experience.sampled, experience.sampled.mask, experience.ref_logprobs
     models.actor.train()
     logprobs, entropy = policy_logprobs(models.actor, sampled)
@@ -97,13 +97,14 @@ def ppo_step(models: Models, engine, batch: dict, section: PpoSection, buffer: R
     in_reward = section.kl_penalty == "reward"
     rewards = kl_penalized_token_rewards(old, ref, mask, sampled.reward, section.kl_coef if in_reward else 0.0)
     advantages, returns = ppo_targets(rewards, old_values, mask, section)
+    weights, sampler_sums = sampler_correction(old, sampled, correction)
     loss, clipped = clipped_surrogate_loss(logprobs, old, advantages, mask, section.clip_range,
-                                           None if in_reward else ref, section.kl_coef)
+                                           None if in_reward else ref, section.kl_coef, weights)
     value_loss = clipped_value_loss(values, old_values, returns, mask, section.value_clip_range)
     fmask = mask.to(values.dtype)
     sums = {**response_sums(models, experience.prompts, sampled, sequence_log_ratio(old, ref, mask), entropy),
             **surrogate_sums(logprobs, ref, mask, clipped), "value_loss": value_loss.detach(),
-            "value": (old_values * fmask).sum(), "return": (returns * fmask).sum()}
+            "value": (old_values * fmask).sum(), "return": (returns * fmask).sum(), **sampler_sums}
     return loss, sums, {CRITIC_DIR: value_loss}
 
 
@@ -122,10 +123,11 @@ def run(config: PpoConfig) -> dict:
     total_steps = total_optimizer_steps(config, len(train_set), plan)
     models, built = build_sampling_models(config, ppo, "ppo", tokenizer, total_steps)
     models.critic = build_critic(config, ppo.critic_init, ppo.reward_model_path, ppo.critic_lr, total_steps).engine
-    engine = HfRollouts(built.engine, tokenizer)
+    engine = rollout_engine(config, built, tokenizer)
     buffer = RolloutBuffer(ppo.updates_per_rollout, plan.gradient_accumulation_steps)
     stage, run_dir = sampling_stage(config, ppo, models, engine, built, tokenizer, train_set, eval_set, buffer=buffer,
-                                    step=lambda batch: ppo_step(models, engine, batch, ppo, buffer),
+                                    step=lambda batch: ppo_step(models, engine, batch, ppo, buffer,
+                                                                config.rollout.importance_correction),
                                     metrics=ppo_metrics, progress=("reward", "kl", "value_loss"),
                                     engines={CRITIC_DIR: models.critic})
     result = train(config, built, run_dir, stage)

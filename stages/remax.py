@@ -20,16 +20,15 @@ import logging
 import sys
 from typing import Optional
 
-from pipeline.config import RunConfig
 from pipeline.generation import response_logprobs
 from pipeline.loop import total_optimizer_steps, train
 from pipeline.rl.algos import (discounted_returns, kl_penalized_token_rewards, reinforce_loss, remax_advantage,
                                sequence_log_ratio)
 from pipeline.rl.models import Models
-from pipeline.rl.rollout import HfRollouts, rollout
-from pipeline.rl.sections import SamplingSection
-from pipeline.rl.stage import (advantage_sums, build_sampling_models, prompt_data, response_sums, sampling_of,
-                               sampling_stage, step_metrics)
+from pipeline.rl.rollout import RolloutBuffer, rollout, rollout_engine
+from pipeline.rl.sections import SamplingRunConfig, SamplingSection
+from pipeline.rl.stage import (advantage_sums, build_sampling_models, prompt_data, response_sums, sampler_correction,
+                               sampling_of, sampling_stage, step_metrics)
 from pipeline.run import main
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class RemaxSection(SamplingSection):
 
 
 @dataclasses.dataclass
-class RemaxConfig(RunConfig):
+class RemaxConfig(SamplingRunConfig):
     remax: RemaxSection = dataclasses.field(default_factory=RemaxSection)
 
     def problems(self) -> list:
@@ -64,12 +63,14 @@ class RemaxConfig(RunConfig):
 
 # ---- one step -----------------------------------------------------------------------------------
 
-def remax_step(models: Models, engine, batch: dict, remax: RemaxSection) -> tuple:
-    """Rollout, then the REINFORCE loss with grad for one micro-batch.
+def remax_step(models: Models, engine, batch: dict, remax: RemaxSection, buffer: RolloutBuffer,
+               correction=None) -> tuple:
+    """Rollout, then the REINFORCE loss with grad for one micro-batch (`correction`: the cap of the
+    sampler's importance weights, or None).
 
     Returns (loss, sums over this micro-batch's sequences for the step's metrics, see `remax_metrics`).
     """
-    experience = rollout(models, engine, batch, sampling_of(remax))
+    experience = buffer.get(lambda key: rollout(models, engine, batch, sampling_of(remax), key))
     sampled, greedy = experience.sampled, experience.greedy
     advantage = remax_advantage(sampled.reward, greedy.reward, remax.clip_advantage)  # (B,)
     rewards = kl_penalized_token_rewards(experience.actor_logprobs, experience.ref_logprobs, sampled.mask, advantage,
@@ -77,11 +78,12 @@ def remax_step(models: Models, engine, batch: dict, remax: RemaxSection) -> tupl
     returns = discounted_returns(rewards, sampled.mask, remax.gamma)
     models.actor.train()
     logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, sampled.mask.shape[1])
-    loss = reinforce_loss(logprobs, returns, sampled.mask)
+    weights, sampler_sums = sampler_correction(experience.actor_logprobs, sampled, correction)
+    loss = reinforce_loss(logprobs, returns, sampled.mask, weights)
     kl = sequence_log_ratio(experience.actor_logprobs, experience.ref_logprobs, sampled.mask)
     # advantage_mean and advantage_std describe the advantage as trained on: after clipping.
     sums = {**response_sums(models, batch["prompt"], sampled, kl, experience.entropy), **advantage_sums(advantage),
-            "baseline_reward": greedy.reward.sum(), "wins": (sampled.reward > greedy.reward).sum()}
+            "baseline_reward": greedy.reward.sum(), "wins": (sampled.reward > greedy.reward).sum(), **sampler_sums}
     return loss, sums
 
 
@@ -101,9 +103,12 @@ def run(config: RemaxConfig) -> dict:
     tokenizer, train_set, eval_set, plan = prompt_data(config, remax)
     models, built = build_sampling_models(config, remax, "remax", tokenizer,
                                           total_optimizer_steps(config, len(train_set), plan))
-    engine = HfRollouts(built.engine, tokenizer)
+    engine = rollout_engine(config, built, tokenizer)
+    buffer = RolloutBuffer(1, plan.gradient_accumulation_steps)  # a fresh rollout every micro-batch
+    correction = config.rollout.importance_correction
     stage, run_dir = sampling_stage(config, remax, models, engine, built, tokenizer, train_set, eval_set,
-                                    step=lambda batch: remax_step(models, engine, batch, remax), metrics=remax_metrics)
+                                    buffer=buffer, metrics=remax_metrics,
+                                    step=lambda batch: remax_step(models, engine, batch, remax, buffer, correction))
     return train(config, built, run_dir, stage)
 
 

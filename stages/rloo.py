@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from pipeline.config import RunConfig
 from pipeline.rl.algos import rloo_advantage
-from pipeline.rl.sections import GroupSection
+from pipeline.rl.sections import GroupSection, SamplingRunConfig
 from pipeline.rl.stage import run_group_stage
 from pipeline.run import main
 
@@ -30,7 +29,7 @@ class RlooSection(GroupSection):
 
 
 @dataclasses.dataclass
-class RlooConfig(RunConfig):
+class RlooConfig(SamplingRunConfig):
     rloo: RlooSection = dataclasses.field(default_factory=RlooSection)
 
     def problems(self) -> list:

@@ -128,24 +128,38 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     return returns * mask
 
 
-def reinforce_loss(logprobs: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reinforce_loss(logprobs: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Token mean of -G_t * log pi(y_t) over the response tokens; the returns are constants.
 
-    logprobs, returns, mask: (B, T). Returns a scalar (0 when the mask is empty).
+    logprobs, returns, mask: (B, T); weights: (B, T) per-token importance weights (constants) or None.
+    Returns a scalar (0 when the mask is empty).
     """
     mask = mask.to(logprobs.dtype)
-    return -(returns.detach() * logprobs * mask).sum() / mask.sum().clamp(min=1)
+    per_token = returns.detach() * logprobs * mask
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    return -per_token.sum() / mask.sum().clamp(min=1)
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Per-token min(pi_trainer(y_t) / pi_sampler(y_t), cap): corrects the loss for tokens drawn by a
+    rollout engine whose probabilities differ from the trainer's (other kernels, precision), truncated
+    so a token the sampler under-rated cannot dominate (Yao et al. 2025, TRL's and verl's TIS).
+    (N, T) each, no grad. Returns (N, T)."""
+    return torch.exp(trainer_logprobs.detach() - sampler_logprobs).clamp(max=cap)
 
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage: torch.Tensor,
                            mask: torch.Tensor, clip_range: float, ref_logprobs: Optional[torch.Tensor] = None,
-                           kl_coef: float = 0.0) -> tuple:
+                           kl_coef: float = 0.0, weights: Optional[torch.Tensor] = None) -> tuple:
     """PPO's clipped surrogate, token mean over the response tokens, with k3 KL as a loss term.
 
     Per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) with rho = pi / pi_old, plus
     kl_coef * k3(pi, pi_ref) when `ref_logprobs` is given. logprobs (with grad), old_logprobs,
     ref_logprobs, mask: (N, T); advantage: (N,), credited to every token of its response, or (N, T)
-    per token (PPO's GAE).
+    per token (PPO's GAE); weights: (N, T) per-token importance weights of the policy term, or None.
     Returns (loss, (N, T) bool: tokens whose ratio the clip held back).
     """
     mask = mask.to(logprobs.dtype)
@@ -155,6 +169,8 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
         advantage = advantage.unsqueeze(-1)  # (N, 1)
     unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip_range, 1 + clip_range) * advantage
     per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:  # the sampler correction weighs the policy term, not the KL (as TRL)
+        per_token = per_token * weights.detach()
     if ref_logprobs is not None and kl_coef:
         per_token = per_token + kl_coef * k3_kl(logprobs, ref_logprobs)
     loss = (per_token * mask).sum() / mask.sum().clamp(min=1)

@@ -5,7 +5,7 @@ A rollout engine turns a prompt batch into responses for one or more sampling se
 step that changed them. `HfRollouts` generates with Hugging Face `generate` on the training engine's own
 module; the stages call only the interface, so they do not know which engine runs.
 
-`rollout` samples and greedily decodes one response per prompt (ReMax's step and every stage's
+`VllmRollouts` (pipeline.rl.vllm_engine) generates with vLLM. `rollout` samples and greedily decodes one response per prompt (ReMax's step and every stage's
 evaluation); `group_rollout` samples k responses per prompt (RLOO, GRPO, PPO). `RolloutBuffer` trains on
 each rollout for `updates_per_rollout` optimizer steps.
 """
@@ -19,7 +19,8 @@ import torch
 from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from pipeline.generation import Responses, generate_responses, generation_configs, response_logprobs, scored, with_positions
+from pipeline.generation import (Responses, generate_responses, generation_configs, response_logprobs, scored,
+                                 with_positions)
 from pipeline.rl.models import Models, reference_policy
 
 
@@ -36,13 +37,20 @@ class Sampling:
         return dataclasses.replace(self, greedy=True)
 
 
-class RolloutEngine(Protocol):
-    def generate(self, batch: dict, samplings: Sequence[Sampling]) -> list:
-        """For each of `samplings`, (sequences (B, P + T), attention mask (B, P + T), response mask (B, T))
-        for the left-padded prompt batch (`input_ids`, `attention_mask`). Collective: every rank calls it."""
+@dataclasses.dataclass
+class Generated:
+    """Responses to B prompts left-padded to P, as `generate` lays them out."""
+    sequences: torch.Tensor        # (B, P + T) prompt then response, right-padded with the pad token
+    attention_mask: torch.Tensor   # (B, P + T)
+    mask: torch.Tensor             # (B, T) response tokens (up to and including the first eos)
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, T) the engine's log-probs of its tokens, if it gives them
 
-    def update_weights(self) -> None:
-        """Takes the trainer's current weights (after an optimizer step). Collective."""
+
+class RolloutEngine(Protocol):
+    def generate(self, batch: dict, samplings: Sequence[Sampling], key: tuple = ()) -> list:
+        """A `Generated` for each of `samplings`, for the left-padded prompt batch (`input_ids`,
+        `attention_mask`), holding the trainer's current weights. `key` names the rollout (e.g. its step
+        and micro-batch) for engines that seed each request. Collective: every rank calls it."""
 
 
 @contextlib.contextmanager
@@ -76,14 +84,24 @@ class HfRollouts:
         return greedy if sampling.greedy else sample
 
     @torch.no_grad()
-    def generate(self, batch: dict, samplings: Sequence[Sampling]) -> list:
+    def generate(self, batch: dict, samplings: Sequence[Sampling], key: tuple = ()) -> list:
+        """(`key` unused: sampling draws from torch's generator, which checkpoints carry.)"""
         self.actor.eval()
         with weights_for_generation(self.actor) as module:
-            return [generate_responses(module, batch, self.generation_config(sampling), self.tokenizer)
+            return [Generated(*generate_responses(module, batch, self.generation_config(sampling), self.tokenizer))
                     for sampling in samplings]
 
-    def update_weights(self) -> None:
-        pass
+
+def rollout_engine(config, built, tokenizer):
+    """The engine `rollout.engine` names, around the actor's training engine."""
+    if config.rollout.engine == "hf":
+        return HfRollouts(built.engine, tokenizer)
+    from pipeline.models import model_dtype
+    from pipeline.rl.vllm_engine import VllmRollouts, create_llm
+
+    llm = create_llm(config.model.path, config.rollout, model_dtype(config.model, config.engine.precision),
+                     config.data.max_length, config.seed)
+    return VllmRollouts(built.engine, tokenizer, llm, config.rollout, config.seed)
 
 
 @dataclasses.dataclass
@@ -95,16 +113,17 @@ class Rollout:
     entropy: torch.Tensor         # (B, T) the actor's token entropy along the sampled response
 
 
-def score(models: Models, generated: tuple) -> Responses:
+def score(models: Models, generated: Generated) -> Responses:
     """Responses with the reward model's score (less the missing-eos penalty)."""
-    return scored(models.reward, *generated, models.tokenizer.eos_token_id, models.missing_eos_penalty)
+    return scored(models.reward, generated.sequences, generated.attention_mask, generated.mask,
+                  models.tokenizer.eos_token_id, models.missing_eos_penalty, generated.sampler_logprobs)
 
 
 @torch.no_grad()
-def rollout(models: Models, engine: RolloutEngine, batch: dict, sampling: Sampling) -> Rollout:
+def rollout(models: Models, engine: RolloutEngine, batch: dict, sampling: Sampling, key: tuple = ()) -> Rollout:
     """Samples and greedily decodes one response per prompt (one engine call), scores both, and takes the
     actor's and the reference's log-probs of the sampled one. Collective: every rank calls it."""
-    sampled, greedy = engine.generate(batch, [sampling, sampling.as_greedy()])
+    sampled, greedy = engine.generate(batch, [sampling, sampling.as_greedy()], key)
     sampled, greedy = score(models, sampled), score(models, greedy)
     response_length = sampled.mask.shape[1]
     actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
@@ -132,12 +151,12 @@ class GroupRollout:
 
 @torch.no_grad()
 def group_rollout(models: Models, engine: RolloutEngine, batch: dict, k: int, sampling: Sampling,
-                  with_old_logprobs: bool) -> GroupRollout:
+                  with_old_logprobs: bool, key: tuple = ()) -> GroupRollout:
     """Samples k responses per prompt and scores them; the reference's log-probs, and the actor's (and
     the critic's values, where there is one) when the rollout will be trained on more than once.
     Collective: every rank calls it."""
     repeated = repeat_prompts(batch, k)
-    [sampled] = engine.generate(repeated, [sampling])
+    [sampled] = engine.generate(repeated, [sampling], key)
     sampled = score(models, sampled)
     response_length = sampled.mask.shape[1]
     old_logprobs = old_values = None
@@ -181,11 +200,12 @@ class RolloutBuffer:
         self.calls, self.kept = 0, {}
 
     def get(self, make: Callable):
-        """This micro-batch's rollout: `make()` on a rollout step, else the one kept from it."""
+        """This micro-batch's rollout: `make(key)` on a rollout step, else the one kept from it; `key`
+        ("train", step, micro-batch of the window) names the rollout for the engine's seeds."""
         step, slot = divmod(self.calls, self.accumulation)
         self.calls += 1
         if step % self.updates == 0:
-            self.kept[slot] = make()
+            self.kept[slot] = make(("train", step, slot))
         return self.kept[slot]
 
     def resume_at(self, step: int) -> None:

