@@ -98,7 +98,8 @@ def request_seed(base: int, key: tuple, rank: int, index: int) -> int:
 
 def create_llm(model_path: str, rollout, dtype: torch.dtype, max_model_len: int, seed: int):
     """This rank's vLLM engine on the model at `model_path`, in this process (external launcher over
-    the trainer's process group when there are several ranks), sized by the `rollout` section."""
+    the trainer's process group when there are several ranks), sized by the `rollout` section; the one
+    already made with the same settings, if any."""
     # The engine core in this process, so the trainer's weights can be handed to it directly.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
@@ -116,7 +117,16 @@ def create_llm(model_path: str, rollout, dtype: torch.dtype, max_model_len: int,
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
     else:
         kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
-    return LLM(**kwargs)
+    key = repr(sorted(kwargs.items()))
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(**kwargs)
+    return _ENGINES[key]
+
+
+# Engines live until the process ends: vLLM's shutdown of an engine destroys torch's default process
+# group, which under the external launcher is the trainer's. A later run in the same process (the test
+# workers run several) with the same settings takes the same engine; its weights follow the new trainer.
+_ENGINES: dict = {}
 
 
 class VllmRollouts:
