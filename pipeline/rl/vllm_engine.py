@@ -150,17 +150,6 @@ class VllmRollouts:
         self.llm.sleep(level=1)
         self.asleep = True
 
-    def sampling_params(self, sampling, seed: int):
-        from vllm import SamplingParams
-
-        greedy = sampling.greedy
-        return SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
-                              top_p=1.0 if greedy else sampling.top_p, top_k=0, min_p=0.0,
-                              presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
-                              max_tokens=sampling.max_new_tokens, min_tokens=0, seed=seed,
-                              stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False, logprobs=0,
-                              detokenize=False)
-
     @torch.no_grad()
     def generate(self, batch: dict, samplings: Sequence, key: tuple = ()) -> list:
         if self.asleep:
@@ -168,37 +157,57 @@ class VllmRollouts:
             self.asleep = False
         if self.synced_step != self.actor.global_steps:
             self.update_weights()
-        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        prompts = [{"prompt_token_ids": ids[keep.bool()].tolist()} for ids, keep in zip(prompt_ids, prompt_mask)]
-        requests, params = [], []
-        for which, sampling in enumerate(samplings):
-            for row, prompt in enumerate(prompts):
-                requests.append(prompt)
-                params.append(self.sampling_params(sampling, request_seed(self.seed, (*key, which), self.rank, row)))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        generated = generate(self.llm, self.tokenizer, batch, samplings, self.seed, key, self.rank)
         if self.settings.sleep:
             self.sleep()
-        rows = len(prompts)
-        return [self.assemble(prompt_ids, prompt_mask, outputs[which * rows:(which + 1) * rows])
-                for which in range(len(samplings))]
+        return generated
 
-    def assemble(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, outputs: list):
-        """Generated responses as `generate` lays them out: (B, P + T) sequences right-padded with the pad
-        token to the longest response, the attention and response masks, and the sampler's log-probs."""
-        from pipeline.rl.rollout import Generated
 
-        completions = [output.outputs[0] for output in outputs]
-        length = max(len(completion.token_ids) for completion in completions)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        responses = torch.full((len(outputs), length), pad, dtype=prompt_ids.dtype)
-        logprobs = torch.zeros(len(outputs), length)
-        for row, completion in enumerate(completions):
-            tokens = list(completion.token_ids)
-            responses[row, :len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
-            logprobs[row, :len(tokens)] = torch.tensor([step[token].logprob for step, token
-                                                        in zip(completion.logprobs, tokens)])
-        responses = responses.to(prompt_ids.device)
-        sequences = torch.cat([prompt_ids, responses], dim=1)
-        mask = response_mask(sequences, prompt_ids.shape[1], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
-        return Generated(sequences, attention_mask, mask, (logprobs.to(prompt_ids.device) * mask).float())
+def sampling_params(sampling, eos_token_id: int, seed: int):
+    """vLLM's sampling parameters for `sampling` (pipeline.rl.rollout.Sampling), every setting explicit."""
+    from vllm import SamplingParams
+
+    greedy = sampling.greedy
+    return SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
+                          top_p=1.0 if greedy else sampling.top_p, top_k=0, min_p=0.0, presence_penalty=0.0,
+                          frequency_penalty=0.0, repetition_penalty=1.0, max_tokens=sampling.max_new_tokens,
+                          min_tokens=0, seed=seed, stop_token_ids=[eos_token_id], ignore_eos=False, logprobs=0,
+                          detokenize=False)
+
+
+def generate(llm, tokenizer, batch: dict, samplings: Sequence, seed: int, key: tuple, rank: int = 0) -> list:
+    """A `Generated` per sampling for the left-padded prompt batch, from one engine call; each request
+    seeded by `request_seed(seed, (*key, sampling index), rank, row)`."""
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    prompts = [{"prompt_token_ids": ids[keep.bool()].tolist()} for ids, keep in zip(prompt_ids, prompt_mask)]
+    requests, params = [], []
+    for which, sampling in enumerate(samplings):
+        for row, prompt in enumerate(prompts):
+            requests.append(prompt)
+            params.append(sampling_params(sampling, tokenizer.eos_token_id,
+                                          request_seed(seed, (*key, which), rank, row)))
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    rows = len(prompts)
+    return [assemble(tokenizer, prompt_ids, prompt_mask, outputs[which * rows:(which + 1) * rows])
+            for which in range(len(samplings))]
+
+
+def assemble(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, outputs: list):
+    """Generated responses as `generate` lays them out: (B, P + T) sequences right-padded with the pad
+    token to the longest response, the attention and response masks, and the sampler's log-probs."""
+    from pipeline.rl.rollout import Generated
+
+    completions = [output.outputs[0] for output in outputs]
+    length = max(len(completion.token_ids) for completion in completions)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    responses = torch.full((len(outputs), length), pad, dtype=prompt_ids.dtype)
+    logprobs = torch.zeros(len(outputs), length)
+    for row, completion in enumerate(completions):
+        tokens = list(completion.token_ids)
+        responses[row, :len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
+        logprobs[row, :len(tokens)] = torch.tensor([step[token].logprob for step, token
+                                                    in zip(completion.logprobs, tokens)])
+    sequences = torch.cat([prompt_ids, responses.to(prompt_ids.device)], dim=1)
+    mask = response_mask(sequences, prompt_ids.shape[1], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    return Generated(sequences, attention_mask, mask, (logprobs.to(prompt_ids.device) * mask).float())

@@ -1,6 +1,7 @@
 """`python -m pipeline.evaluate policy` on tiny models built in code: a policy against itself, the
 greedy reward recomputed by hand, reproducible sampling, the JSON file, and bad configs."""
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -140,3 +141,18 @@ def test_a_missing_reward_model_exits_2_naming_the_field_without_a_traceback(dir
     finished = subprocess.run(command, cwd=REPO_ROOT, env=rank_env(), capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2
     assert "`reward_model_path`" in finished.stderr and "Traceback" not in finished.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (bash scripts/setup.sh --vllm)")
+def test_with_vllm_greedy_scores_equal_generates_and_sampling_repeats_with_the_seed(dirs, tmp_path):
+    # A baseline that differs from the policy: the engine reads its weights, then the policy's again.
+    common = dict(baseline_policy_path=str(dirs / "other"), ref_model_path=str(dirs / "policy_copy"),
+                  gold_reward="demo", missing_eos_penalty=1.5)
+    hf = evaluate_policy(eval_config(dirs, output=str(tmp_path / "hf.json"), **common))
+    first = evaluate_policy(eval_config(dirs, output=str(tmp_path / "a.json"), engine="vllm", **common))
+    again = evaluate_policy(eval_config(dirs, output=str(tmp_path / "b.json"), engine="vllm", **common))
+    for name in ("greedy", "baseline_greedy"):
+        assert first[name] == pytest.approx(hf[name], abs=1e-5), name
+    assert first["baseline_greedy"] != first["greedy"] and first["win_rate"] == hf["win_rate"]
+    assert first["sampled"] == again["sampled"] and first["kl"] == again["kl"]
