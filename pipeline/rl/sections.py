@@ -170,6 +170,11 @@ class RolloutSection:
 
             if importlib.util.find_spec("vllm") is None:
                 problems.append(f"`rollout.engine` is vllm but vLLM is not installed; {VLLM_INSTALL}")
+            import torch
+
+            if self.sleep and not torch.cuda.is_available():
+                problems.append("`rollout.sleep` is true but vLLM's sleep mode needs a GPU (its CPU backend has "
+                                "none); set it to false here")
             if config.model.path is None:
                 problems.append("`rollout.engine` vllm loads the actor's starting weights from `model.path`; "
                                 "set it (a model built from `model.config` has no files)")

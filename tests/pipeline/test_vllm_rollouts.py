@@ -108,6 +108,10 @@ def test_the_rollout_section_reports_its_problems_by_field(monkeypatch):
                      "`rollout.kv_cache_gib` is 0", "`rollout.max_model_len` 8 is below `data.max_length` 512",
                      "`rollout.importance_correction` is 0.5"):
         assert expected in problems
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as error:
+            load_config(GrpoConfig, None, [*base, "rollout.engine=vllm", "rollout.sleep=true"])
+        assert "`rollout.sleep` is true but vLLM's sleep mode needs a GPU" in "\n".join(error.value.problems)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "vllm"
                         else real_find_spec(name, *rest))
