@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import random
 import statistics
@@ -39,7 +40,8 @@ SIZES = {
                  prompt_words=12, response_words=16, max_length=48, max_prompt_length=20, max_new_tokens=8,
                  micro_batch=4),
 }
-STAGES = ("sft", "reward", "remax")
+# ReMax a second time with vLLM generating its rollouts, where vLLM is installed (bash scripts/setup.sh --vllm).
+STAGES = ("sft", "reward", "remax") + (("remax_vllm",) if importlib.util.find_spec("vllm") else ())
 
 
 def write_tokenizer(directory: Path) -> None:
@@ -90,7 +92,7 @@ def stage_configs(root: Path, size: dict, steps: int) -> dict:
     sft_export = str(root / "sft" / "final")
     model = dict(model_type="llama", vocab_size=VOCAB_SIZE, max_position_embeddings=2048, tie_word_embeddings=False,
                  pad_token_id=0, bos_token_id=2, eos_token_id=3, **size["model"])
-    return {
+    configs = {
         "sft": dict(common(), output_dir=str(root / "sft"),
                     model=dict(config=model, tokenizer_path=str(root / "tokenizer"), dtype="bf16",
                                gradient_checkpointing=True),
@@ -104,6 +106,9 @@ def stage_configs(root: Path, size: dict, steps: int) -> dict:
                       remax=dict(reward_model_path=str(root / "reward" / "final"), kl_coef=0.1,
                                  max_new_tokens=size["max_new_tokens"], temperature=1.0, top_p=1.0)),
     }
+    configs["remax_vllm"] = copy.deepcopy(configs["remax"])
+    configs["remax_vllm"].update(output_dir=str(root / "remax_vllm"), rollout=dict(engine="vllm"))
+    return {stage: configs[stage] for stage in STAGES}
 
 
 def prepare(root: Path, size_name: str, steps: int) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check: SFT, reward and ReMax a few steps each on a random 1.1B-parameter Llama (TinyLlama's
+# One-GPU check: SFT, reward and ReMax (and ReMax on vLLM, where installed) a few steps each on a random 1.1B-parameter Llama (TinyLlama's
 # shape, vocabulary 32000) in bf16 with Adam-mini at ZeRO-2, then tokens/s, step time and peak GPU
 # memory per stage next to the memory plan of the same config. Nothing is downloaded.
 #   bash benchmarks/gpu_check.sh [OUTPUT_ROOT] [key.sub=value ...]
@@ -30,5 +30,9 @@ start=$SECONDS
 bash training_scripts/launch.sh stages.sft "$root/configs/sft.yaml" "$@"
 bash training_scripts/launch.sh stages.reward "$root/configs/reward.yaml" "$@"
 bash training_scripts/launch.sh stages.remax "$root/configs/remax.yaml" "$@"
+# ReMax again with vLLM generating, where vLLM is installed (prepare wrote its config then).
+if [ -f "$root/configs/remax_vllm.yaml" ]; then
+    bash training_scripts/launch.sh stages.remax "$root/configs/remax_vllm.yaml" "$@"
+fi
 echo "stages finished in $((SECONDS - start)) s"
 "$python" -m benchmarks.gpu_check report "$root" --json "$root/gpu_check.json" "$@"
