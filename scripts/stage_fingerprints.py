@@ -9,7 +9,6 @@ are written as JSON. Run it on two commits and compare the files:
 import argparse
 import hashlib
 import json
-import random
 import shlex
 import sys
 import tempfile
@@ -22,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.conftest import launch_ranks, without_timing  # noqa: E402
-from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir  # noqa: E402
+from tests.tiny_models import write_stage_inputs  # noqa: E402
 
 STEPS = 4
 # (stage, ZeRO stage, section overrides): the sampling stages' KL setting under its old key where the
@@ -31,20 +30,6 @@ CASES = [("remax", 2, {}), ("remax", 3, {"temperature": 0.7}), ("rloo", 2, {}),
          ("grpo", 3, {"updates_per_rollout": 2}), ("grpo", 2, {"kl_penalty": "reward", "scale_rewards": False}),
          ("ppo", 2, {}), ("ppo", 3, {"critic_init": "policy", "updates_per_rollout": 1}), ("dpo", 2, {}),
          ("dpo", 3, {"loss_type": "ipo"})]
-
-
-def write_inputs(root: Path) -> None:
-    save_tiny_reward_dir(root / "reward", save_tiny_model_dir(root / "model"))
-    rng = random.Random(0)
-    words = "the cat sat on a mat dog ran to park red blue big small".split()
-    pairs, prompts = [], []
-    for _ in range(64):
-        topic = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
-        pairs.append({"prompt": f"human what is {topic} assistant", "chosen": f" the {topic} is good",
-                      "rejected": f" the {topic} is bad"})
-        prompts.append({"prompt": f"human what is {topic} assistant"})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
-    (root / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
 
 
 def stage_config(stage: str, zero_stage: int, overrides: dict, root: Path) -> dict:
@@ -95,7 +80,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_inputs(root)
+        write_stage_inputs(root)
         runs = []
         for stage, zero, overrides in CASES:
             name = f"{stage}-{zero}-{len(runs)}"

@@ -84,3 +84,22 @@ def write_separable_pairs(path, count: int, seed: int = 0):
                      "chosen": f" {filler} {topic} is good", "rejected": f" {filler} {topic} is bad"})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def write_stage_inputs(root) -> None:
+    """What every stage needs, in `root`: a tiny Llama (`model`), a reward model started from it
+    (`reward`), 64 pairs (`pairs.jsonl`: SFT, reward and DPO data) and their prompts (`prompts.jsonl`)."""
+    from pathlib import Path
+
+    root = Path(root)
+    save_tiny_reward_dir(root / "reward", save_tiny_model_dir(root / "model"))
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran to park red blue big small".split()
+    pairs, prompts = [], []
+    for _ in range(64):
+        topic = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        pairs.append({"prompt": f"human what is {topic} assistant", "chosen": f" the {topic} is good",
+                      "rejected": f" the {topic} is bad"})
+        prompts.append({"prompt": f"human what is {topic} assistant"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    (root / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))

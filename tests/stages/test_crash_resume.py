@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from pipeline.stages import STAGES
 from tests.conftest import REPO_ROOT, launch_ranks, rank_env, start_ranks, stop_ranks, without_timing
-from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
+from tests.tiny_models import write_stage_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +34,7 @@ STEPS, CHECKPOINT_EVERY, KILL_AFTER_STEP = 7, 2, 3
 def inputs(tmp_path_factory):
     """A tiny Llama, a reward model started from it, pairs (SFT and reward data) and prompts."""
     root = tmp_path_factory.mktemp("crash_inputs")
-    save_tiny_reward_dir(root / "reward", save_tiny_model_dir(root / "model"))
-    rng = random.Random(0)
-    words = "the cat sat on a mat dog ran to park red blue big small".split()
-    pairs, prompts = [], []
-    for _ in range(64):
-        topic = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
-        pairs.append({"prompt": f"human what is {topic} assistant", "chosen": f" the {topic} is good",
-                      "rejected": f" the {topic} is bad"})
-        prompts.append({"prompt": f"human what is {topic} assistant"})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
-    (root / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    write_stage_inputs(root)
     return root
 
 

@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import launch_ranks
 from tests.stages.test_crash_resume import (after_step, assert_same_tensors, launch_and_kill, safetensors_of,
                                             sequence_run, stage_args, stage_config, strip_timing)
-from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
+from tests.tiny_models import write_stage_inputs
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -19,9 +19,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_a_vllm_run_killed_mid_training_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    save_tiny_reward_dir(tmp_path / "reward", save_tiny_model_dir(tmp_path / "model"))
-    prompts = [{"prompt": f"human what is the {word} assistant"} for word in "cat dog mat park red blue big small".split()]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts * 8))
+    write_stage_inputs(tmp_path)
     config = stage_config("grpo", 2, tmp_path)
     config["rollout"] = {"engine": "vllm"}
     config_file = tmp_path / "grpo.yaml"
