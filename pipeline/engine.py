@@ -35,8 +35,18 @@ logger = logging.getLogger(__name__)
 REDUCE_BUCKET_ELEMENTS = 500_000_000        # gradients reduced per bucket (ZeRO 1-3)
 ALLGATHER_BUCKET_ELEMENTS = 500_000_000     # ZeRO-1/2: updated weights gathered per bucket
 PREFETCH_BUCKET_ELEMENTS = 50_000_000       # ZeRO-3: weights fetched ahead of the layer that needs them
-MAX_LIVE_PARAMETERS = 1_000_000_000         # ZeRO-3: gathered weights kept between forward and backward
+MAX_LIVE_PARAMETERS = 1_000_000_000         # ZeRO-3: a cap on gathered weights that only limits prefetching
+MAX_REUSE_DISTANCE = 1_000_000_000          # ZeRO-3: a gathered weight used again within this many elements
+                                            # of other modules' weights stays gathered until then
+PARAM_PERSISTENCE_THRESHOLD = 100_000       # ZeRO-3: parameters this small stay whole on every rank
 SUB_GROUP_ELEMENTS = 1_000_000_000          # ZeRO-3: optimizer step granularity
+
+
+def zero3_settings() -> dict:
+    """The ZeRO-3 settings that move memory (DeepSpeed 0.19's defaults, stated so the plan reads them)."""
+    return dict(stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS, stage3_max_live_parameters=MAX_LIVE_PARAMETERS,
+                stage3_max_reuse_distance=MAX_REUSE_DISTANCE,
+                stage3_param_persistence_threshold=PARAM_PERSISTENCE_THRESHOLD)
 
 
 def reduce_bucket_elements(trainable_numel: int) -> int:
@@ -145,9 +155,8 @@ def build_ds_config(config: RunConfig, plan: BatchPlan) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMENTS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS)
     if engine.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True,
-                    stage3_prefetch_bucket_size=PREFETCH_BUCKET_ELEMENTS,
-                    stage3_max_live_parameters=MAX_LIVE_PARAMETERS, sub_group_size=SUB_GROUP_ELEMENTS)
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, sub_group_size=SUB_GROUP_ELEMENTS,
+                    **zero3_settings())
     ds_config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -225,6 +234,8 @@ def frozen_ds_config(config: RunConfig, zero_stage: Optional[int] = None, offloa
         raise EngineConfigError(f"offloading a frozen model needs ZeRO-3, got zero stage {stage}")
     world_size = init_distributed()
     zero = {"stage": stage if stage == 3 else 0}  # without an optimizer only ZeRO-3 shards anything
+    if stage == 3:
+        zero.update(zero3_settings())
     if offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds_config = {"train_micro_batch_size_per_gpu": config.engine.micro_batch_size,

@@ -1,6 +1,7 @@
 """Per-rank memory plans: everything a rank holds at its peak, for ZeRO 0-3, Adam-mini next to AdamW.
 
-    python -m pipeline.plan --config FILE [--world-sizes 1,2,8] [--gpu-memory 80] [--json] [key.sub=value ...]
+    python -m pipeline.plan --config FILE [--world-sizes 1,2,8] [--gpu-memory 80] [--json] [--cpu] [key.sub=value ...]
+    python -m pipeline.plan --markdown configs/llama2-7b --world-sizes 2,8 --gpu-memory 80   # the README's table
 
 The model is built on the meta device from its config.json (no weights are read); the stage (SFT,
 reward, DPO, ReMax) is read from the config, and the reward stage is planned as a reward model.
@@ -9,32 +10,44 @@ Model states follow DeepSpeed's layout (its `estimate_zero{2,3}_model_states_mem
 bf16/fp16, 16-bit weights and gradients plus fp32 gradients and an fp32 master copy; ZeRO-1 shards
 the optimizer side, ZeRO-2 the gradients too, ZeRO-3 the weights too. The optimizer's own state
 comes from the optimizer's accounting (Adam-mini's `planned_state_bytes`, AdamW's two fp32 values
-per element). On top, per rank:
+per element). With a workload, what the engine really holds replaces the estimate where they differ
+(ZeRO-2 keeps no gradients between steps; ZeRO-3 keeps a 16-bit gradient partition and no gathered
+layer), and on top, per rank:
   activations     what autograd keeps for the backward (Llama-style layer, SDPA: no T x T matrix),
                   every layer, or with gradient checkpointing each layer's input plus one layer rebuilt
   logits          the B x T x vocab logits, their fp32 upcast and log-softmax (the loss), where computed
-  DeepSpeed       the gradient reduce bucket; ZeRO-3: the gathered weights it keeps live
+  DeepSpeed       the gradient reduce bucket, and its gradients flattened when it is reduced; ZeRO-3
+                  (pipeline.engine states the settings): the parameters of at most
+                  `stage3_param_persistence_threshold` elements kept whole on every rank, the weights it
+                  keeps gathered from a module's forward to its backward (every module used again within
+                  `stage3_max_reuse_distance` elements: all of a small model) and a prefetch bucket, its
+                  reduce bucket held from the first backward on; on CPU ranks gloo's copy of each
+                  all-gather and reduce-scatter (`--cpu`)
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
   frozen models   reference policy and reward model weights (ReMax, DPO)
   critic          PPO: a second trained model (weights, gradients, optimizer state); its forward,
                   backward and step run while the actor's activations are alive
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
 The peak is what persists between steps (weights, the gradients DeepSpeed keeps, optimizer state,
-frozen models) plus the largest of the phases (forward/backward, generation, scoring, optimizer step;
-ZeRO-2's fp32 gradient partition exists only in the step); "fits" is decided on it. Checked against
-measured peaks on 2 CPU ranks by benchmarks/memory_vs_plan.py.
+its buffers, frozen models) plus the largest of the phases (forward/backward, generation, scoring,
+gradient reduction, optimizer step); "fits" is decided on it. Held to measured peaks on 2 CPU ranks
+by benchmarks/memory_vs_plan.py and, at a smaller size, tests/benchmarks/test_memory_vs_plan.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .config import ConfigError, RunConfig, load_config
-from .engine import MAX_LIVE_PARAMETERS, SUB_GROUP_ELEMENTS, reduce_bucket_elements
+from .engine import (MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE, PARAM_PERSISTENCE_THRESHOLD, PREFETCH_BUCKET_ELEMENTS,
+                     SUB_GROUP_ELEMENTS, reduce_bucket_elements)
 from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, load_causal_lm
 from .optim import OPTIMIZERS, planned_state_bytes
 from .stages import STAGES, stage_named
@@ -79,6 +92,84 @@ def largest_layer_numel(model) -> int:
                (sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()))
 
 
+# ---- what ZeRO-3 holds whole --------------------------------------------------------------------
+
+def persistent_numel(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
+    """Elements of the parameters ZeRO-3 never partitions (`stage3_param_persistence_threshold`: at most
+    `threshold` elements each). Every rank holds them whole, next to its own shard of them."""
+    return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
+
+
+def parameter_modules(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> list:
+    """(name, elements, partitioned elements) of each module that holds parameters itself, in registration
+    order: the forward order ZeRO-3 traces, for decoder stacks."""
+    modules = []
+    for name, module in model.named_modules():
+        sizes = [p.numel() for p in module.parameters(recurse=False)]
+        if sizes:
+            modules.append((name, sum(sizes), sum(size for size in sizes if size > threshold)))
+    return modules
+
+
+def zero3_gathered_numel(model, checkpointing: bool, reuse_distance: int = MAX_REUSE_DISTANCE,
+                         prefetch: int = min(PREFETCH_BUCKET_ELEMENTS, MAX_LIVE_PARAMETERS),
+                         threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
+    """Partitioned elements a ZeRO-3 training engine holds gathered when its backward starts, from its
+    second step on (the first records the module trace). After a module's forward DeepSpeed frees its
+    weights unless the module runs again before `reuse_distance` elements of other modules' weights
+    have run (`__params_to_release`): between a module's forward and its backward run the rest of the
+    forward and the backward down to it (with gradient checkpointing a decoder layer's backward first
+    reruns its forward), so a small model stays gathered whole. Plus one prefetch bucket. Modules run
+    in the order they are registered in, here: within a layer, DeepSpeed may keep a module more or less
+    (Llama registers its norms last)."""
+    modules = parameter_modules(model, threshold)
+    layer = [re.search(r"\.(\d+)\.", f".{name}.") for name, _, _ in modules]
+    layer = [match.group(1) if match else None for match in layer]
+    forward = list(range(len(modules)))
+    backward, index = [], len(modules) - 1
+    while index >= 0:
+        if checkpointing and layer[index] is not None:
+            # The backward reaches the layer's last module, whose saved inputs make the layer rerun.
+            block = [i for i in forward if layer[i] == layer[index]]
+            backward += block[-1:] + block + block[-2::-1]
+            index = block[0] - 1
+        else:
+            backward.append(index)
+            index -= 1
+    trace = forward + backward
+    gathered = 0
+    for position in forward:
+        traversed = 0
+        for later in trace[position + 1:]:
+            if traversed >= reuse_distance:
+                break
+            if later == position:
+                gathered += modules[position][2]
+                break
+            traversed += modules[later][1]
+    partitioned = sum(module[2] for module in modules)
+    return min(partitioned, gathered + prefetch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """What the plan needs of a frozen model: its elements, those ZeRO-3 keeps whole, and those a ZeRO-3
+    forward holds gathered at once (one module's and a prefetch bucket: without a backward nothing is
+    used again, so each module's weights go after its forward), which is also the most one all-gather
+    fetches."""
+    parameters: int
+    persistent: int
+    forward_gathered: int
+
+    @classmethod
+    def of(cls, model) -> "ModelSize":
+        modules = parameter_modules(model)
+        partitioned = sum(module[2] for module in modules)
+        largest = max(module[2] for module in modules)
+        prefetch = min(PREFETCH_BUCKET_ELEMENTS, MAX_LIVE_PARAMETERS)
+        return cls(count_parameters(model)[0], persistent_numel(model), min(partitioned, largest + prefetch))
+
+
 # ---- geometry and workload ------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -115,13 +206,14 @@ class Workload:
     gradient_checkpointing: bool
     prompt_len: int = 0            # ReMax: generation from prompt_len to prompt_len + new_tokens
     new_tokens: int = 0
-    frozen: tuple = ()             # (name, parameters, zero3, offload) of each frozen model
+    frozen: tuple = ()             # (name, ModelSize or None: the trained model's, zero3, offload) per frozen model
+    gloo: bool = False             # CPU ranks: gloo's all-gather and reduce-scatter copy the whole buffer they fill
 
 
-def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Workload:
-    """The per-rank workload of `config` run as `stage` (a row of pipeline.stages.STAGES);
-    `frozen_numels` gives the frozen models' sizes ({"reference": n, "reward": n}; default: the trained
-    model's)."""
+def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: bool = False) -> Workload:
+    """The per-rank workload of `config` run as `stage` (a row of pipeline.stages.STAGES), on CPU ranks
+    (gloo) or GPUs; `frozen_numels` gives the frozen models' sizes ({"reference": ModelSize, "reward":
+    ModelSize}; default: the trained model's)."""
     spec = STAGES[stage]
     batch, length = config.engine.micro_batch_size, config.data.max_length
     checkpointing = config.model.gradient_checkpointing
@@ -139,10 +231,10 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None) -> Wor
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
         return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
-                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen))
+                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo)
     rows = 2 * batch if spec.pairs else batch
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
-                    frozen=tuple(frozen))
+                    frozen=tuple(frozen), gloo=gloo)
 
 
 # ---- the components -------------------------------------------------------------------------------
@@ -236,47 +328,71 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
     w = workload
     activations = activation_bytes(g, w.rows, w.seq_len, a, w.gradient_checkpointing)
     logits = logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=True)
-    # DeepSpeed: one gradient bucket (ZeRO-1 accumulates it in fp32); ZeRO-3 keeps up to max_live
-    # gathered weights between forward and backward, on top of its own shard.
-    bucket = reduce_bucket_elements(trainable) * (4 if stage == 1 and a == 2 else a) if stage >= 1 else 0
-    live = a * min(MAX_LIVE_PARAMETERS, total) * (1 - 1 / world_size) if stage == 3 else 0
-    deepspeed = int(bucket + live)
-    # Gradients: ZeRO-2 keeps this rank's 16-bit gradient partition between steps and builds the fp32
-    # one only for the step (flattened from the 16-bit one, then cast); ZeRO-3 keeps its fp32 partition
-    # (allocated once) and flattens it per sub-group for the step. Fused AdamW and Adam-mini add only
-    # per-block values to that.
-    kept_grads = row["grads_bytes"]
+    # DeepSpeed: one gradient bucket (ZeRO-1 accumulates it in fp32).
+    bucket_elements = reduce_bucket_elements(trainable)
+    bucket = bucket_elements * (4 if stage == 1 and a == 2 else a) if stage >= 1 else 0
+    params, kept_grads = row["params_bytes"], row["grads_bytes"]
+    bucket_kept = gathered = gather_copy = 0
+    # In flight while a full bucket is reduced, when the gradients outgrow it, or else once the
+    # backward is done: the bucket and its gradients flattened for the collective.
+    reduction = 2 * bucket if stage >= 2 else 0
     if stage == 2 and a == 2:
-        kept_grads = a * trainable / world_size
-        step = (4 + a) * trainable / world_size
+        # ZeRO-2 fills the bucket as the backward frees activations and, reducing it, builds this rank's
+        # 16-bit gradient partition, which the step flattens and casts to fp32 and then frees; fused
+        # AdamW and Adam-mini add only per-block values to that.
+        kept_grads = 0
+        step = (4 + 2 * a) * trainable / world_size
+        # Gradients that outgrow the bucket are reduced, and the partition built, while activations live.
+        bucket = 0 if trainable <= bucket_elements else reduction + a * trainable / world_size
     elif stage == 1 and a == 2:
         step = a * trainable / world_size
     elif stage == 3:
-        step = 4 * min(SUB_GROUP_ELEMENTS, trainable / world_size)
+        # What the engine holds (DeepSpeed's estimate's "one layer gathered" aside): this rank's shard,
+        # and whole every parameter under the persistence threshold; a gradient partition in the model's
+        # dtype (DeepSpeed's grad_accum_dtype), flattened per sub-group and cast to fp32 for the step;
+        # the reduce bucket, allocated at start-up and held once the first backward has filled it;
+        # between forward and backward the gathered weights.
+        params = a * total / world_size + a * persistent_numel(model)
+        kept_grads = a * trainable / world_size
+        step = (4 + (a if a != 4 else 0)) * min(SUB_GROUP_ELEMENTS, trainable / world_size)
+        # Reducing it flattens its gradients (and gloo's reduce-scatter copies them once more); the
+        # forward's all-gathers are copied by gloo too.
+        reduction = bucket * (2 if w.gloo else 1)
+        bucket_kept, bucket = bucket, (reduction if trainable > bucket_elements else 0)
+        gathered = a * zero3_gathered_numel(model, w.gradient_checkpointing)
+        gather_copy = a * ModelSize.of(model).forward_gathered if w.gloo else 0
     else:
         step = 0
+    deepspeed = int(bucket + gathered)
     frozen = 0
     frozen_live = 0
-    for _, numel, zero3, offload in w.frozen:
-        numel = numel if numel is not None else total
-        frozen += 0 if offload else (a * numel / world_size if zero3 else a * numel)
-        if zero3:  # gathered while it runs (from CPU when offloaded)
-            own_shard = 0 if offload else 1 / world_size
-            frozen_live = max(frozen_live, a * min(MAX_LIVE_PARAMETERS, numel) * (1 - own_shard))
+    own = ModelSize.of(model) if any(size is None for _, size, _, _ in w.frozen) else None
+    for _, size, zero3, offload in w.frozen:
+        size = size or own
+        if zero3:  # its shard (in CPU memory when offloaded), its small parameters whole, one module gathered
+            frozen += (0 if offload else a * size.parameters / world_size) + a * size.persistent
+            frozen_live = max(frozen_live, a * size.forward_gathered * (2 if w.gloo else 1))
+        else:
+            frozen += 0 if offload else a * size.parameters
     generation = scoring = 0
     if STAGES[w.stage].samples:
-        gathered = a * total * (1 - 1 / world_size) if stage == 3 else 0  # `generate` runs on whole weights
+        # `generate` runs on whole weights: ZeRO-3 gathers every partitioned parameter at once (in one
+        # all-gather, which gloo copies before the generation starts).
+        whole = a * (total - persistent_numel(model)) if stage == 3 else 0
         per_step_logits = 2 * w.rows * g.vocab * 4
-        generation = gathered + kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits
+        generation = whole + max(kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits, whole if w.gloo else 0)
         # Actor and reference log-probs without gradients: logits of the response and their upcast.
         scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
-    forward_backward = activations + logits + deepspeed
-    kept = row["params_bytes"] + kept_grads + row["optimizer_bytes"]
-    peak = kept + frozen + max(forward_backward, generation, scoring, step)
-    return dict(row, kept_bytes=int(kept), kept_grads_bytes=int(kept_grads), activations_bytes=int(activations),
-                logits_bytes=int(logits), deepspeed_bytes=deepspeed, optimizer_step_bytes=int(step),
-                frozen_bytes=int(frozen), generation_bytes=int(generation),
-                scoring_bytes=int(scoring), total_bytes=int(peak), stage=w.stage)
+    # gloo's copy of an all-gather is in flight while the forward fetches weights, before most activations exist.
+    forward_backward = max(activations + logits, gather_copy) + deepspeed
+    kept = params + kept_grads + row["optimizer_bytes"] + bucket_kept
+    peak = kept + frozen + max(forward_backward, generation, scoring, step, reduction)
+    return dict(row, params_bytes=int(params), kept_bytes=int(kept), kept_grads_bytes=int(kept_grads),
+                activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
+                deepspeed_kept_bytes=int(bucket_kept), gathered_bytes=int(gathered), reduction_bytes=int(reduction),
+                forward_backward_bytes=int(forward_backward), optimizer_step_bytes=int(step),
+                frozen_bytes=int(frozen), generation_bytes=int(generation), scoring_bytes=int(scoring),
+                total_bytes=int(peak), stage=w.stage)
 
 
 def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None,
@@ -289,7 +405,8 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
         return rows
     rows = [add_workload(row, model, workload, precision) for row in rows]
     if critic is not None:
-        critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing)
+        critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
+                                   gloo=workload.gloo)
         critic_rows = {(row["optimizer"], row["zero_stage"], row["world_size"]): add_workload(
             row, critic, critic_workload, precision) for row in model_state_rows(critic, world_sizes, precision)}
         rows = [add_critic(row, critic_rows[row["optimizer"], row["zero_stage"], row["world_size"]]) for row in rows]
@@ -299,24 +416,27 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
 def add_critic(row: dict, critic: dict) -> dict:
     """The actor's `row` with PPO's critic (its own planned row) added. The critic's weights, gradients
     and optimizer state persist like the actor's. Its forward and backward (activations, its gradient
-    bucket), then its optimizer step, run after the actor's forward and before the actor's backward,
-    so the actor's activations and logits are alive through them."""
-    critic_phase = max(critic["activations_bytes"] + critic["deepspeed_bytes"], critic["optimizer_step_bytes"])
-    forward_backward = row["activations_bytes"] + row["logits_bytes"] + max(row["deepspeed_bytes"], critic_phase)
+    bucket or gathered weights), its gradient reduction and its optimizer step run after the actor's
+    forward and before the actor's backward, so the actor's activations, logits and (ZeRO-3) gathered
+    weights are alive through them; the actor's gradient bucket is not yet."""
+    critic_phase = max(critic["forward_backward_bytes"], critic["optimizer_step_bytes"], critic["reduction_bytes"])
+    alive = row["forward_backward_bytes"] - (row["deepspeed_bytes"] - row["gathered_bytes"])
+    forward_backward = alive + max(row["forward_backward_bytes"] - alive, critic_phase)
     kept = row["kept_bytes"] + critic["kept_bytes"]
-    phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"])
+    phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"],
+              row["reduction_bytes"])
     return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
                 critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + max(phases)))
 
 
 def frozen_numels(config, stage: str) -> dict:
-    """Parameter counts of the frozen models, from their config.json where it exists (else the trained
+    """Sizes (`ModelSize`) of the frozen models, from their config.json where it exists (else the trained
     model's architecture is assumed)."""
     numels, spec = {}, STAGES[stage]
     if spec.samples:
-        numels["reward"] = count_parameters(meta_reward_model(config, getattr(config, stage).reward_model_path))[0]
+        numels["reward"] = ModelSize.of(meta_reward_model(config, getattr(config, stage).reward_model_path))
     if spec.reference:
-        numels["reference"] = count_parameters(load_causal_lm(base_model_config(config), device="meta"))[0]
+        numels["reference"] = ModelSize.of(load_causal_lm(base_model_config(config), device="meta"))
     return numels
 
 
@@ -332,7 +452,8 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     model = build_meta_model(config, stage_name)
     total, trainable = count_parameters(model)
     stage = config.engine.zero_stage
-    workload = workload_of(config, stage_name, frozen_numels(config, stage_name))
+    # This machine's collectives, as the engine picks them (pipeline.engine.init_distributed).
+    workload = workload_of(config, stage_name, frozen_numels(config, stage_name), gloo=not torch.cuda.is_available())
     critic = build_meta_critic(config)
     rows = {row["optimizer"]: row for row in plan_rows(model, [world_size], config.engine.precision, workload, critic)
             if row["zero_stage"] == stage}
@@ -352,15 +473,17 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     if {"adam_mini", "adamw"} <= set(OPTIMIZERS):
         ratio = states["adam_mini", world_size, stage] / states["adamw", world_size, stage]
         lines.append(f"    adam_mini / adamw   {ratio:>12.3f}")
-    for key, label in (("activations_bytes", "activations"), ("logits_bytes", "logits and loss"),
-                       ("deepspeed_bytes", "DeepSpeed buffers"), ("optimizer_step_bytes", "optimizer step"),
+    for key, label in (("deepspeed_kept_bytes", "DeepSpeed buffers kept"), ("activations_bytes", "activations"),
+                       ("logits_bytes", "logits and loss"), ("deepspeed_bytes", "DeepSpeed buffers"),
+                       ("reduction_bytes", "gradient reduction"), ("optimizer_step_bytes", "optimizer step"),
                        ("frozen_bytes", "frozen models"), ("generation_bytes", "generation"),
                        ("scoring_bytes", "scoring"), ("critic_bytes", "critic state"),
                        ("critic_phase_bytes", "critic training")):
         if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
-    lines.append("  peak = weights + gradients kept + optimizer state + frozen models + the largest phase "
-                 "(activations + logits + DeepSpeed buffers, generation, scoring or optimizer step)"
+    lines.append("  peak = weights + gradients kept + optimizer state + DeepSpeed buffers kept + frozen models "
+                 "+ the largest phase (activations + logits + DeepSpeed buffers, generation, scoring, gradient "
+                 "reduction or optimizer step)"
                  + ("; PPO: the critic's state (weights, gradients, optimizer) persists too, and its training "
                     "(forward, backward, step) runs while the actor's activations and logits live"
                     if critic is not None else ""))
@@ -376,9 +499,10 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
     keys = ["params_bytes", "grads_bytes", "optimizer_bytes"]
     if rows and "activations_bytes" in rows[0]:
         keys[1] = "kept_grads_bytes"  # what persists between steps; the fp32 rest is in the step column
-        header += ["activ. GiB", "logits GiB", "DS GiB", "step GiB", "frozen GiB", "gen. GiB"]
-        keys += ["activations_bytes", "logits_bytes", "deepspeed_bytes", "optimizer_step_bytes", "frozen_bytes",
-                 "generation_bytes"]
+        header += ["DS kept GiB", "activ. GiB", "logits GiB", "DS GiB", "reduce GiB", "step GiB", "frozen GiB",
+                   "gen. GiB"]
+        keys += ["deepspeed_kept_bytes", "activations_bytes", "logits_bytes", "deepspeed_bytes", "reduction_bytes",
+                 "optimizer_step_bytes", "frozen_bytes", "generation_bytes"]
     if rows and "critic_bytes" in rows[0]:  # PPO: the critic's persistent state and its training phase
         header += ["critic GiB", "critic phase GiB"]
         keys += ["critic_bytes", "critic_phase_bytes"]
@@ -398,6 +522,60 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
                      for line in lines)
 
 
+def markdown_table(config_dir, world_sizes, gpu_memory_gib: float) -> str:
+    """A markdown table of every config in `config_dir` (the README's Llama-2-7B table): per config and
+    rank count, at the config's ZeRO stage, what a rank holds and its peak with Adam-mini and AdamW.
+
+    Raises:
+        ConfigError, ModelLoadError: a config that does not load.
+    """
+    plans = []
+    for path in sorted(Path(config_dir).glob("*.yaml")):
+        stage = _stage_in_file(str(path))
+        config, rows = config_plan_rows(str(path), world_sizes, stage=stage)
+        plans.append((list(STAGES).index(stage), path.stem, stage, config, rows))
+    gib = lambda n: f"{n / GIB:.1f}"  # noqa: E731
+    peak = lambda r: gib(r["total_bytes"]) + (" (no)" if r["total_bytes"] > gpu_memory_gib * GIB else "")  # noqa: E731
+    lines = ["| config | ranks | weights | optimizer state + fp32 master, Adam-mini / AdamW | activations | logits | "
+             "generation or scoring | peak, Adam-mini | peak, AdamW |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, name, stage, config, rows in sorted(plans, key=lambda plan: plan[:2]):
+        for first, world_size in zip([True] + [False] * len(world_sizes), world_sizes):
+            row = {r["optimizer"]: r for r in rows
+                   if (r["zero_stage"], r["world_size"]) == (config.engine.zero_stage, world_size)}
+            mini, adamw = row["adam_mini"], row["adamw"]
+            phase = max(mini["generation_bytes"], mini["scoring_bytes"])
+            label = workload_label(config, stage, mini, adamw, first)
+            cells = [f"{name} ({label})" if label else name, str(world_size), gib(mini["params_bytes"]),
+                     f"{gib(mini['optimizer_bytes'])} / {gib(adamw['optimizer_bytes'])}",
+                     gib(mini["activations_bytes"]),
+                     gib(mini["logits_bytes"]) if mini["logits_bytes"] else "-", gib(phase) if phase else "-",
+                     peak(mini), peak(adamw)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def workload_label(config, stage: str, mini: dict, adamw: dict, workload: bool = True) -> str:
+    """What one rank runs per step in `config` (unless not `workload`), for a table's first column, and for
+    PPO its critic's state, Adam-mini / AdamW, and its training phase."""
+    batch, length = config.engine.micro_batch_size, config.data.max_length
+    section = getattr(config, stage, None)
+    if STAGES[stage].samples:
+        samples = getattr(section, "num_samples", 1)
+        label = (f"{batch} prompts" + (f" x {samples} samples" if samples > 1 else "")
+                 + f", {config.data.max_prompt_length} + {section.max_new_tokens}")
+    elif STAGES[stage].pairs:
+        label = f"{batch} pairs x {length}"
+    else:
+        label = f"{batch} x {length}"
+    if config.model.lora.enabled:
+        label = f"LoRA rank {config.model.lora.r}, " + label
+    parts = [label] if workload else []
+    if "critic_bytes" in mini:
+        parts.append(f"critic: {mini['critic_bytes'] / GIB:.1f} / {adamw['critic_bytes'] / GIB:.1f} kept, "
+                     f"{mini['critic_phase_bytes'] / GIB:.1f} in training")
+    return "; ".join(parts)
+
+
 def config_class(stage: str):
     """The stage's config class (its own section validated with the rest)."""
     return STAGES[stage].config_class
@@ -415,12 +593,32 @@ def _stage_in_file(path: str) -> str:
     return stage_named(values) if isinstance(values, dict) else "sft"
 
 
+def config_plan_rows(path: str, world_sizes, overrides=(), stage: Optional[str] = None, gloo: bool = False) -> tuple:
+    """The config at `path` (its stage read from the file unless given) and its plan's rows, on GPUs or
+    (`gloo`) on CPU ranks.
+
+    Raises:
+        ConfigError, ModelLoadError: as `load_config` and the meta model's build do.
+    """
+    stage = stage or _stage_in_file(path)
+    config = load_config(config_class(stage), path, list(overrides))
+    model = build_meta_model(config, stage)
+    workload = workload_of(config, stage, frozen_numels(config, stage), gloo)
+    critic = build_meta_critic(config) if STAGES[stage].critic else None
+    return config, plan_rows(model, world_sizes, config.engine.precision, workload, critic)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the run config to plan")
+    parser.add_argument("--markdown", metavar="DIR",
+                        help="instead, a markdown table of every config in DIR at its ZeRO stage (the README's "
+                             "Llama-2-7B table: --markdown configs/llama2-7b --world-sizes 2,8 --gpu-memory 80)")
     parser.add_argument("--world-sizes", default="1,2,8", help="comma-separated rank counts")
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU, to say what fits")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--cpu", action="store_true",
+                        help="plan CPU ranks (gloo collectives, whose all-gather and reduce-scatter copy their buffer)")
     parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="the stage to plan for (default: from the config: its remax/dpo section, pairwise data "
                              "for reward, else sft)")
@@ -432,16 +630,16 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--world-sizes is {args.world_sizes!r}; give positive integers such as 1,2,8")
+    if not args.config and not (args.markdown and args.gpu_memory):
+        parser.error("give --config FILE, or --markdown DIR with --gpu-memory GIB")
     try:
-        stage = args.stage or _stage_in_file(args.config)
-        config = load_config(config_class(stage), args.config, args.overrides)
-        model = build_meta_model(config, stage)
-        workload = workload_of(config, stage, frozen_numels(config, stage))
-        critic = build_meta_critic(config) if STAGES[stage].critic else None
+        if args.markdown:
+            print(markdown_table(args.markdown, world_sizes, args.gpu_memory))
+            return 0
+        _, rows = config_plan_rows(args.config, world_sizes, args.overrides, args.stage, gloo=args.cpu)
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = plan_rows(model, world_sizes, config.engine.precision, workload, critic)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.gpu_memory))
     return 0
 

@@ -8,8 +8,9 @@ import torch
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig
 from pipeline.optim import build_optimizer
-from pipeline.engine import (MAX_LIVE_PARAMETERS, REDUCE_BUCKET_ELEMENTS, EngineConfigError, batch_plan,
-                             build_ds_config, check_device, create_frozen_engine, lr_multiplier,
+from pipeline.engine import (MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE, PARAM_PERSISTENCE_THRESHOLD,
+                             PREFETCH_BUCKET_ELEMENTS, REDUCE_BUCKET_ELEMENTS, EngineConfigError, batch_plan,
+                             build_ds_config, check_device, create_frozen_engine, frozen_ds_config, lr_multiplier,
                              reduce_bucket_elements)
 from tests.conftest import launch_ranks, read_json
 from tests.tiny_models import tiny_llama
@@ -38,7 +39,7 @@ def test_batch_sizes_that_do_not_divide_are_refused(engine, message):
         batch_plan(config(engine=engine), world_size=2)
 
 
-def test_ds_config_is_explicit_about_everything_that_matters():
+def test_ds_config_is_explicit_about_everything_that_matters(monkeypatch):
     run = config(engine=EngineConfig(zero_stage=3, precision="bf16", offload_optimizer=True, offload_param=True,
                                      micro_batch_size=2, gradient_accumulation_steps=4),
                  optim=OptimConfig(gradient_clipping=0.5))
@@ -54,9 +55,15 @@ def test_ds_config_is_explicit_about_everything_that_matters():
     fp32 = build_ds_config(config(), batch_plan(config(), world_size=1))
     assert "bf16" not in fp32 and fp32["gradient_clipping"] == 1.0
     assert "offload_optimizer" not in fp32["zero_optimization"]
-    # The buffer sizes the memory plan reads are the ones DeepSpeed gets.
+    # The buffer sizes the memory plan reads are the ones DeepSpeed gets, for frozen ZeRO-3 models too.
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == MAX_LIVE_PARAMETERS
     assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_ELEMENTS
+    monkeypatch.setattr("pipeline.engine.init_distributed", lambda: 2)  # no process group needed here
+    frozen = frozen_ds_config(run, zero_stage=3)["zero_optimization"]
+    for section in (ds["zero_optimization"], frozen):
+        assert section["stage3_param_persistence_threshold"] == PARAM_PERSISTENCE_THRESHOLD
+        assert section["stage3_max_reuse_distance"] == MAX_REUSE_DISTANCE
+        assert section["stage3_prefetch_bucket_size"] == PREFETCH_BUCKET_ELEMENTS
 
 
 def test_reduce_bucket_is_never_larger_than_the_gradients():

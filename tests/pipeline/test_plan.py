@@ -1,6 +1,8 @@
-"""Memory plans: a tiny model checked against bytes counted by hand, and Llama-2-7B with AdamW
-against DeepSpeed's own estimators."""
+"""Memory plans: a tiny model checked against bytes counted by hand, Llama-2-7B with AdamW against
+DeepSpeed's own estimators, ZeRO-3's gathered weights against a DeepSpeed engine's, and the README's
+7B table against the plan (tests/benchmarks/test_memory_vs_plan.py holds whole plans to measurement)."""
 import json
+import re
 
 import pytest
 import torch
@@ -11,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, RunConfig
 from pipeline.models import enable_gradient_checkpointing
-from pipeline.plan import (Geometry, Workload, kv_cache_bytes, logits_bytes, main, plan_rows,
-                           saved_activation_bytes, workload_of)
+from pipeline.plan import (Geometry, Workload, kv_cache_bytes, logits_bytes, main, persistent_numel, plan_rows,
+                           saved_activation_bytes, workload_of, zero3_gathered_numel)
 from tests.conftest import REPO_ROOT
 from tests.tiny_models import tiny_llama
 
@@ -135,13 +137,17 @@ def test_peak_adds_workload_to_what_persists():
     rows = plan_rows(model, [2], "bf16", workload_of(config, "sft"))
     for r in rows:
         forward_backward = r["activations_bytes"] + r["logits_bytes"] + r["deepspeed_bytes"]
-        assert r["total_bytes"] == r["kept_bytes"] + max(forward_backward, r["optimizer_step_bytes"])
+        phases = (forward_backward, r["optimizer_step_bytes"], r["reduction_bytes"])
+        assert r["total_bytes"] == r["kept_bytes"] + max(phases)
         assert r["total_bytes"] > r["kept_bytes"] > 0
     zero2 = row(rows, "adamw", 2, 2)
     numel = sum(p.numel() for p in model.parameters())
-    # ZeRO-2 keeps the 16-bit gradient partition; the fp32 one and the flattening exist in the step only.
-    assert zero2["kept_bytes"] == zero2["params_bytes"] + 2 * numel / 2 + zero2["optimizer_bytes"]
-    assert zero2["optimizer_step_bytes"] == 6 * numel // 2
+    # ZeRO-2 keeps no gradients between steps: its 16-bit partition is built when the bucket is reduced
+    # (the bucket and its flattened copy: 2 x 2 bytes per element) and freed by the step, which flattens
+    # it and casts it to fp32 (2 + 2 + 4 bytes per element of the rank's half).
+    assert zero2["kept_bytes"] == zero2["params_bytes"] + zero2["optimizer_bytes"]
+    assert zero2["reduction_bytes"] == 4 * numel
+    assert zero2["optimizer_step_bytes"] == 8 * numel // 2
 
 
 def test_ppo_plans_its_critic_as_a_second_trained_model(capsys):
@@ -162,24 +168,97 @@ def test_ppo_plans_its_critic_as_a_second_trained_model(capsys):
     assert main(["--config", config_file, "--world-sizes", "2,8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     for r in rows:
-        critic_alone = plan_rows(critic, [r["world_size"]], "bf16")
-        state = row(critic_alone, r["optimizer"], r["zero_stage"], r["world_size"])
-        # The critic keeps what a trained model keeps between steps: bf16 weights, the gradients DeepSpeed
-        # keeps (ZeRO-2: the 16-bit partition only) and the optimizer state with its fp32 master.
-        kept_grads = (2 * critic_numel / r["world_size"] if r["zero_stage"] == 2 else
-                      state["grads_bytes"])
-        assert r["critic_bytes"] == pytest.approx(state["params_bytes"] + kept_grads + state["optimizer_bytes"], abs=8)
-        # The critic runs on the actor's sequences (8 prompts x 1024 tokens), scoring every position.
+        # The critic is planned as what it is, a trained reward model on the actor's sequences (8 prompts x
+        # 1024 tokens, scoring every position): its state persists next to the actor's, its training runs
+        # inside the actor's forward/backward.
         critic_training = row(plan_rows(critic, [r["world_size"]], "bf16", Workload("reward", 8, 1024, 0, True)),
                               r["optimizer"], r["zero_stage"], r["world_size"])
-        assert r["critic_phase_bytes"] == max(critic_training["activations_bytes"] + critic_training["deepspeed_bytes"],
-                                              critic_training["optimizer_step_bytes"])
-        # Actor forward, then the critic's forward/backward and its step, then the actor's backward.
-        forward_backward = r["activations_bytes"] + r["logits_bytes"] + max(r["deepspeed_bytes"],
-                                                                            r["critic_phase_bytes"])
-        phases = (forward_backward, r["generation_bytes"], r["scoring_bytes"], r["optimizer_step_bytes"])
+        assert r["critic_bytes"] == critic_training["kept_bytes"]
+        assert r["critic_phase_bytes"] == max(critic_training["forward_backward_bytes"],
+                                              critic_training["optimizer_step_bytes"],
+                                              critic_training["reduction_bytes"])
+        # Actor forward, then the critic's forward/backward, reduction and step (the actor's activations,
+        # logits and gathered weights alive; its gradient bucket not yet), then the actor's backward.
+        alive = r["activations_bytes"] + r["logits_bytes"] + r["gathered_bytes"]
+        forward_backward = alive + max(r["deepspeed_bytes"] - r["gathered_bytes"], r["critic_phase_bytes"])
+        phases = (forward_backward, r["generation_bytes"], r["scoring_bytes"], r["optimizer_step_bytes"],
+                  r["reduction_bytes"])
         assert r["total_bytes"] == pytest.approx(r["kept_bytes"] + r["frozen_bytes"] + max(phases), abs=8)
     gib = 2**30
     # At 2 ranks PPO's two trained 7B models do not fit an 80 GB card at any ZeRO stage; at 8 ranks ZeRO-2 does.
     assert min(r["total_bytes"] for r in rows if r["world_size"] == 2) > 80 * gib
     assert row(rows, "adam_mini", 2, 8)["total_bytes"] < 80 * gib
+
+
+def test_readme_7b_table_is_the_plans(capsys, monkeypatch):
+    """The README's Llama-2-7B table is the output of the command its marker names, for the plan as it
+    is now: a change to the plan, the configs or DeepSpeed's settings that moves a figure fails here
+    until the table is regenerated."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"<!-- generated by `python -m pipeline\.plan ([^`]*)`[^>]*-->\n(.*?)"
+                      r"<!-- end of generated table -->", readme, re.S)
+    assert match, "README.md has no generated plan table"
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(match.group(1).split()) == 0
+    assert capsys.readouterr().out == match.group(2)
+
+
+def zero3_engine_gathered_numel(model, reuse_distance: int) -> int:
+    """Elements DeepSpeed's ZeRO-3 holds gathered when the backward of the second step starts (the first
+    traces the modules), counted from the parameters' own status, in a world of one."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from pipeline.engine import init_distributed
+
+    init_distributed()
+    # Nothing prefetched and nothing kept whole, so what is gathered is what the reuse distance keeps.
+    zero = {"stage": 3, "stage3_max_reuse_distance": reuse_distance, "stage3_prefetch_bucket_size": 0,
+            "stage3_param_persistence_threshold": 0}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9})
+    input_ids = torch.randint(0, 203, (1, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        loss = engine(input_ids=input_ids, labels=input_ids).loss
+        gathered = sum(p.ds_numel for p in model.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)
+        engine.backward(loss)
+        engine.step()
+    engine.destroy()
+    return gathered
+
+
+# A 4-layer tiny Llama: ~71k elements a layer, 19,584 in the head and final norm. 40k keeps the head and the
+# last layer's MLP, 1e9 everything; with checkpointing only the limits are compared (see zero3_gathered_numel).
+@pytest.mark.parametrize("reuse_distance,checkpointing", [(0, False), (40_000, False), (150_000, False),
+                                                          (10**9, False), (0, True), (10**9, True)])
+def test_zero3_gathered_weights_are_deepspeeds(reuse_distance, checkpointing):
+    model = tiny_llama(num_hidden_layers=4)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    planned = zero3_gathered_numel(model, checkpointing, reuse_distance=reuse_distance, prefetch=0, threshold=0)
+    measured = zero3_engine_gathered_numel(model, reuse_distance)
+    # The plan takes a layer's modules in registration order, where Llama's two norms (96 elements each)
+    # come last; DeepSpeed traces them as they run, first in their blocks.
+    assert abs(planned - measured) <= 2 * 96
+    assert measured > 0 or reuse_distance == 0
+
+
+def test_zero3_keeps_parameters_under_the_threshold_whole_by_hand():
+    """The suite's narrow and wide Llamas (tests/benchmarks/test_memory_vs_plan.py): at width 256 with an MLP
+    of 384 every matrix of a layer has at most 1e5 elements and stays whole on every rank; at 320 only
+    the norms do."""
+    def meta_llama(width):
+        with torch.device("meta"):
+            return LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=width, intermediate_size=384,
+                                                num_hidden_layers=12, num_attention_heads=width // 64,
+                                                num_key_value_heads=width // 64, tie_word_embeddings=False))
+    assert persistent_numel(meta_llama(256)) == 12 * (4 * 256 * 256 + 3 * 256 * 384 + 2 * 256) + 256
+    assert persistent_numel(meta_llama(320)) == 12 * 2 * 320 + 320
+    narrow = meta_llama(256)
+    total = sum(p.numel() for p in narrow.parameters())
+    config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=32),
+                       engine=EngineConfig(micro_batch_size=2, precision="bf16", zero_stage=3))
+    zero3 = row(plan_rows(narrow, [2], "bf16", workload_of(config, "sft")), "adamw", 3, 2)
+    # bf16: each rank's half of every parameter, and the layers whole besides.
+    assert zero3["params_bytes"] == 2 * total / 2 + 2 * (12 * (4 * 256 * 256 + 3 * 256 * 384 + 2 * 256) + 256)
