@@ -253,7 +253,7 @@ class Stage:
     sums): numbers or 0-dim tensors added over the window's micro-batches and over the ranks, from
     which `metrics` makes the logged values; "tokens" (tokens processed) feeds tokens/s. The loop
     adds "loss" and "micro_batches" itself. A stage that trains further engines (`engines`, e.g.
-    PPO's critic) returns (loss, sums, {name: that engine's loss}): the loop steps each after the
+    PPO's critic) returns (loss, sums, {name: that engine's loss}): the loop steps each before the
     actor, in the same accumulation window, and logs `<name>_grad_norm` and `<name>_skipped_steps`.
     """
     train_set: Sequence
@@ -318,12 +318,13 @@ def train(config, built: TrainingEngine, run: RunDirectory, stage: Stage) -> dic
             if not window:
                 lr = built.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
             loss, sums, *more = stage.step(to_device(batch, device))
-            engine.backward(loss)
-            outcome = optimizer_step(engine)
+            # Further engines step first, while the actor's graph waits (the memory plan's order).
             outcomes = {}
             for name, other_loss in (more[0] if more else {}).items():
                 stage.engines[name].backward(other_loss)
                 outcomes[name] = optimizer_step(stage.engines[name])
+            engine.backward(loss)
+            outcome = optimizer_step(engine)
             position.micro_batch += 1
             window = add_sums(window, {**sums, "loss": loss.detach(), "micro_batches": 1})
             window_full = position.micro_batch % plan.gradient_accumulation_steps == 0
