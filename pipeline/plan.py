@@ -208,6 +208,10 @@ class Workload:
     new_tokens: int = 0
     frozen: tuple = ()             # (name, ModelSize or None: the trained model's, zero3, offload) per frozen model
     gloo: bool = False             # CPU ranks: gloo's all-gather and reduce-scatter copy the whole buffer they fill
+    # rollout.engine vllm: the KV cache its engine reserves (None: `generate` on the trainer's module), and on
+    # GPUs without `kv_cache_gib` the share of the GPU it takes in all (`gpu_memory_utilization`)
+    vllm_kv_bytes: Optional[int] = None
+    vllm_gpu_share: float = 0.0
 
 
 def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: bool = False) -> Workload:
@@ -231,10 +235,24 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
         return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
-                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo)
+                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo,
+                        vllm_kv_bytes=vllm_kv_bytes(config.rollout, gloo),
+                        vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
+                        == 0 else 0.0)
     rows = 2 * batch if spec.pairs else batch
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
                     frozen=tuple(frozen), gloo=gloo)
+
+
+def vllm_kv_bytes(rollout, gloo: bool) -> Optional[int]:
+    """The KV cache a vLLM rollout engine reserves (pipeline.rl.vllm_engine.create_llm): `kv_cache_gib`, 1
+    GiB on CPU ranks, else 0 here: with `gpu_memory_utilization` vLLM sizes it to that share of the GPU
+    (`plan --gpu-memory` adds it). None for `generate`."""
+    if rollout.engine != "vllm":
+        return None
+    if rollout.kv_cache_gib is not None:
+        return int(rollout.kv_cache_gib * GIB)
+    return GIB if gloo else 0
 
 
 # ---- the components -------------------------------------------------------------------------------
@@ -374,24 +392,34 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
             frozen_live = max(frozen_live, a * size.forward_gathered * (2 if w.gloo else 1))
         else:
             frozen += 0 if offload else a * size.parameters
-    generation = scoring = 0
+    generation = scoring = vllm = 0
     if STAGES[w.stage].samples:
-        # `generate` runs on whole weights: ZeRO-3 gathers every partitioned parameter at once (in one
-        # all-gather, which gloo copies before the generation starts).
-        whole = a * (total - persistent_numel(model)) if stage == 3 else 0
-        per_step_logits = 2 * w.rows * g.vocab * 4
-        generation = whole + max(kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits, whole if w.gloo else 0)
+        if w.vllm_kv_bytes is not None:
+            # A vLLM engine per rank holds a whole copy of the weights and its KV cache for the run. The
+            # trainer hands it one decoder layer at a time (gathered at ZeRO-3, merged where LoRA is); the
+            # engine's sampling logits (up to 2 responses per row, fp32) come on top on CPU.
+            vllm = a * total + w.vllm_kv_bytes
+            generation = a * total / max(g.layers, 1) * (2 if stage == 3 else 1) + 2 * w.rows * g.vocab * 4
+        else:
+            # `generate` runs on whole weights: ZeRO-3 gathers every partitioned parameter at once (in one
+            # all-gather, which gloo copies before the generation starts).
+            whole = a * (total - persistent_numel(model)) if stage == 3 else 0
+            per_step_logits = 2 * w.rows * g.vocab * 4
+            generation = whole + max(kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits,
+                                     whole if w.gloo else 0)
         # Actor and reference log-probs without gradients: logits of the response and their upcast.
         scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
     # gloo's copy of an all-gather is in flight while the forward fetches weights, before most activations exist.
     forward_backward = max(activations + logits, gather_copy) + deepspeed
     kept = params + kept_grads + row["optimizer_bytes"] + bucket_kept
-    peak = kept + frozen + max(forward_backward, generation, scoring, step, reduction)
+    peak = kept + frozen + vllm + max(forward_backward, generation, scoring, step, reduction)
     return dict(row, params_bytes=int(params), kept_bytes=int(kept), kept_grads_bytes=int(kept_grads),
                 activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
                 deepspeed_kept_bytes=int(bucket_kept), gathered_bytes=int(gathered), reduction_bytes=int(reduction),
                 forward_backward_bytes=int(forward_backward), optimizer_step_bytes=int(step),
-                frozen_bytes=int(frozen), generation_bytes=int(generation), scoring_bytes=int(scoring),
+                frozen_bytes=int(frozen), vllm_bytes=int(vllm), vllm_gpu_share=w.vllm_gpu_share,
+                generation_bytes=int(generation),
+                scoring_bytes=int(scoring),
                 total_bytes=int(peak), stage=w.stage)
 
 
@@ -426,7 +454,7 @@ def add_critic(row: dict, critic: dict) -> dict:
     phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"],
               row["reduction_bytes"])
     return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
-                critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + max(phases)))
+                critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + row["vllm_bytes"] + max(phases)))
 
 
 def frozen_numels(config, stage: str) -> dict:
@@ -476,12 +504,14 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     for key, label in (("deepspeed_kept_bytes", "DeepSpeed buffers kept"), ("activations_bytes", "activations"),
                        ("logits_bytes", "logits and loss"), ("deepspeed_bytes", "DeepSpeed buffers"),
                        ("reduction_bytes", "gradient reduction"), ("optimizer_step_bytes", "optimizer step"),
-                       ("frozen_bytes", "frozen models"), ("generation_bytes", "generation"),
-                       ("scoring_bytes", "scoring"), ("critic_bytes", "critic state"),
+                       ("frozen_bytes", "frozen models"), ("vllm_bytes", "vLLM engine"),
+                       ("generation_bytes", "generation"), ("scoring_bytes", "scoring"),
+                       ("critic_bytes", "critic state"),
                        ("critic_phase_bytes", "critic training")):
         if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + DeepSpeed buffers kept + frozen models "
+                 "+ the vLLM engine (its weights and KV cache, where `rollout.engine` is vllm) "
                  "+ the largest phase (activations + logits + DeepSpeed buffers, generation, scoring, gradient "
                  "reduction or optimizer step)"
                  + ("; PPO: the critic's state (weights, gradients, optimizer) persists too, and its training "
@@ -494,7 +524,17 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def on_gpu(row: dict, gpu_memory_gib) -> dict:
+    """`row` on a GPU of `gpu_memory_gib`: a vLLM engine sized by `gpu_memory_utilization` takes that share
+    of the GPU (weights, KV cache and its own activations) rather than only its weights."""
+    if not (gpu_memory_gib and row.get("vllm_gpu_share")):
+        return row
+    reserved = max(row["vllm_bytes"], row["vllm_gpu_share"] * gpu_memory_gib * GIB)
+    return dict(row, vllm_bytes=int(reserved), total_bytes=int(row["total_bytes"] - row["vllm_bytes"] + reserved))
+
+
 def format_table(rows: list, gpu_memory_gib=None) -> str:
+    rows = [on_gpu(row, gpu_memory_gib) for row in rows]
     header = ["optimizer", "ZeRO", "ranks", "params GiB", "grads GiB", "optim GiB"]
     keys = ["params_bytes", "grads_bytes", "optimizer_bytes"]
     if rows and "activations_bytes" in rows[0]:
@@ -503,6 +543,9 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
                    "gen. GiB"]
         keys += ["deepspeed_kept_bytes", "activations_bytes", "logits_bytes", "deepspeed_bytes", "reduction_bytes",
                  "optimizer_step_bytes", "frozen_bytes", "generation_bytes"]
+        if any(row.get("vllm_bytes") for row in rows):
+            header.append("vLLM GiB")
+            keys.append("vllm_bytes")
     if rows and "critic_bytes" in rows[0]:  # PPO: the critic's persistent state and its training phase
         header += ["critic GiB", "critic phase GiB"]
         keys += ["critic_bytes", "critic_phase_bytes"]
@@ -534,6 +577,11 @@ def markdown_table(config_dir, world_sizes, gpu_memory_gib: float) -> str:
         stage = _stage_in_file(str(path))
         config, rows = config_plan_rows(str(path), world_sizes, stage=stage)
         plans.append((list(STAGES).index(stage), path.stem, stage, config, rows))
+        if STAGES[stage].samples and config.rollout.engine == "hf":  # and with vLLM generating, as configured
+            config, rows = config_plan_rows(str(path), world_sizes, ["rollout.engine=vllm"], stage=stage)
+            share = f"{config.rollout.gpu_memory_utilization:g} of the GPU"
+            plans.append((list(STAGES).index(stage), f"{path.stem} + vLLM, {share}", stage, config,
+                          [on_gpu(row, gpu_memory_gib) for row in rows]))
     gib = lambda n: f"{n / GIB:.1f}"  # noqa: E731
     peak = lambda r: gib(r["total_bytes"]) + (" (no)" if r["total_bytes"] > gpu_memory_gib * GIB else "")  # noqa: E731
     lines = ["| config | ranks | weights | optimizer state + fp32 master, Adam-mini / AdamW | activations | logits | "

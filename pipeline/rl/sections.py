@@ -166,10 +166,6 @@ class RolloutSection:
         if self.engine not in ROLLOUT_ENGINES:
             problems.append(f"`rollout.engine` is {self.engine!r}; use one of {', '.join(ROLLOUT_ENGINES)}")
         elif self.engine == "vllm":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                problems.append(f"`rollout.engine` is vllm but vLLM is not installed; {VLLM_INSTALL}")
             import torch
 
             if self.sleep and not torch.cuda.is_available():
@@ -178,6 +174,9 @@ class RolloutSection:
             if config.model.path is None:
                 problems.append("`rollout.engine` vllm loads the actor's starting weights from `model.path`; "
                                 "set it (a model built from `model.config` has no files)")
+        if self.importance_correction is not None and self.engine == "hf":
+            problems.append("`rollout.importance_correction` is set with `rollout.engine` hf, whose samples are the "
+                            "trainer's own: there is nothing to correct; unset it or use vllm")
         if not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"`rollout.gpu_memory_utilization` is {self.gpu_memory_utilization}; use a value in "
                             "(0, 1]")
@@ -205,3 +204,14 @@ class SamplingRunConfig(RunConfig):
 
     def problems(self) -> list:
         return super().problems() + self.rollout.problems(self)
+
+
+def require_vllm(config) -> None:
+    """Raises ConfigError naming `rollout.engine` when it is vllm and vLLM is not installed (checked when a
+    run starts, so configs still load, plan and dry-run without it)."""
+    import importlib.util
+
+    from pipeline.config import ConfigError
+
+    if config.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError([f"`rollout.engine` is vllm but vLLM is not installed; {VLLM_INSTALL}"])

@@ -20,7 +20,7 @@ from pipeline.rl.algos import (clipped_surrogate_loss, k3_kl, kl_penalized_seque
                                truncated_importance_weights)
 from pipeline.rl.models import Models, build_models
 from pipeline.rl.rollout import RolloutBuffer, Sampling, group_rollout, policy_logprobs, rollout, rollout_engine
-from pipeline.rl.sections import GroupSection, SamplingSection
+from pipeline.rl.sections import GroupSection, SamplingSection, require_vllm
 from pipeline.rundir import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,12 @@ BEST_DIR = "best"  # the actor at its best held-out greedy reward, with best.jso
 
 def prompt_data(config, section: SamplingSection) -> tuple:
     """(tokenizer, training prompts, held-out prompts, batch plan) of a sampling stage whose section
-    may name its held-out prompts (`eval_prompts_path`); the data report is logged on rank 0."""
+    may name its held-out prompts (`eval_prompts_path`); the data report is logged on rank 0.
+
+    Raises:
+        ConfigError: `rollout.engine` is vllm and vLLM is not installed (before anything loads).
+    """
+    require_vllm(config)
     tokenizer = load_tokenizer(config.model)
     data = dataclasses.replace(config.data, eval_path=section.eval_prompts_path or config.data.eval_path)
     train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)

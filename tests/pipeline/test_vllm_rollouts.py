@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.rl.algos import clipped_surrogate_loss, reinforce_loss, truncated_importance_weights
+from pipeline.rl.sections import require_vllm
 from pipeline.rl.stage import sampler_correction
 from pipeline.rl.vllm_engine import layer_groups, plain_weights, request_seed
 from pipeline.generation import Responses
@@ -112,11 +113,16 @@ def test_the_rollout_section_reports_its_problems_by_field(monkeypatch):
         with pytest.raises(ConfigError) as error:
             load_config(GrpoConfig, None, [*base, "rollout.engine=vllm", "rollout.sleep=true"])
         assert "`rollout.sleep` is true but vLLM's sleep mode needs a GPU" in "\n".join(error.value.problems)
+    with pytest.raises(ConfigError) as error:
+        load_config(GrpoConfig, None, [*base, "rollout.importance_correction=2"])
+    assert "`rollout.importance_correction` is set with `rollout.engine` hf" in "\n".join(error.value.problems)
+    # Without vLLM a config still loads (plans and dry runs need no engine); the run refuses at its start.
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "vllm"
                         else real_find_spec(name, *rest))
+    config = load_config(GrpoConfig, None, [*base, "rollout.engine=vllm"])
     with pytest.raises(ConfigError) as error:
-        load_config(GrpoConfig, None, [*base, "rollout.engine=vllm"])
+        require_vllm(config)
     assert "`rollout.engine` is vllm but vLLM is not installed; install it with `bash scripts/setup.sh --vllm`" in \
         "\n".join(error.value.problems)
 
