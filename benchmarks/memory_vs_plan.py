@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import runpy
@@ -36,10 +37,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 from pipeline.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# ReMax with vLLM generating (where it is installed): the engine's weights copy and a 0.25 GiB KV cache.
+VLLM_ROLLOUT = {"engine": "vllm", "kv_cache_gib": 0.25}
 MIB = 2**20
 WORDS = ("the cat sat on a mat dog ran to park red blue green big small one two three four five yes no good bad "
          "what is how why where when who which tree house river stone cloud rain").split()
@@ -168,7 +173,7 @@ def write_data(root: Path, max_length: int = 256, max_prompt_length: int = 96) -
 
 def stage_values(stage: str, policy: Path, reward: Path, data: dict, *, zero: int, optimizer: str,
                  checkpointing: bool = False, micro_batch: int = 2, steps: int = 3, max_length: int = 256,
-                 max_prompt_length: int = 96, new_tokens: int = 64) -> dict:
+                 max_prompt_length: int = 96, new_tokens: int = 64, rollout: Optional[dict] = None) -> dict:
     """A run config (as YAML values) of `stage`: SFT and reward on rows of `max_length`; ReMax and PPO on
     prompts of `max_prompt_length` with `new_tokens` generated, reference and reward model at ZeRO-3 (PPO:
     a critic from the reward model, trained like the actor, two updates per rollout as shipped)."""
@@ -187,6 +192,8 @@ def stage_values(stage: str, policy: Path, reward: Path, data: dict, *, zero: in
                          "reward_zero_stage": 3}
         if stage == "ppo":
             values[stage].update(num_samples=1, critic_init="reward")
+        if rollout:
+            values["rollout"] = rollout
     return values
 
 
@@ -217,9 +224,13 @@ def warmup_runs(root: Path) -> dict:
         vocab_size=64))
     data = write_data(root / "warmup", max_length=32, max_prompt_length=16)
     options = dict(optimizer="adam_mini", steps=1, max_length=32, max_prompt_length=16, new_tokens=8)
-    return {"sft ZeRO-2": ("sft", stage_values("sft", policy, reward, data, zero=2, **options)),
+    runs = {"sft ZeRO-2": ("sft", stage_values("sft", policy, reward, data, zero=2, **options)),
             "reward ZeRO-3": ("reward", stage_values("reward", policy, reward, data, zero=3, **options)),
             "ppo ZeRO-3": ("ppo", stage_values("ppo", policy, reward, data, zero=3, **options))}
+    if HAS_VLLM:  # vLLM's imports and first engine's set-up, with a KV cache no measured run asks for
+        runs["remax vLLM"] = ("remax", stage_values("remax", policy, reward, data, zero=2, rollout=dict(
+            engine="vllm", kv_cache_gib=0.125), **options))
+    return runs
 
 
 # ---- the driver -------------------------------------------------------------------------------------
@@ -278,6 +289,8 @@ def benchmark_runs(root: Path, policy: Path, reward: Path, data: dict, steps: in
         "reward ZeRO-2": run("reward", zero=2, optimizer="adamw", micro_batch=1),
         "remax ZeRO-2": run("remax", zero=2, optimizer="adam_mini", **policy_options),
         "ppo ZeRO-2": run("ppo", zero=2, optimizer="adam_mini", **policy_options),
+        **({"remax ZeRO-2 vLLM": run("remax", zero=2, optimizer="adam_mini", rollout=VLLM_ROLLOUT, **policy_options)}
+           if HAS_VLLM else {}),
     }
 
 
