@@ -111,6 +111,7 @@ def main():
 
     # PPO's critic, built by the stage's own code from the reward model: the bytes it holds as it
     # reaches its engine factory.
+    import pipeline.rl.models as rl_models
     import stages.ppo as ppo
 
     def held_when_wrapped(ppo_config, model, total_steps):
@@ -118,11 +119,11 @@ def main():
                              "param_diff": max_param_diff(model, whole_reward)}
         return create_engine(ppo_config, model, total_steps)
 
-    ppo.create_engine = held_when_wrapped
+    rl_models.create_engine = held_when_wrapped
     ppo_config = ppo.PpoConfig(output_dir=config.output_dir, model=config.model, data=DataConfig(path="unused",
                                format="prompt"), optim=config.optim, engine=config.engine,
                                ppo=ppo.PpoSection(reward_model_path=reward_dir, critic_init="reward"))
-    ppo.build_critic(ppo_config, total_steps=1)
+    rl_models.build_critic(ppo_config, "reward", reward_dir, None, total_steps=1)
     write_results(args.out, results)
 
 
