@@ -214,8 +214,10 @@ def trl_common(output_dir: Path, steps: int) -> dict:
                 dataloader_num_workers=0, disable_tqdm=True, per_device_train_batch_size=BATCH,
                 gradient_accumulation_steps=1,
                 # TRL's configs default to bf16 autocast (`bf16 = not fp16`) and to activation recomputation;
-                # ours is fp32 with neither unless configured.
-                bf16=False, fp16=False, activation_checkpointing=False)
+                # ours is fp32 with neither unless configured. `gradient_checkpointing` is TRL 1.x's own field
+                # and the one name every transformers 5.x takes (5.19 has no `activation_checkpointing`; later
+                # 5.x keep `gradient_checkpointing` as its alias until v6).
+                bf16=False, fp16=False, gradient_checkpointing=False)
 
 
 def trl_args(pair: str, root: Path, steps: int):
@@ -304,7 +306,7 @@ def run_trl(pair: str, inputs: dict, steps: int) -> dict:
     return {"started": started, "step_ends": callback.step_ends, "per_step": trl_per_step(pair, trainer.args),
             "completion_lengths": [r["completions/mean_length"] for r in history if "completions/mean_length" in r],
             "precision": trl_precision(trainer.args),
-            "activation_checkpointing": trainer.args.activation_checkpointing}
+            "activation_checkpointing": trainer.args.gradient_checkpointing}
 
 
 # ---- the table ----------------------------------------------------------------------------------

@@ -236,7 +236,28 @@ def _from_config(auto_class, hf_config, device: Optional[str], **kwargs):
         # Parameters are created on the meta device: shapes only, no memory.
         with torch.device("meta"):
             return auto_class.from_config(hf_config, **kwargs)
-    return auto_class.from_config(hf_config, **kwargs)
+    return _rope_buffers_in_fp32(auto_class.from_config(hf_config, **kwargs))
+
+
+def _rope_buffers_in_fp32(model: nn.Module) -> nn.Module:
+    """Rotary embeddings' buffers (`inv_freq`) in float32, as their modules compute them in a model built whole.
+
+    Built under ZeRO-3's zero.Init (`sharded_creation`), transformers 5.19 lets DeepSpeed create them in the
+    model's dtype: in bf16 every frequency, and each position's angle with it, is off by up to 2^-9 of itself
+    (a tiny ZeRO-3 reward model scored -0.130 where the same bf16 weights loaded whole scored -0.138, fp32
+    -0.136). transformers 5.25 keeps them in float32 itself; then nothing is done here. A fresh module of the
+    same class and config, built outside zero.Init, gives the float32 values.
+    """
+    for module in model.modules():
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            continue
+        floating = [b for b in module.buffers(recurse=False) if b.is_floating_point()]
+        if all(b.dtype == torch.float32 for b in floating) or "config" not in inspect.signature(type(module)).parameters:
+            continue
+        fresh = type(module)(config=module.config)
+        for name, buffer in fresh.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(getattr(module, name).device))  # keeps the buffer's persistence
+    return model
 
 
 def _from_pretrained(auto_class, directory: Path, field: str, **kwargs):
@@ -248,9 +269,10 @@ def _from_pretrained(auto_class, directory: Path, field: str, **kwargs):
     else:
         raise ModelLoadError(f"`{field}` {directory} holds no weights (no *.safetensors file)")
     try:
-        return auto_class.from_pretrained(directory, **kwargs)
+        model = auto_class.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"`{field}` {directory} could not be loaded: {exc}") from exc
+    return _rope_buffers_in_fp32(model)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

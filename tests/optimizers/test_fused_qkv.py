@@ -71,6 +71,8 @@ def observed_parts(model, fused):
     that moves the cached keys is a key row of the kv heads it moves; one that moves the cached
     values is a value row; one that moves only the attention weights is a query row of the heads
     it moves. Returns {row: (part, heads)}; asserts every row moves exactly one of them.
+    Some versions cache a key/value head once per query head of its group (transformers 5.19's grouped
+    Falcon broadcasts before caching, 5.2x does not): bit-identical cached heads count as one head.
     """
     model = model.double().eval()
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +87,19 @@ def observed_parts(model, fused):
     def moved_heads(before, after):
         return tuple((before != after).any(dim=(0, 2, 3)).nonzero().flatten().tolist())
 
+    def first_copies(heads):
+        """Per cached head (B, n, T, hd), the first head it is a bit-identical copy of."""
+        return [next(j for j in range(i + 1) if torch.equal(heads[:, j], heads[:, i])) for i in range(heads.shape[1])]
+
+    def moved_kv_heads(before, after, copy_of):
+        """The distinct key or value heads moved; a head's copies move with it, all or none."""
+        moved = moved_heads(before, after)
+        heads = tuple(sorted({copy_of[i] for i in moved}))
+        assert set(moved) == {i for i, first in enumerate(copy_of) if first in heads}, f"copies moved apart: {moved}"
+        return heads
+
     keys, values, attention = layer_zero()
+    key_copy_of, value_copy_of = first_copies(keys), first_copies(values)
     parts = {}
     weight = fused.weight
     for row in range(weight.shape[0]):
@@ -94,7 +108,8 @@ def observed_parts(model, fused):
             weight[row] += torch.randn(weight.shape[1], generator=generator, dtype=weight.dtype)
             moved_keys, moved_values, moved_attention = layer_zero()
             weight[row] = original
-        key_heads, value_heads = moved_heads(keys, moved_keys), moved_heads(values, moved_values)
+        key_heads = moved_kv_heads(keys, moved_keys, key_copy_of)
+        value_heads = moved_kv_heads(values, moved_values, value_copy_of)
         query_heads = moved_heads(attention, moved_attention)
         if key_heads:
             assert len(key_heads) == 1 and not value_heads, f"row {row} moves keys {key_heads}, values {value_heads}"

@@ -42,6 +42,13 @@ def max_param_diff(sharded, whole) -> float:
     return diff
 
 
+def buffer_mismatches(sharded, whole) -> list:
+    """Names of the buffers (RoPE's inv_freq, ...) whose dtype or values differ from the whole model's."""
+    expected = dict(whole.named_buffers())
+    return [name for name, buffer in sharded.named_buffers()
+            if buffer.dtype != expected[name].dtype or not torch.equal(buffer, expected[name])]
+
+
 def all_ranks(value: int) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -75,7 +82,8 @@ def main():
     with sharded_creation(training_ds_config(config)):
         policy = load_causal_lm(config.model, dtype=torch.bfloat16)
     results["policy"] = {"held": all_ranks(held_bytes(policy)), "whole": whole_bytes(whole),
-                         "dtype": str(next(policy.parameters()).dtype), "param_diff": max_param_diff(policy, whole)}
+                         "dtype": str(next(policy.parameters()).dtype), "param_diff": max_param_diff(policy, whole),
+                         "buffer_mismatches": buffer_mismatches(policy, whole)}
     engine = create_engine(config, policy, total_steps=1).engine
     engine.eval()
     with torch.no_grad():
@@ -89,7 +97,8 @@ def main():
     with sharded_creation(frozen_ds_config(config, zero_stage=3)):
         reference = load_reference(config.model, dtype=torch.bfloat16)
     results["reference"] = {"held": all_ranks(held_bytes(reference)), "whole": whole_bytes(whole),
-                            "param_diff": max_param_diff(reference, whole)}
+                            "param_diff": max_param_diff(reference, whole),
+                            "buffer_mismatches": buffer_mismatches(reference, whole)}
     reference = create_frozen_engine(config, reference, zero_stage=3)
     with torch.no_grad():
         logprobs, _ = response_logprobs(reference, sequences, attention_mask, RESPONSE)
@@ -102,7 +111,8 @@ def main():
     with sharded_creation(frozen_ds_config(config, zero_stage=3)):
         reward = RewardModel.from_pretrained(reward_dir, dtype=torch.bfloat16)
     results["reward"] = {"held": all_ranks(held_bytes(reward)), "whole": whole_bytes(whole_reward),
-                         "param_diff": max_param_diff(reward, whole_reward)}
+                         "param_diff": max_param_diff(reward, whole_reward),
+                         "buffer_mismatches": buffer_mismatches(reward, whole_reward)}
     reward = create_frozen_engine(config, reward, zero_stage=3)
     with torch.no_grad():
         scores = reward(input_ids=sequences, attention_mask=attention_mask).float()
@@ -116,7 +126,8 @@ def main():
 
     def held_when_wrapped(ppo_config, model, total_steps):
         results["critic"] = {"held": all_ranks(held_bytes(model)), "whole": whole_bytes(whole_reward),
-                             "param_diff": max_param_diff(model, whole_reward)}
+                             "param_diff": max_param_diff(model, whole_reward),
+                             "buffer_mismatches": buffer_mismatches(model, whole_reward)}
         return create_engine(ppo_config, model, total_steps)
 
     rl_models.create_engine = held_when_wrapped

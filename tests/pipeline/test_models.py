@@ -439,6 +439,7 @@ def test_zero3_models_are_created_sharded_and_compute_what_the_whole_model_does(
         # Each of the 2 ranks holds half the parameter bytes from creation on, never the whole model.
         assert all(abs(held - result["whole"] / 2) <= 0.01 * result["whole"] for held in result["held"]), result
         assert result["param_diff"] == 0.0, result  # the checkpoint's values, bit for bit
+        assert result["buffer_mismatches"] == [], result  # RoPE's inv_freq in float32, as in the whole model
     assert results["policy"]["dtype"] == "torch.bfloat16"
     # The same bf16 weights; the whole model ran before zero.Init swapped F.linear for DeepSpeed's own linear,
     # which rounds differently in bf16 (half an ulp at 1: 2^-8 = 3.9e-3).
