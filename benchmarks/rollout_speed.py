@@ -85,33 +85,12 @@ class UnshardedActor:
         self.module.eval()
 
 
-class FixedLengthHf:
-    """`HfRollouts` whose responses all run to `max_new_tokens`: `generate` masks the eos until then."""
-
-    def generation_config(self, sampling):
-        config = super().generation_config(sampling)
-        config.min_new_tokens = sampling.max_new_tokens
-        return config
-
-
-class FixedLengthVllm:
-    """`VllmRollouts` whose responses all run to `max_new_tokens`: vLLM masks its stop tokens until then."""
-
-    def sampling_params(self, sampling, seed: int):
-        params = super().sampling_params(sampling, seed)
-        params.min_tokens = sampling.max_new_tokens
-        return params
-
-
-def rollout_classes(fixed_length: bool) -> tuple:
-    """(HF, vLLM) rollout engine classes: the pipeline's, or with every response `max_new_tokens` long."""
+def rollout_classes() -> tuple:
+    """(HF, vLLM) rollout engine classes: the pipeline's own."""
     from pipeline.rl.rollout import HfRollouts
     from pipeline.rl.vllm_engine import VllmRollouts
 
-    if not fixed_length:
-        return HfRollouts, VllmRollouts
-    return (type("FixedLengthHfRollouts", (FixedLengthHf, HfRollouts), {}),
-            type("FixedLengthVllmRollouts", (FixedLengthVllm, VllmRollouts), {}))
+    return HfRollouts, VllmRollouts
 
 
 class IdTokenizer:
@@ -192,14 +171,15 @@ def generation_worker(spec_path: str, out_path: str) -> None:
         vocab = model.config.vocab_size
         tokenizer = IdTokenizer(eos_token_id=model.config.eos_token_id, pad_token_id=0)
         batches = [random_prompt_batch(spec["batch"], PROMPT_TOKENS, vocab, seed=0)]
-        modes = {"sampled": [Sampling(spec["new_tokens"])]}
+        # Every response runs to the budget (the eos held back on both sides), so both generate as many tokens.
+        modes = {"sampled": [Sampling(spec["new_tokens"], min_new_tokens=spec["new_tokens"])]}
         max_model_len = PROMPT_TOKENS + spec["new_tokens"]
     rollout = RolloutSection(engine="vllm", kv_cache_gib=spec["kv_cache_gib"])
     threads_before = torch.get_num_threads()
     started = time.perf_counter()
     llm = create_llm(spec["model"], rollout, torch.float32, max_model_len, seed=0)
     engine_start_s = time.perf_counter() - started
-    hf_class, vllm_class = rollout_classes(fixed_length=spec["kind"] == "random")
+    hf_class, vllm_class = rollout_classes()
     engines = {"hf": hf_class(actor, tokenizer), "vllm": vllm_class(actor, tokenizer, llm, rollout, seed=0)}
     passes = {mode: {name: [] for name in ENGINES} for mode in modes}
     for mode, samplings in modes.items():

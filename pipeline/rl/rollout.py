@@ -32,6 +32,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
+    min_new_tokens: int = 0   # the eos held back until this many tokens (benchmarks that need equal lengths)
 
     def as_greedy(self) -> "Sampling":
         return dataclasses.replace(self, greedy=True)
@@ -81,7 +82,9 @@ class HfRollouts:
     def generation_config(self, sampling: Sampling):
         sample, greedy = generation_configs(self.tokenizer, sampling.max_new_tokens, sampling.temperature,
                                             sampling.top_p)
-        return greedy if sampling.greedy else sample
+        config = greedy if sampling.greedy else sample
+        config.min_new_tokens = sampling.min_new_tokens
+        return config
 
     @torch.no_grad()
     def generate(self, batch: dict, samplings: Sequence[Sampling], key: tuple = ()) -> list:

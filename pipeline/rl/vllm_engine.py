@@ -171,7 +171,7 @@ def sampling_params(sampling, eos_token_id: int, seed: int):
     return SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
                           top_p=1.0 if greedy else sampling.top_p, top_k=0, min_p=0.0, presence_penalty=0.0,
                           frequency_penalty=0.0, repetition_penalty=1.0, max_tokens=sampling.max_new_tokens,
-                          min_tokens=0, seed=seed, stop_token_ids=[eos_token_id], ignore_eos=False, logprobs=0,
+                          min_tokens=sampling.min_new_tokens, seed=seed, stop_token_ids=[eos_token_id], ignore_eos=False, logprobs=0,
                           detokenize=False)
 
 

@@ -93,11 +93,11 @@ def test_fixed_length_rollouts_run_every_response_to_the_budget_where_plain_ones
     actor, tokenizer = UnshardedActor(uniform_llama()), IdTokenizer(eos_token_id=EOS, pad_token_id=0)
     batch = {"input_ids": torch.randint(0, EOS, (8, 4), generator=torch.Generator().manual_seed(0))}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    (plain, _), (fixed, _) = rollout_classes(False), rollout_classes(True)
+    hf, _ = rollout_classes()
     torch.manual_seed(0)
-    [short] = plain(actor, tokenizer).generate(batch, [Sampling(16)])
+    [short] = hf(actor, tokenizer).generate(batch, [Sampling(16)])
     torch.manual_seed(0)
-    [full] = fixed(actor, tokenizer).generate(batch, [Sampling(16)])
+    [full] = hf(actor, tokenizer).generate(batch, [Sampling(16, min_new_tokens=16)])
     # The control: with eos at 1 in 8 per token, 8 rows of 16 tokens would all run on with p = (7/8)^128.
     assert short.mask.sum(-1).min() < 16
     assert full.mask.shape == (8, 16) and full.mask.sum(-1).tolist() == [16] * 8
