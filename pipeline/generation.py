@@ -135,6 +135,15 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
 
 
 @dataclasses.dataclass
+class Generated:
+    """Responses to B prompts left-padded to P, as `generate` lays them out."""
+    sequences: torch.Tensor        # (B, P + T) prompt then response, right-padded with the pad token
+    attention_mask: torch.Tensor   # (B, P + T)
+    mask: torch.Tensor             # (B, T) response tokens (up to and including the first eos)
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, T) the engine's log-probs of its tokens, if it gives them
+
+
+@dataclasses.dataclass
 class Responses:
     """Responses to B prompts left-padded to P, generated up to T tokens."""
 

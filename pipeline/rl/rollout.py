@@ -19,8 +19,8 @@ import torch
 from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from pipeline.generation import (Responses, generate_responses, generation_configs, response_logprobs, scored,
-                                 with_positions)
+from pipeline.generation import (Generated, Responses, generate_responses, generation_configs, response_logprobs,
+                                 scored, with_positions)
 from pipeline.rl.models import Models, reference_policy
 
 
@@ -36,15 +36,6 @@ class Sampling:
 
     def as_greedy(self) -> "Sampling":
         return dataclasses.replace(self, greedy=True)
-
-
-@dataclasses.dataclass
-class Generated:
-    """Responses to B prompts left-padded to P, as `generate` lays them out."""
-    sequences: torch.Tensor        # (B, P + T) prompt then response, right-padded with the pad token
-    attention_mask: torch.Tensor   # (B, P + T)
-    mask: torch.Tensor             # (B, T) response tokens (up to and including the first eos)
-    sampler_logprobs: Optional[torch.Tensor] = None  # (B, T) the engine's log-probs of its tokens, if it gives them
 
 
 class RolloutEngine(Protocol):

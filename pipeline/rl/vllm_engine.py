@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.generation import response_mask
+from pipeline.generation import Generated, response_mask
 
 GIB = 2**30
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -195,8 +195,6 @@ def generate(llm, tokenizer, batch: dict, samplings: Sequence, seed: int, key: t
 def assemble(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, outputs: list):
     """Generated responses as `generate` lays them out: (B, P + T) sequences right-padded with the pad
     token to the longest response, the attention and response masks, and the sampler's log-probs."""
-    from pipeline.rl.rollout import Generated
-
     completions = [output.outputs[0] for output in outputs]
     length = max(len(completion.token_ids) for completion in completions)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

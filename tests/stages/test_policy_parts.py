@@ -144,17 +144,20 @@ def test_prompts_are_repeated_k_times_in_a_row():
 
 
 def test_a_rollout_is_made_on_the_first_of_every_updates_steps_per_accumulation_slot():
-    made = []
+    made, keys = [], []
     buffer = RolloutBuffer(updates=2, accumulation=2)
 
-    def make():
+    def make(key):
         made.append(len(made))
+        keys.append(key)
         return made[-1]
 
     got = [buffer.get(make) for _ in range(8)]  # 4 optimizer steps of 2 micro-batches
     assert got == [0, 1, 0, 1, 2, 3, 2, 3]
+    # Each rollout is named by its step and micro-batch (the vLLM engine seeds its requests from it).
+    assert keys == [("train", 0, 0), ("train", 0, 1), ("train", 2, 0), ("train", 2, 1)]
     buffer.resume_at(step=2)  # a checkpoint at step 2 falls between rollouts: the next call samples
-    assert buffer.get(make) == 4
+    assert buffer.get(make) == 4 and keys[-1] == ("train", 2, 0)
 
 
 # ---- config -------------------------------------------------------------------------------------
