@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .chunked_logits import LOGITS_CHUNK, chunk_problem
 from .optim import OPTIMIZERS
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class ModelConfig:
     # its fp32 master copy itself, so a 16-bit run gains nothing from fp32 weights but their memory.
     dtype: Optional[str] = None
     gradient_checkpointing: bool = False
+    # Tokens whose logits exist at once in the log-probabilities and losses (pipeline.chunked_logits: the
+    # LM head runs chunk by chunk, recomputed in the backward); 0: the whole batch's logits at once.
+    logits_chunk: int = LOGITS_CHUNK
     trust_remote_code: bool = False
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
@@ -211,6 +215,8 @@ def common_problems(config: RunConfig) -> list:
             problems.append(f"`{field}` is {value}; it must be a positive integer")
     if optim.name in OPTIMIZERS:
         problems += OPTIMIZERS[optim.name].problems(optim)
+    if problem := chunk_problem("model.logits_chunk", config.model.logits_chunk):
+        problems.append(problem)
     if optim.warmup_steps < 0:
         problems.append(f"`optim.warmup_steps` is {optim.warmup_steps}; it must not be negative")
     if not 0 < data.eval_fraction < 1:  # NaN fails this too

@@ -68,12 +68,12 @@ from trl.data_utils import apply_chat_template, common_prefix_length, extract_pr
 from trl.trainer.utils import pad
 
 from .chat_templates import resolve_chat_template
+from .chunked_logits import IGNORE_INDEX  # labels the loss skips (torch cross_entropy's default ignore_index)
 from .config import DataConfig
 from .data_cache import cache_directory, file_digest, fingerprint, load_or_build, tokenizer_fingerprint
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")  # Anthropic/hh-rlhf ships train.jsonl.gz
 FORMATS = ("sft", "pairwise", "prompt", "chat")
-IGNORE_INDEX = -100  # labels the loss skips (torch cross_entropy's default ignore_index)
 HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH / rm-static turn markers; a prompt ends with the last assistant one
 HH_HUMAN = "\n\nHuman:"
 

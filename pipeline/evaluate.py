@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pipeline.chunked_logits import LOGITS_CHUNK, chunk_problem
 from pipeline.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class PolicyEvalConfig:
     missing_eos_penalty: Optional[float] = None
     device: str = "auto"                        # auto (cuda where available, else cpu) | cpu | cuda
     precision: str = "fp32"                     # fp32 | bf16
+    logits_chunk: int = LOGITS_CHUNK            # tokens of logits at once in the KL's log-probs; 0: all at once
     engine: str = "hf"                          # generates the responses: hf (`generate`) | vllm (one engine)
     kv_cache_gib: Optional[float] = None        # vllm: the KV cache's size; null: 1 on CPU, 0.3 of the GPU
 
@@ -344,6 +346,8 @@ class PolicyEvalConfig:
         for field in ("max_prompt_length", "max_new_tokens", "num_samples", "batch_size"):
             if getattr(self, field) <= 0:
                 problems.append(f"`{field}` is {getattr(self, field)}; it must be a positive integer")
+        if problem := chunk_problem("logits_chunk", self.logits_chunk):
+            problems.append(problem)
         if self.temperature <= 0:
             problems.append(f"`temperature` is {self.temperature}; it must be positive")
         if not 0 < self.top_p <= 1:
@@ -493,8 +497,10 @@ def score_batch(models: PolicyModels, batch: dict, generation: tuple, config: Po
         extend(values["sampled"], response_values(sampled, prompts, tokenizer, gold_reward))
         if models.reference is not None:
             length = sampled.mask.shape[1]
-            logprobs, _ = response_logprobs(models.policy, sampled.sequences, sampled.attention_mask, length)
-            ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, length)
+            logprobs, _ = response_logprobs(models.policy, sampled.sequences, sampled.attention_mask, length,
+                                            chunk=config.logits_chunk)
+            ref_logprobs, _ = response_logprobs(models.reference, sampled.sequences, sampled.attention_mask, length,
+                                                chunk=config.logits_chunk)
             values["kl"] += sequence_log_ratio(logprobs, ref_logprobs, sampled.mask).tolist()
     return values
 

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from pipeline.chunked_logits import LOGITS_CHUNK, next_token_targets, token_logprobs
 from pipeline.data import collate_prompts
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,16 @@ def with_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dic
 
 
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                      with_entropy: bool = False) -> tuple:
-    """Log-probabilities (and entropies) of the last `response_length` tokens of `sequences`.
+                      with_entropy: bool = False, chunk: int = LOGITS_CHUNK) -> tuple:
+    """Log-probabilities (and entropies, without gradient) of the last `response_length` tokens of
+    `sequences`, the LM head applied `chunk` tokens at a time (0: all at once).
 
     sequences, attention_mask: (B, P + T). Returns ((B, T) log-probs, (B, T) entropies or None).
     """
     # Only the positions that predict response tokens go through the LM head.
-    logits = model(**with_positions(sequences, attention_mask), use_cache=False,
-                   logits_to_keep=response_length + 1).logits[:, :-1].float()  # (B, T, V)
-    logprobs = selective_log_softmax(logits, sequences[:, -response_length:])
-    return logprobs, entropy_from_logits(logits) if with_entropy else None
+    targets = next_token_targets(sequences[:, -response_length - 1:])  # (B, T + 1): the last predicts nothing
+    logprobs, entropy = token_logprobs(model, with_positions(sequences, attention_mask), targets, chunk, with_entropy)
+    return logprobs[:, :-1], entropy[:, :-1] if with_entropy else None
 
 
 @dataclasses.dataclass

@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from trl.trainer.utils import selective_log_softmax
 
+from pipeline.chunked_logits import next_token_targets, token_logprobs
 from pipeline.config import RunConfig
-from pipeline.data import IGNORE_INDEX, collate_pairwise, prepare_dataset
+from pipeline.data import collate_pairwise, prepare_dataset
 from pipeline.engine import batch_plan, init_distributed
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import load_tokenizer
@@ -68,18 +68,6 @@ class DpoConfig(RunConfig):
 
 # ---- the loss, as pure functions ----------------------------------------------------------------
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled tokens.
-
-    logits: (N, T, V), position t predicting token t + 1; labels: (N, T), IGNORE_INDEX on the prompt
-    and the padding. Returns (N,) in fp32.
-    """
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    logprobs = selective_log_softmax(logits[:, :-1].float(), labels.masked_fill(~mask, 0))  # (N, T - 1)
-    return (logprobs * mask).sum(-1)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> tuple:
     """Per-pair DPO (or IPO) losses and the implicit rewards.
@@ -117,23 +105,25 @@ def pair_means(total: dict) -> dict:
 
 # ---- models and their passes --------------------------------------------------------------------
 
-def answer_logprobs(model, batch: dict) -> tuple:
-    """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logprobs(logits, batch["labels"]).chunk(2)
+def answer_logprobs(model, batch: dict, chunk: int) -> tuple:
+    """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked batch (labels:
+    IGNORE_INDEX on the prompt and the padding), the LM head applied `chunk` tokens at a time (0: all at once)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logprobs, _ = token_logprobs(model, inputs, next_token_targets(batch["labels"]), chunk)  # (2B, T)
+    return logprobs.sum(-1).chunk(2)
 
 
 @torch.no_grad()
 def reference_logprobs(models: Models, batch: dict) -> tuple:
     """The reference's (chosen (B,), rejected (B,)); with LoRA, the policy's base weights alone."""
     with reference_policy(models) as reference:
-        return answer_logprobs(reference, batch)
+        return answer_logprobs(reference, batch, models.logits_chunk)
 
 
 def pair_losses(models: Models, batch: dict, dpo: DpoSection) -> tuple:
     """(losses (B,) with grad when enabled, chosen rewards (B,), rejected rewards (B,), policy log-probs)."""
     ref_chosen, ref_rejected = reference_logprobs(models, batch)
-    chosen, rejected = answer_logprobs(models.actor, batch)
+    chosen, rejected = answer_logprobs(models.actor, batch, models.logits_chunk)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta,
                                                         dpo.loss_type)
     return losses, chosen_rewards, rejected_rewards, (chosen.detach(), rejected.detach())
@@ -156,7 +146,7 @@ def evaluate(models: Models, loader, dpo: DpoSection, device) -> dict:
     for batch in loader:
         batch = to_device(batch, device)
         ref_chosen, ref_rejected = reference_logprobs(models, batch)
-        chosen, rejected = answer_logprobs(models.actor, batch)
+        chosen, rejected = answer_logprobs(models.actor, batch, models.logits_chunk)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta,
                                                             dpo.loss_type)
         total = add_sums(total, {**reward_sums(chosen_rewards, rejected_rewards), "loss": losses.sum(),

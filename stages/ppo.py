@@ -89,7 +89,7 @@ def ppo_step(models: Models, engine, batch: dict, section: PpoSection, buffer: R
                                                       sampling_of(section), multi, key))
     sampled, mask, ref = experience.sampled, experience.sampled.mask, experience.ref_logprobs
     models.actor.train()
-    logprobs, entropy = policy_logprobs(models.actor, sampled)
+    logprobs, entropy = policy_logprobs(models.actor, sampled, models.logits_chunk)
     models.critic.train()
     values = critic_values(models.critic, sampled)
     old = experience.old_logprobs if multi else logprobs.detach()

@@ -77,7 +77,8 @@ def remax_step(models: Models, engine, batch: dict, remax: RemaxSection, buffer:
                                          remax.kl_coef)  # (B, T)
     returns = discounted_returns(rewards, sampled.mask, remax.gamma)
     models.actor.train()
-    logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, sampled.mask.shape[1])
+    logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, sampled.mask.shape[1],
+                                    chunk=models.logits_chunk)
     weights, sampler_sums = sampler_correction(experience.actor_logprobs, sampled, correction)
     loss = reinforce_loss(logprobs, returns, sampled.mask, weights)
     kl = sequence_log_ratio(experience.actor_logprobs, experience.ref_logprobs, sampled.mask)

@@ -10,8 +10,9 @@ import sys
 
 import torch
 
+from pipeline.chunked_logits import next_token_targets, token_logprobs
 from pipeline.config import RunConfig
-from pipeline.data import collate_sft, prepare_dataset
+from pipeline.data import IGNORE_INDEX, collate_sft, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer, model_dtype
@@ -30,24 +31,28 @@ class SFTConfig(RunConfig):
         return problems
 
 
-def sft_step(engine, batch: dict) -> tuple:
+def response_nll(model, batch: dict, chunk: int) -> tuple:
+    """(summed negative log-likelihood of the response tokens, their count) of one batch; the LM head
+    applied `chunk` tokens at a time (0: all at once)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logprobs, _ = token_logprobs(model, inputs, next_token_targets(batch["labels"]), chunk)
+    return -logprobs.sum(), (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the first label is never predicted
+
+
+def sft_step(engine, batch: dict, chunk: int) -> tuple:
     """Mean cross-entropy over the response tokens of one micro-batch."""
-    output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return output.loss, {"tokens": batch["attention_mask"].sum()}
+    nll, tokens = response_nll(engine, batch, chunk)
+    return nll / tokens, {"tokens": batch["attention_mask"].sum()}
 
 
 @torch.no_grad()
-def evaluate(engine, loader) -> dict:
+def evaluate(engine, loader, chunk: int) -> dict:
     """Token-weighted eval loss and perplexity over the held-out rows of every rank."""
     engine.eval()
     total, count = 0.0, 0
     for batch in loader:
-        batch = to_device(batch, engine.device)
-        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      labels=batch["labels"]).loss
-        # HF shifts labels by one: the first label never counts.
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        total, count = total + loss * tokens, count + tokens
+        nll, tokens = response_nll(engine, to_device(batch, engine.device), chunk)
+        total, count = total + nll, count + tokens
     sums = sum_over_ranks({"loss": total, "tokens": count}, engine.device)
     loss = sums["loss"] / sums["tokens"] if sums["tokens"] else math.nan
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -67,10 +72,10 @@ def run(config: SFTConfig) -> dict:
         model = apply_lora(model, config.model.lora)
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
-    engine = built.engine
+    engine, chunk = built.engine, config.model.logits_chunk
     stage = Stage(train_set, eval_set, collate=lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                  step=lambda batch: sft_step(engine, batch), evaluate=lambda loader: evaluate(engine, loader),
-                  tokenizer=tokenizer)
+                  step=lambda batch: sft_step(engine, batch, chunk),
+                  evaluate=lambda loader: evaluate(engine, loader, chunk), tokenizer=tokenizer)
     return train(config, built, RunDirectory(config), stage)
 
 

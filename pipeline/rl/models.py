@@ -9,6 +9,7 @@ import copy
 import dataclasses
 from typing import Callable, Optional
 
+from pipeline.chunked_logits import LOGITS_CHUNK
 from pipeline.engine import create_engine, create_frozen_engine, frozen_ds_config, sharded_creation, training_ds_config
 from pipeline.models import (RewardModel, adapters_disabled, apply_lora, enable_gradient_checkpointing, load_causal_lm,
                              load_reference, model_dtype)
@@ -24,6 +25,7 @@ class Models:
     gold_reward: Optional[Callable] = None   # (prompts, responses) -> list of floats
     missing_eos_penalty: Optional[float] = None
     critic: Optional[object] = None   # PPO's value model: a training engine of its own
+    logits_chunk: int = LOGITS_CHUNK  # tokens of logits at once in every log-probability (`model.logits_chunk`)
 
 
 def load_reward_model(config, path: str, field: str, dtype) -> RewardModel:
@@ -71,7 +73,8 @@ def build_models(config, tokenizer, total_steps: int, reference: FrozenModel, re
         actor = apply_lora(actor, config.model.lora)
     built = create_engine(config, actor, total_steps)
     models = Models(actor=built.engine, reference=reference_engine, tokenizer=tokenizer, reward=reward_engine,
-                    gold_reward=gold_reward, missing_eos_penalty=missing_eos_penalty)
+                    gold_reward=gold_reward, missing_eos_penalty=missing_eos_penalty,
+                    logits_chunk=config.model.logits_chunk)
     return models, built
 
 

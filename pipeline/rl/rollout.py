@@ -17,10 +17,8 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from trl.models.utils import add_hooks, remove_hooks
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from pipeline.generation import (Generated, Responses, generate_responses, generation_configs, response_logprobs,
-                                 scored, with_positions)
+from pipeline.generation import Generated, Responses, generate_responses, generation_configs, response_logprobs, scored
 from pipeline.rl.models import Models, reference_policy
 
 
@@ -122,9 +120,10 @@ def rollout(models: Models, engine: RolloutEngine, batch: dict, sampling: Sampli
     sampled, greedy = score(models, sampled), score(models, greedy)
     response_length = sampled.mask.shape[1]
     actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
-                                                response_length, with_entropy=True)
+                                                response_length, with_entropy=True, chunk=models.logits_chunk)
     with reference_policy(models) as reference:
-        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length)
+        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length,
+                                            chunk=models.logits_chunk)
     return Rollout(sampled, greedy, actor_logprobs, ref_logprobs, entropy)
 
 
@@ -157,9 +156,11 @@ def group_rollout(models: Models, engine: RolloutEngine, batch: dict, k: int, sa
     response_length = sampled.mask.shape[1]
     old_logprobs = old_values = None
     if with_old_logprobs:
-        old_logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, response_length)
+        old_logprobs, _ = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask, response_length,
+                                            chunk=models.logits_chunk)
     with reference_policy(models) as reference:
-        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length)
+        ref_logprobs, _ = response_logprobs(reference, sampled.sequences, sampled.attention_mask, response_length,
+                                            chunk=models.logits_chunk)
     if with_old_logprobs and models.critic is not None:
         models.critic.eval()
         old_values = critic_values(models.critic, sampled)
@@ -174,15 +175,11 @@ def critic_values(critic, responses: Responses) -> torch.Tensor:
     return values[:, -length - 1:-1].float()
 
 
-def policy_logprobs(model, responses: Responses) -> tuple:
-    """The update's forward: ((N, T) log-probs with grad, (N, T) token entropies without)."""
-    length = responses.mask.shape[1]
-    logits = model(**with_positions(responses.sequences, responses.attention_mask), use_cache=False,
-                   logits_to_keep=length + 1).logits[:, :-1].float()  # (N, T, V)
-    logprobs = selective_log_softmax(logits, responses.sequences[:, -length:])
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits.detach())
-    return logprobs, entropy
+def policy_logprobs(model, responses: Responses, chunk: int) -> tuple:
+    """The update's forward: ((N, T) log-probs with grad, (N, T) token entropies without); the LM head
+    applied `chunk` tokens at a time (0: all at once)."""
+    return response_logprobs(model, responses.sequences, responses.attention_mask, responses.mask.shape[1],
+                             with_entropy=True, chunk=chunk)
 
 
 class RolloutBuffer:

@@ -197,7 +197,7 @@ def group_step(models: Models, engine, batch: dict, section: GroupSection, estim
                                                       sampling_of(section), multi, key))
     sampled, mask = experience.sampled, experience.sampled.mask
     models.actor.train()
-    logprobs, entropy = policy_logprobs(models.actor, sampled)
+    logprobs, entropy = policy_logprobs(models.actor, sampled, models.logits_chunk)
     old = experience.old_logprobs if multi else logprobs.detach()
     reward = sampled.reward
     if section.kl_penalty == "reward":

@@ -1,7 +1,9 @@
 """Log-probabilities and entropies of responses (`response_logprobs`, the update's `policy_logprobs`)
 against a naive per-position computation: each response token scored by the model on that row's real
 tokens alone (no padding, default positions), one prefix at a time. Left-padded prompts of different
-lengths, a response that stops at eos and is padded after it, and one cut by the length limit."""
+lengths, a response that stops at eos and is padded after it, and one cut by the length limit; the LM
+head applied to all positions at once and 2 tokens at a time (pipeline.chunked_logits)."""
+import pytest
 import torch
 
 from pipeline.generation import Responses, response_logprobs, response_mask
@@ -34,13 +36,16 @@ def naive(model, prompt, response, keep):
     return logprobs, entropies
 
 
-def test_response_and_policy_logprobs_match_a_per_position_computation():
+@pytest.mark.parametrize("chunk", [0, 2], ids=["whole", "chunked"])
+def test_response_and_policy_logprobs_match_a_per_position_computation(chunk):
     model = tiny_llama(seed=1).eval()
     sequences, attention_mask, mask = batch()
     assert mask.sum(-1).tolist() == [3, 5, 1]
     with torch.no_grad():
-        logprobs, entropy = response_logprobs(model, sequences, attention_mask, mask.shape[1], with_entropy=True)
-    update_logprobs, update_entropy = policy_logprobs(model, Responses(sequences, attention_mask, mask, reward=None))
+        logprobs, entropy = response_logprobs(model, sequences, attention_mask, mask.shape[1], with_entropy=True,
+                                              chunk=chunk)
+    update_logprobs, update_entropy = policy_logprobs(model, Responses(sequences, attention_mask, mask, reward=None),
+                                                      chunk)
     assert update_logprobs.requires_grad
     for row, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
         keep = int(mask[row].sum())

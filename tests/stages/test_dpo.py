@@ -12,7 +12,7 @@ from pipeline.config import DataConfig
 from pipeline.data import collate_pairwise, prepare_dataset
 from pipeline.evaluate import curves
 from pipeline.run import EXIT_USER_ERROR, main
-from stages.dpo import DpoConfig, dpo_loss, pair_means, reward_sums, run, sequence_logprobs
+from stages.dpo import DpoConfig, dpo_loss, pair_means, reward_sums, run
 from tests.conftest import launch_ranks
 from tests.tiny_models import save_tiny_model_dir, write_separable_pairs
 
@@ -68,14 +68,6 @@ def test_ipo_loss_regresses_the_margin_onto_one_over_two_beta_from_both_sides():
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="hinge"):
         dpo_loss(*[torch.zeros(1)] * 4, 0.1, "hinge")
-
-
-def test_sequence_logprobs_sums_only_the_labelled_next_token_log_probs():
-    logits = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, -1.0], [0.5, 0.5, 0.0], [9.0, 9.0, 9.0]]])  # (1, 4, 3)
-    labels = torch.tensor([[-100, 1, 2, -100]])  # prompt token, two answer tokens, padding
-    expected = torch.log_softmax(logits[0, 0], -1)[1] + torch.log_softmax(logits[0, 1], -1)[2]
-    assert sequence_logprobs(logits, labels).tolist() == pytest.approx([expected.item()], abs=1e-6)
-    assert sequence_logprobs(logits, torch.full_like(labels, -100)).tolist() == [0.0]
 
 
 def test_metrics_are_per_pair_means_over_micro_batches_and_the_loss_per_micro_batch():
@@ -188,7 +180,10 @@ def base_eval_logprobs(model_dir, data) -> tuple:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    chosen, rejected = sequence_logprobs(logits, batch["labels"]).chunk(2)
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    answer = labels != -100
+    logprobs = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    chosen, rejected = (logprobs * answer).sum(-1).chunk(2)
     return chosen.mean().item(), rejected.mean().item()
 
 
