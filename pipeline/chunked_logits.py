@@ -168,10 +168,8 @@ class LinearHead:
 
     def backward(self, hidden, targets, grad, need_hidden: bool, grads: list, state) -> Optional[torch.Tensor]:
         """The chunk's hidden-state gradient (or None); adds its parameter gradients into `grads`."""
-        with torch.no_grad():
-            logits = self.logits(hidden)
-            grad_logits = _logits_grad_(logits.float(), targets, grad).to(logits.dtype)
-            del logits
+        with torch.no_grad():  # the 16-bit logits go as soon as they are upcast
+            grad_logits = _logits_grad_(self.logits(hidden).float(), targets, grad).to(self.weight.dtype)
             if self.weight.requires_grad:
                 if grads[0] is None:
                     grads[0] = torch.zeros_like(self.weight)

@@ -15,7 +15,9 @@ per element). With a workload, what the engine really holds replaces the estimat
 layer), and on top, per rank:
   activations     what autograd keeps for the backward (Llama-style layer, SDPA: no T x T matrix),
                   every layer, or with gradient checkpointing each layer's input plus one layer rebuilt
-  logits          the B x T x vocab logits, their fp32 upcast and log-softmax (the loss), where computed
+  logits          with `model.logits_chunk` (pipeline.chunked_logits) one chunk's logits and their fp32
+                  upcast, turned into the gradient in place, and the entropy's fp32 buffer where the
+                  stage logs it; with 0 the B x T x vocab logits, their fp32 upcast and log-softmax
   DeepSpeed       the gradient reduce bucket, and its gradients flattened when it is reduced; ZeRO-3
                   (pipeline.engine states the settings): the parameters of at most
                   `stage3_param_persistence_threshold` elements kept whole on every rank, the weights it
@@ -204,6 +206,7 @@ class Workload:
     seq_len: int                   # tokens per sequence (the planned worst case: data.max_length)
     logit_positions: int           # positions per row whose logits are computed; 0: a reward model's scores
     gradient_checkpointing: bool
+    logits_chunk: int = 0          # tokens whose logits exist at once (`model.logits_chunk`); 0: all of them
     prompt_len: int = 0            # ReMax: generation from prompt_len to prompt_len + new_tokens
     new_tokens: int = 0
     frozen: tuple = ()             # (name, ModelSize or None: the trained model's, zero3, offload) per frozen model
@@ -235,13 +238,13 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
         return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
-                        prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo,
+                        config.model.logits_chunk, prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo,
                         vllm_kv_bytes=vllm_kv_bytes(config.rollout, gloo),
                         vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
                         == 0 else 0.0)
     rows = 2 * batch if spec.pairs else batch
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
-                    frozen=tuple(frozen), gloo=gloo)
+                    config.model.logits_chunk, frozen=tuple(frozen), gloo=gloo)
 
 
 def vllm_kv_bytes(rollout, gloo: bool) -> Optional[int]:
@@ -291,13 +294,23 @@ def activation_bytes(g: Geometry, rows: int, seq_len: int, a: int, checkpointing
     return saved_activation_bytes(g, rows, seq_len, a, checkpointing) + layer + (layer if checkpointing else 0)
 
 
-def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: bool) -> int:
-    """Logits (a bytes), their fp32 upcast for the loss and the fp32 log-softmax; in the backward the fp32
-    gradient and its cast back replace the upcast. A forward without gradients keeps logits and upcast."""
+def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: bool, chunk: int = 0,
+                 entropy: bool = False) -> int:
+    """What the log-probabilities of `rows` x `positions` tokens hold of their logits (a bytes) at once.
+
+    Chunked (`chunk` tokens, pipeline.chunked_logits): one chunk's logits and their fp32 upcast, which the
+    scores and, in the backward's recompute, the gradient overwrite in place (fp32 logits need no upcast);
+    with `entropy` an fp32 buffer of its own beside the upcast. With `chunk` 0 all at once: the logits, their
+    fp32 upcast for the loss and the fp32 log-softmax; in the backward the fp32 gradient and its cast back
+    replace the upcast. A forward without gradients keeps logits and upcast."""
     if positions == 0:
         return 0
-    cells = rows * positions * vocab
     upcast = 4 if a != 4 else 0  # `.float()` is a no-op on fp32 logits
+    if chunk:
+        cells = min(chunk, rows * positions) * vocab
+        # The 16-bit logits live until upcast, and the gradient's 16-bit cast is made from the fp32 buffer.
+        return cells * max(4 + (a if upcast else 0), 8 if entropy else 0)
+    cells = rows * positions * vocab
     return cells * (a + upcast + (4 if training else 0))
 
 
@@ -345,7 +358,9 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
     total, trainable = row["parameters"], row["trainable_parameters"]
     w = workload
     activations = activation_bytes(g, w.rows, w.seq_len, a, w.gradient_checkpointing)
-    logits = logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=True)
+    # The sampling stages score the actor's entropy along its responses.
+    entropy = STAGES[w.stage].samples
+    logits = logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=True, chunk=w.logits_chunk, entropy=entropy)
     # DeepSpeed: one gradient bucket (ZeRO-1 accumulates it in fp32).
     bucket_elements = reduce_bucket_elements(trainable)
     bucket = bucket_elements * (4 if stage == 1 and a == 2 else a) if stage >= 1 else 0
@@ -408,7 +423,8 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
             generation = whole + max(kv_cache_bytes(g, w.rows, w.seq_len, a) + per_step_logits,
                                      whole if w.gloo else 0)
         # Actor and reference log-probs without gradients: logits of the response and their upcast.
-        scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
+        scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False,
+                                             chunk=w.logits_chunk, entropy=entropy)
     # gloo's copy of an all-gather is in flight while the forward fetches weights, before most activations exist.
     forward_backward = max(activations + logits, gather_copy) + deepspeed
     kept = params + kept_grads + row["optimizer_bytes"] + bucket_kept

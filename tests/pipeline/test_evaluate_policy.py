@@ -114,11 +114,11 @@ def test_sampling_is_reproducible_and_the_kl_to_another_reference_is_not_zero(di
 def test_config_reports_every_problem_by_field(dirs):
     with pytest.raises(ConfigError) as error:
         load_config(PolicyEvalConfig, None, ["max_new_tokens=0", "top_p=1.5", "gold_reward=oracle",
-                                             "precision=fp16", f"policy_path={dirs / 'nowhere'}",
+                                             "precision=fp16", "logits_chunk=-2", f"policy_path={dirs / 'nowhere'}",
                                              f"baseline_policy_path={dirs}", "num_sample=3"])
     problems = "\n".join(error.value.problems)
     for expected in ("`reward_model_path` is not set", "`prompts_path` is not set", "`output` is not set",
-                     "`max_new_tokens` is 0", "`top_p` is 1.5", "`gold_reward` is 'oracle'", "`precision` is 'fp16'",
+                     "`max_new_tokens` is 0", "`top_p` is 1.5", "`logits_chunk` is -2", "`gold_reward` is 'oracle'", "`precision` is 'fp16'",
                      f"`policy_path` {dirs / 'nowhere'} does not exist",
                      f"`baseline_policy_path` {dirs} holds no model (no config.json)",
                      "unknown key `num_sample`; did you mean `num_samples`?"):

@@ -98,6 +98,7 @@ def test_unusable_config_files_name_the_file(tmp_path, capsys, text, message):
     ("engine.micro_batch_size=0", "`engine.micro_batch_size` is 0; it must be a positive integer"),
     ("engine.micro_batch_size=-1", "`engine.micro_batch_size` is -1; it must be a positive integer"),
     ("model.lora.r=16", "`model.lora.r` is set but `model.lora.enabled` is false"),
+    ("model.logits_chunk=-1", "`model.logits_chunk` is -1; give the tokens per chunk of logits"),
     ("engine.zero_stage", "override 'engine.zero_stage' is not of the form key.sub=value"),
 ])
 def test_bad_settings_name_the_field(tmp_path, capsys, model_dir, override, message):
