@@ -224,10 +224,10 @@ def _register_zero3_parameters(module: nn.Module) -> None:
     gathered through the chunk loop and its backward."""
     nested = [p for name, p in module.named_parameters() if "." in name and hasattr(p, "ds_id")]
     if nested:
-        from deepspeed.zero import register_external_parameter
+        from deepspeed import zero
 
         for param in nested:
-            register_external_parameter(module, param)
+            zero.register_external_parameter(module, param)
 
 
 class ChunkedLogprobs(torch.autograd.Function):

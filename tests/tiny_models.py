@@ -28,6 +28,21 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausa
     return model
 
 
+def lora_with_head(model, seed: int = 0):
+    """`model` with LoRA adapters on its query projections and its LM head, lora_B drawn at random (peft starts
+    it at zero, so the adapters would change nothing and lora_A would get no gradient)."""
+    from pipeline.config import LoraConfig
+    from pipeline.models import apply_lora
+
+    model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
 def token_batches(steps: int, world_size: int, micro_batch: int, seq_len: int = 12, vocab: int = 203, seed: int = 1):
     """Per step, one (world_size * micro_batch, seq_len) batch; rank r takes rows r*mb:(r+1)*mb."""
     generator = torch.Generator().manual_seed(seed)

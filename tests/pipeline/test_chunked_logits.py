@@ -13,14 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.chunked_logits import (IGNORE_INDEX, next_token_targets, output_head, token_logprobs,
                                      whole_logits_scores)
-from pipeline.config import LoraConfig
 from pipeline.data import collate_pairwise, collate_sft
 from pipeline.generation import Responses, response_mask
-from pipeline.models import apply_lora
 from pipeline.rl.rollout import policy_logprobs
 from stages.dpo import answer_logprobs
 from stages.sft import sft_step
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import lora_with_head, tiny_llama
 
 PAD, EOS = 0, 2
 CHUNK = 4  # tokens: every batch below takes several chunks, the last one short
@@ -103,19 +101,9 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-def lora_on_head(model):
-    model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # peft starts lora_B at zero: the adapters would change nothing
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
-
-
 HEADS = {"plain": lambda dtype: tiny_llama(seed=1, dtype=dtype),
          "tied": lambda dtype: tiny_llama(seed=1, dtype=dtype, tie_word_embeddings=True),
-         "LoRA": lambda dtype: lora_on_head(tiny_llama(seed=1, dtype=dtype))}
+         "LoRA": lambda dtype: lora_with_head(tiny_llama(seed=1, dtype=dtype))}
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -406,12 +406,24 @@ def test_lora_actor_with_adapters_disabled_is_the_base_model(model_dir, vocab_si
 
 
 @pytest.mark.slow
-def test_lora_reference_inside_zero2_and_zero3_engines_is_the_base_model(tmp_path):
+def test_lora_reference_and_chunked_logits_inside_zero2_and_zero3_engines(tmp_path):
+    """The LoRA actor with adapters disabled is the base model; the chunked loss and gradients (fp32) are the
+    whole logits', full-parameter and with LoRA on the LM head (ZeRO-3 gathers the head's weights for the
+    chunk loop and for its backward)."""
     out = tmp_path / "results.json"
     launch_ranks(2, ["tests/pipeline/reference_worker.py", "--out", out])
-    for stage, result in read_json(out).items():
-        assert result["reference_vs_base"] <= 1e-5, (stage, result)
-        assert result["actor_vs_base"] > 1e-3, (stage, result)
+    results = read_json(out)
+    for stage in ("zero2", "zero3"):
+        assert results[stage]["reference_vs_base"] <= 1e-5, (stage, results[stage])
+        assert results[stage]["actor_vs_base"] > 1e-3, (stage, results[stage])
+    for name, heads in (("chunked zero2", 1), ("chunked zero3", 1), ("chunked zero3 LoRA", 2)):
+        result = results[name]
+        assert result["head_grads"] == heads, (name, result)  # the LM head's weight, or its two adapters
+        # At ZeRO-3 the head's weight (LoRA: its frozen base layer's) is partitioned outside the head's call.
+        assert (result["partitioned_head_params"] >= 1) == ("zero3" in name), (name, result)
+        assert result["loss_error"] <= 1e-6 and result["head_grad_error"] <= 1e-6, (name, result)
+        # Gradients below the head: its input's last-bit differences carried through two layers.
+        assert result["grad_error"] <= 1e-5, (name, result)
 
 
 def test_meta_model_uses_model_architecture_until_path_holds_a_model(model_dir, tmp_path, caplog):
