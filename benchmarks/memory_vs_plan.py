@@ -6,6 +6,10 @@ Builds a 32-layer narrow Llama (~81M parameters, vocab 32000, bf16 safetensors) 
 from it in a temporary directory, then runs SFT at ZeRO-2 and ZeRO-3, reward training, ReMax
 (reference and reward model at ZeRO-3) and PPO (the same, plus a critic trained from the reward
 model) for a few steps each, one after another in the same 2 real DeepSpeed CPU ranks (one launch).
+Log-probabilities take the LM head 64 tokens at a time (`model.logits_chunk`, scaled to these batches
+as the model is to a 7B one); SFT and PPO run again with the whole logits at once (`logits_chunk: 0`),
+and a second table gives each rank's drop in peak from those runs to the chunked ones, measured and
+planned.
 Every rank samples its own anonymous resident memory (RssAnon, /proc/self/status) every 5 ms from just
 before a stage loads its models to the end of its steps; the bf16 weights stay memory-mapped from
 the safetensors files, which plain RSS would count and RssAnon does not. The table gives per rank the
@@ -46,6 +50,8 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # ReMax with vLLM generating (where it is installed): the engine's weights copy and a 0.25 GiB KV cache.
 VLLM_ROLLOUT = {"engine": "vllm", "kv_cache_gib": 0.25}
 MIB = 2**20
+CHUNK = 64                # tokens of logits at once in the runs (model.logits_chunk)
+WHOLE_LOGITS = ", whole logits"  # names the twin of a run with `logits_chunk: 0`
 WORDS = ("the cat sat on a mat dog ran to park red blue green big small one two three four five yes no good bad "
          "what is how why where when who which tree house river stone cloud rain").split()
 # glibc hands every block of 64 KiB or more back to the kernel when freed, so RssAnon follows live
@@ -173,13 +179,14 @@ def write_data(root: Path, max_length: int = 256, max_prompt_length: int = 96) -
 
 def stage_values(stage: str, policy: Path, reward: Path, data: dict, *, zero: int, optimizer: str,
                  checkpointing: bool = False, micro_batch: int = 2, steps: int = 3, max_length: int = 256,
-                 max_prompt_length: int = 96, new_tokens: int = 64, rollout: Optional[dict] = None) -> dict:
+                 max_prompt_length: int = 96, new_tokens: int = 64, rollout: Optional[dict] = None,
+                 logits_chunk: int = CHUNK) -> dict:
     """A run config (as YAML values) of `stage`: SFT and reward on rows of `max_length`; ReMax and PPO on
     prompts of `max_prompt_length` with `new_tokens` generated, reference and reward model at ZeRO-3 (PPO:
     a critic from the reward model, trained like the actor, two updates per rollout as shipped)."""
     values = dict(seed=0, training={"max_steps": steps, "eval_at_start": False},
                   logging={"progress_bar": False, "tensorboard": False}, checkpoint={"every_steps": 10**6},
-                  model={"path": str(policy), "gradient_checkpointing": checkpointing},
+                  model={"path": str(policy), "gradient_checkpointing": checkpointing, "logits_chunk": logits_chunk},
                   optim={"name": optimizer, "lr": 1e-5},
                   engine={"zero_stage": zero, "precision": "bf16", "micro_batch_size": micro_batch},
                   data={"path": str(data["sft"]), "format": "sft", "max_length": max_length,
@@ -258,11 +265,31 @@ def compare(spec_path: Path, out: Path, world_size: int) -> list:
     return results
 
 
+def logits_drops(results: list) -> list:
+    """Per run with a whole-logits twin (named `run + WHOLE_LOGITS`) and rank: the peak the chunked logits
+    save, measured and planned."""
+    by_name = {(r["run"], r["rank"]): r for r in results}
+    drops = []
+    for (name, rank), whole in by_name.items():
+        chunked = by_name.get((name.removesuffix(WHOLE_LOGITS), rank)) if name.endswith(WHOLE_LOGITS) else None
+        if chunked is not None:
+            drops.append({"run": chunked["run"], "rank": rank,
+                          "measured_drop_bytes": whole["measured_bytes"] - chunked["measured_bytes"],
+                          "plan_drop_bytes": whole["plan_bytes"] - chunked["plan_bytes"]})
+    return drops
+
+
 def format_results(results: list) -> str:
     width = max([3] + [len(r["run"]) for r in results])
     lines = [f"{'run':<{width}} {'rank':>4} {'measured MiB':>13} {'plan MiB':>9} {'ratio':>6}"]
     lines += [f"{r['run']:<{width}} {r['rank']:>4} {r['measured_bytes'] / MIB:>13.1f} {r['plan_bytes'] / MIB:>9.1f} "
               f"{r['ratio']:>6.2f}" for r in results]
+    drops = logits_drops(results)
+    if drops:
+        lines += ["", f"{'chunked logits against the whole':<{width}} {'rank':>4} {'measured drop MiB':>18} "
+                      f"{'planned drop MiB':>17}"]
+        lines += [f"{d['run']:<{width}} {d['rank']:>4} {d['measured_drop_bytes'] / MIB:>18.1f} "
+                  f"{d['plan_drop_bytes'] / MIB:>17.1f}" for d in drops]
     return "\n".join(lines)
 
 
@@ -283,12 +310,16 @@ def benchmark_runs(root: Path, policy: Path, reward: Path, data: dict, steps: in
         return stage, stage_values(stage, policy, reward, data, steps=steps, **options)
 
     policy_options = dict(max_length=160, max_prompt_length=96, new_tokens=64, micro_batch=4, checkpointing=True)
+    sft_zero3 = dict(zero=3, optimizer="adamw", checkpointing=True, micro_batch=4)
     return {
         "sft ZeRO-2": run("sft", zero=2, optimizer="adam_mini"),
-        "sft ZeRO-3": run("sft", zero=3, optimizer="adamw", checkpointing=True, micro_batch=4),
+        "sft ZeRO-2" + WHOLE_LOGITS: run("sft", zero=2, optimizer="adam_mini", logits_chunk=0),
+        "sft ZeRO-3": run("sft", **sft_zero3),
+        "sft ZeRO-3" + WHOLE_LOGITS: run("sft", **sft_zero3, logits_chunk=0),
         "reward ZeRO-2": run("reward", zero=2, optimizer="adamw", micro_batch=1),
         "remax ZeRO-2": run("remax", zero=2, optimizer="adam_mini", **policy_options),
         "ppo ZeRO-2": run("ppo", zero=2, optimizer="adam_mini", **policy_options),
+        "ppo ZeRO-2" + WHOLE_LOGITS: run("ppo", zero=2, optimizer="adam_mini", logits_chunk=0, **policy_options),
         **({"remax ZeRO-2 vLLM": run("remax", zero=2, optimizer="adam_mini", rollout=VLLM_ROLLOUT, **policy_options)}
            if HAS_VLLM else {}),
     }

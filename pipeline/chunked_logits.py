@@ -11,12 +11,15 @@ logits, their fp32 upcast and (for the gradient) the fp32 softmax turned into th
 place: per cell 4 bytes plus the logits' own (bf16: 6), 8 with the entropy. The fp32 scores upcast
 each chunk as the whole-logits path upcasts them all.
 
-The model runs its own forward (through the engine's, whose hooks DeepSpeed's backward needs) with the
-LM head module's forward replaced for the call by the chunked scores, so the head's parameters are
-used inside that module's call: ZeRO-3 gathers them for it and again for its backward, where the
-gradients reach them once. A head that is a plain linear layer (Llama's) has its gradient taken by
-hand, its weight's accumulated in place over the chunks; any other (peft's LoRA wrapper) is rerun per
-chunk under autograd. `chunk=0` is the whole-logits path: the reference the chunked one is held to.
+The model runs its own forward, through the DeepSpeed engine's (whose backward starts from hooks on
+that forward's outputs), with the LM head module's forward replaced for the call by the chunk loop. The
+head's parameters are so used within the head module's call: ZeRO-3 gathers them for it and again for
+its backward, and autograd hands each its gradient once, as DeepSpeed's gradient hooks expect. A plain
+linear head (Llama's) has its gradient taken by hand, the weight's accumulated in place over the chunks
+in its own dtype (as Liger's fused cross-entropy does); any other (peft's LoRA wrapper, whose adapters
+ZeRO-3 then gathers with the head) is rerun per chunk under autograd. `chunk=0` is the whole-logits
+path, the reference the chunked one is held to; models whose forward transforms the head's output
+(soft-capping, scaling) take it too.
 """
 from __future__ import annotations
 
@@ -87,13 +90,17 @@ def output_head(model) -> nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
+_warned = set()  # model classes whose whole-logits fallback has been logged
+
+
 def _transforms_logits(model) -> bool:
-    config = getattr(model, "module", model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    module = getattr(model, "module", model)
+    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
     transforms = [name for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
-    if transforms:
-        logger.warning("the model's forward transforms its logits (%s): log-probabilities use the whole logits",
-                       ", ".join(transforms))
+    if transforms and type(module).__name__ not in _warned:
+        _warned.add(type(module).__name__)
+        logger.warning("%s transforms its logits after the LM head (%s): its log-probabilities use the whole "
+                       "logits", type(module).__name__, ", ".join(transforms))
     return bool(transforms)
 
 

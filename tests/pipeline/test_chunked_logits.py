@@ -213,3 +213,20 @@ def test_no_batch_by_vocabulary_tensor_exists_in_the_forward_or_the_backward():
     assert counted[0].peak >= 2 * full and counted[0].largest >= full
     assert counted[chunk].peak < full / 2, (counted[chunk].peak, full)
     assert counted[chunk].largest == chunk * vocab * 4
+
+
+def test_a_model_that_soft_caps_its_logits_takes_the_whole_logits(caplog):
+    """Gemma-2 soft-caps the LM head's output in its forward, which would transform the chunked scores too."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=203, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=2.0)).eval()
+    input_ids = torch.randint(0, 203, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits  # (2, 9, 203) soft-capped to (-2, 2)
+        expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        got, _ = token_logprobs(model, {"input_ids": input_ids}, next_token_targets(input_ids), CHUNK)
+    assert (got[:, :-1] - expected).abs().max().item() <= 1e-6
+    assert "Gemma2ForCausalLM transforms its logits after the LM head (final_logit_softcapping)" in caplog.text
