@@ -154,10 +154,10 @@ def test_a_rollout_is_made_on_the_first_of_every_updates_steps_per_accumulation_
 
     got = [buffer.get(make) for _ in range(8)]  # 4 optimizer steps of 2 micro-batches
     assert got == [0, 1, 0, 1, 2, 3, 2, 3]
-    # Each rollout is named by its step and micro-batch (the vLLM engine seeds its requests from it).
-    assert keys == [("train", 0, 0), ("train", 0, 1), ("train", 2, 0), ("train", 2, 1)]
+    # Each rollout is named by its step (the vLLM engine seeds its requests from it and each prompt's row).
+    assert keys == [("train", 0), ("train", 0), ("train", 2), ("train", 2)]
     buffer.resume_at(step=2)  # a checkpoint at step 2 falls between rollouts: the next call samples
-    assert buffer.get(make) == 4 and keys[-1] == ("train", 2, 0)
+    assert buffer.get(make) == 4 and keys[-1] == ("train", 2)
 
 
 # ---- config -------------------------------------------------------------------------------------
