@@ -30,7 +30,6 @@ import gc
 import importlib.util
 import json
 import os
-import runpy
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.run import run_as_main
 from pipeline.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,25 +80,13 @@ class PeakSampler(threading.Thread):
 
 # ---- inside each rank ------------------------------------------------------------------------------
 
-def run_module(module: str, argv: list) -> int:
-    """Runs `python -m MODULE ARGV` in this process; returns its exit code."""
-    saved_argv, sys.argv = sys.argv, [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        return 0
-    except SystemExit as exit_:
-        return exit_.code or 0
-    finally:
-        sys.argv = saved_argv
-
-
 def measure(module: str, argv: list) -> dict:
     """Runs one stage command in this rank and returns its exit code and the peak growth of this rank's
     RssAnon over its value when the command started."""
     gc.collect()  # the previous run's engines go before this one's baseline is taken
     sampler = PeakSampler()
     sampler.start()
-    code = run_module(module, argv)
+    code = run_as_main(module, argv)
     return {"exit": code, "growth_bytes": sampler.stop()}
 
 

@@ -53,6 +53,8 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+from benchmarks.stage_throughput import run_in_own_session
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 ENGINES = ("hf", "vllm")  # hf first: the baseline every ratio divides by
@@ -359,19 +361,9 @@ def end_to_end_table(rows: list) -> str:
 # ---- launching --------------------------------------------------------------------------------------
 
 def launch(script: str, config: str, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
-    """Runs a stage script as the demo does (2 ranks, this Python); returns None, or why it failed. The
-    launcher gets a session of its own, so a timeout stops its ranks too."""
+    """Runs a stage script as the demo does (2 ranks, this Python); returns None, or why it failed."""
     env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(["bash", script, config, *overrides], cwd=REPO_ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-            return f"timed out after {timeout_s} s"
-    return None if code == 0 else f"exit code {code}"
+    return run_in_own_session(["bash", script, config, *overrides], env, log_path, timeout_s)
 
 
 def log_tail(path: Path) -> str:
