@@ -167,6 +167,7 @@ def test_a_rollout_is_made_on_the_first_of_every_updates_steps_per_accumulation_
     (rloo, "rloo.kl_penalty=value", "`rloo.kl_penalty` is 'value'; use one of reward, loss"),
     (rloo, "rloo.ref_zero_stage=2", "`rloo.ref_zero_stage` is 2; use 0 (a full copy per rank) or 3"),
     (rloo, "rloo.max_new_tokens=600", "`rloo.max_new_tokens` 600 exceeds `data.max_length` 512"),
+    (grpo, "evaluate.kl_budget=0", "`evaluate.kl_budget` is 0.0; use a positive number of nats, or null for none"),
     (grpo, "grpo.updates_per_rollout=2", "`checkpoint.every_steps` 3 is not a multiple of `grpo.updates_per_rollout` 2"),
     (grpo, "grpo.clip_range=0", "`grpo.clip_range` is 0.0; it must be positive"),
     (grpo, "grpo.std_eps=-1", "`grpo.std_eps` is -1.0; it must be positive"),
