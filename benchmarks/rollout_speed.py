@@ -52,7 +52,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.stage_throughput import run_in_own_session
+from benchmarks.stage_throughput import launch_script as launch
 from pipeline.seeds import compare_seeds, mean_std
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -334,12 +334,6 @@ def end_to_end_table(rows: list) -> str:
 
 
 # ---- launching --------------------------------------------------------------------------------------
-
-def launch(script: str, config: str, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
-    """Runs a stage script as the demo does (2 ranks, this Python); returns None, or why it failed."""
-    env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
-    return run_in_own_session(["bash", script, config, *overrides], env, log_path, timeout_s)
-
 
 def log_tail(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")[-3000:] if path.is_file() else ""

@@ -157,6 +157,12 @@ def launch(stage: str, config_path: Path, overrides: list, log_path: Path, timeo
     return run_in_own_session(command, env, log_path, timeout_s)
 
 
+def launch_script(script: str, config: str, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
+    """Runs a stage script as the demo does (WORLD_SIZE ranks, this Python); returns None, or why it failed."""
+    env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
+    return run_in_own_session(["bash", script, config, *overrides], env, log_path, timeout_s)
+
+
 def run_in_own_session(command: list, env: dict, log_path: Path, timeout_s: int) -> Optional[str]:
     """Runs `command` from the repository root, output to `log_path`; returns None, or why it failed.
     It starts in a session of its own, so on a timeout its whole group (ranks included) is stopped."""
