@@ -6,7 +6,8 @@
 Per pair (x, y_w, y_l) the implicit reward of an answer is beta * (log pi(y|x) - log pi_ref(y|x)),
 log-probabilities summed over the answer's tokens. The sigmoid loss is -log sigmoid(r_w - r_l);
 IPO (Azar et al. 2023, `dpo.loss_type: ipo`) regresses the log-ratio margin onto 1 / (2 beta)
-instead. One forward pass scores the chosen and the rejected answers together (collate_pairwise).
+instead. One forward pass scores the chosen and the rejected answers together (stacked by collate_pairwise,
+or packed into one sequence with `data.packing`: pipeline.packing).
 The reference is `dpo.ref_model_path` or the actor's starting weights, frozen; with LoRA it is the
 actor itself with its adapters disabled, so no second copy of the model is held.
 """
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 
 from pipeline.chunked_logits import next_token_targets, token_logprobs
 from pipeline.config import RunConfig
-from pipeline.data import collate_pairwise, prepare_dataset
+from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, init_distributed
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import load_tokenizer
+from pipeline.packing import batch_layout, model_inputs, sequence_sums, token_count
 from pipeline.rl.models import Models, build_models, reference_policy
 from pipeline.rl.sections import ReferenceFields
 from pipeline.rundir import RunDirectory
@@ -106,11 +108,14 @@ def pair_means(total: dict) -> dict:
 # ---- models and their passes --------------------------------------------------------------------
 
 def answer_logprobs(model, batch: dict, chunk: int) -> tuple:
-    """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked batch (labels:
-    IGNORE_INDEX on the prompt and the padding), the LM head applied `chunk` tokens at a time (0: all at once)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logprobs, _ = token_logprobs(model, inputs, next_token_targets(batch["labels"]), chunk)  # (2B, T)
-    return logprobs.sum(-1).chunk(2)
+    """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked or packed batch
+    (labels: IGNORE_INDEX on the prompt and the padding, and at each packed sequence's first token), the LM
+    head applied `chunk` tokens at a time (0: all at once)."""
+    logprobs, _ = token_logprobs(model, model_inputs(batch), next_token_targets(batch["labels"]), chunk)
+    if "position_ids" not in batch:
+        return logprobs.sum(-1).chunk(2)  # (2B, T) -> (2B,)
+    # Position t scores token t + 1, always of t's own sequence: a sequence's first token is never scored.
+    return sequence_sums(logprobs, batch["position_ids"]).chunk(2)
 
 
 @torch.no_grad()
@@ -133,7 +138,7 @@ def dpo_step(models: Models, batch: dict, dpo: DpoSection) -> tuple:
     """The mean loss of one micro-batch of pairs, and the sums `pair_means` turns into metrics."""
     losses, chosen_rewards, rejected_rewards, (chosen, rejected) = pair_losses(models, batch, dpo)
     sums = {**reward_sums(chosen_rewards, rejected_rewards), "logps/chosen": chosen.sum(),
-            "logps/rejected": rejected.sum(), "pairs": len(losses), "tokens": batch["attention_mask"].sum()}
+            "logps/rejected": rejected.sum(), "pairs": len(losses), "tokens": token_count(batch)}
     return losses.mean(), sums
 
 
@@ -167,11 +172,11 @@ def run(config: DpoConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     if dist.get_rank() == 0:
         logger.info(report.summary())
+    train_set, eval_set, collate = batch_layout(config.data, train_set, eval_set, tokenizer.pad_token_id)
     models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan),
                                  config.dpo.reference_model("dpo"))
     device = built.engine.device
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_pairwise(rows, tokenizer.pad_token_id),
-                  step=lambda batch: dpo_step(models, batch, config.dpo),
+    stage = Stage(train_set, eval_set, collate=collate, step=lambda batch: dpo_step(models, batch, config.dpo),
                   evaluate=lambda loader: evaluate(models, loader, config.dpo, device),
                   tokenizer=tokenizer, metrics=pair_means, progress=("loss", "rewards/accuracy", "rewards/margins"))
     return train(config, built, RunDirectory(config), stage)

@@ -12,10 +12,11 @@ import torch
 
 from pipeline.chunked_logits import next_token_targets, token_logprobs
 from pipeline.config import RunConfig
-from pipeline.data import IGNORE_INDEX, collate_sft, prepare_dataset
+from pipeline.data import IGNORE_INDEX, prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer, model_dtype
+from pipeline.packing import batch_layout, model_inputs, token_count
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -32,17 +33,16 @@ class SFTConfig(RunConfig):
 
 
 def response_nll(model, batch: dict, chunk: int) -> tuple:
-    """(summed negative log-likelihood of the response tokens, their count) of one batch; the LM head
-    applied `chunk` tokens at a time (0: all at once)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logprobs, _ = token_logprobs(model, inputs, next_token_targets(batch["labels"]), chunk)
+    """(summed negative log-likelihood of the response tokens, their count) of one batch, padded or packed;
+    the LM head applied `chunk` tokens at a time (0: all at once)."""
+    logprobs, _ = token_logprobs(model, model_inputs(batch), next_token_targets(batch["labels"]), chunk)
     return -logprobs.sum(), (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the first label is never predicted
 
 
 def sft_step(engine, batch: dict, chunk: int) -> tuple:
     """Mean cross-entropy over the response tokens of one micro-batch."""
     nll, tokens = response_nll(engine, batch, chunk)
-    return nll / tokens, {"tokens": batch["attention_mask"].sum()}
+    return nll / tokens, {"tokens": token_count(batch)}
 
 
 @torch.no_grad()
@@ -62,6 +62,7 @@ def run(config: SFTConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     logger.info(report.summary())
+    train_set, eval_set, collate = batch_layout(config.data, train_set, eval_set, tokenizer.pad_token_id)
     if config.model.config is not None:  # a fresh model: its vocabulary is the tokenizer's
         for key, value in (("vocab_size", len(tokenizer)), ("pad_token_id", tokenizer.pad_token_id),
                            ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
@@ -73,8 +74,7 @@ def run(config: SFTConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
     engine, chunk = built.engine, config.model.logits_chunk
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                  step=lambda batch: sft_step(engine, batch, chunk),
+    stage = Stage(train_set, eval_set, collate=collate, step=lambda batch: sft_step(engine, batch, chunk),
                   evaluate=lambda loader: evaluate(engine, loader, chunk), tokenizer=tokenizer)
     return train(config, built, RunDirectory(config), stage)
 
