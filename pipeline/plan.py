@@ -241,7 +241,8 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
         return Workload(stage, rows, prompt + section.max_new_tokens, section.max_new_tokens + 1, checkpointing,
-                        config.model.logits_chunk, prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo,
+                        config.model.logits_chunk, prompt_len=prompt, new_tokens=section.max_new_tokens,
+                        frozen=tuple(frozen), gloo=gloo,
                         vllm_kv_bytes=vllm_kv_bytes(config.rollout, gloo),
                         vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
                         == 0 else 0.0)

@@ -71,8 +71,8 @@ def chunked_case(stage: int, sequences, attention_mask, lora: bool) -> dict:
     (whole_loss, whole), (chunked_loss, chunked) = passes
     errors = {name: ((chunked[name] - whole[name]).abs().max() / whole[name].abs().max()).item() for name in whole}
     head = {name: error for name, error in errors.items() if "lm_head" in name}
-    return {"partitioned_head_params": partitioned, "loss": chunked_loss, "whole_loss": whole_loss, "loss_error": abs(chunked_loss - whole_loss) / whole_loss,
-            "head_grad_error": max(head.values()), "head_grads": len(head), "grad_error": max(errors.values())}
+    return {"partitioned_head_params": partitioned, "loss": chunked_loss, "whole_loss": whole_loss,
+            "loss_error": abs(chunked_loss - whole_loss) / whole_loss, "head_grad_error": max(head.values()), "head_grads": len(head), "grad_error": max(errors.values())}
 
 
 def main():

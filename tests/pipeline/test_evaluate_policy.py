@@ -118,7 +118,8 @@ def test_config_reports_every_problem_by_field(dirs):
                                              f"baseline_policy_path={dirs}", "num_sample=3"])
     problems = "\n".join(error.value.problems)
     for expected in ("`reward_model_path` is not set", "`prompts_path` is not set", "`output` is not set",
-                     "`max_new_tokens` is 0", "`top_p` is 1.5", "`logits_chunk` is -2", "`gold_reward` is 'oracle'", "`precision` is 'fp16'",
+                     "`max_new_tokens` is 0", "`top_p` is 1.5", "`logits_chunk` is -2", "`gold_reward` is 'oracle'",
+                     "`precision` is 'fp16'",
                      f"`policy_path` {dirs / 'nowhere'} does not exist",
                      f"`baseline_policy_path` {dirs} holds no model (no config.json)",
                      "unknown key `num_sample`; did you mean `num_samples`?"):

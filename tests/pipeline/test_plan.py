@@ -134,12 +134,19 @@ def test_logits_kv_cache_and_workloads_by_hand():
     assert logits_bytes(2, 10, 100, 4, training=True) == 2 * 10 * 100 * 8
     assert logits_bytes(2, 10, 100, 2, training=False) == 2 * 10 * 100 * 6
     assert logits_bytes(2, 0, 100, 2, training=True) == 0  # a reward model computes no logits
+    # Chunked (pipeline.chunked_logits): one chunk's bf16 logits and fp32 upcast, 6 bytes a cell (fp32: the logits
+    # alone, 4); with the entropy an fp32 buffer more, 8; a chunk wider than the batch holds the batch.
+    assert logits_bytes(2, 10, 100, 2, training=True, chunk=4) == 4 * 100 * 6
+    assert logits_bytes(2, 10, 100, 4, training=True, chunk=4) == 4 * 100 * 4
+    assert logits_bytes(2, 10, 100, 2, training=False, chunk=4, entropy=True) == 4 * 100 * 8
+    assert logits_bytes(2, 10, 100, 2, training=True, chunk=1024) == 2 * 10 * 100 * 6
     geometry = Geometry.of(tiny_llama().config)  # 2 layers, 1 KV head of 32
     assert kv_cache_bytes(geometry, 4, 20, 2) == 2 * 2 * 4 * 20 * 1 * 32 * 2
     config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=64),
                        engine=EngineConfig(micro_batch_size=3))
     assert (workload_of(config, "reward").rows, workload_of(config, "reward").logit_positions) == (6, 0)
     assert (workload_of(config, "sft").rows, workload_of(config, "sft").logit_positions) == (3, 64)
+    assert workload_of(config, "sft").logits_chunk == config.model.logits_chunk == 1024
     # Packed: the micro-batch's 3 packs as one sequence of their budget (default: a row; a pair's two).
     config.data.packing = True
     sft = workload_of(config, "sft")
