@@ -190,8 +190,9 @@ def one_line(text: str) -> str:
 
 
 def rows_named(sources: list) -> str:
-    shown = ", ".join(sources[:3])
-    return shown + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+    """The prompt rows, each once (a group's samples share theirs), the first three by name."""
+    rows = list(dict.fromkeys(sources))
+    return ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
 
 
 def checked_values(values, count: int, label: str, sources: list) -> list:

@@ -87,8 +87,9 @@ def function_means(total: dict, prefix: str = "") -> dict:
     """`{prefix}reward/<name>`: each function's mean over the responses it scored (on every rank), from
     `function_sums` added over micro-batches and ranks (popped from `total`); absent where it scored none."""
     means = {}
-    for key in [key for key in total if key.startswith(f"{prefix}function_count/")]:
-        name = key.split("/", 1)[1]
+    counted = f"{prefix}function_count/"
+    for key in [key for key in total if key.startswith(counted)]:
+        name = key[len(counted):]
         count, value = total.pop(key), total.pop(f"{prefix}function_sum/{name}")
         if count:
             means[f"{prefix}reward/{name}"] = value / count
