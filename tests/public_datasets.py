@@ -184,10 +184,11 @@ GSM8K_TRAIN = [
 GSM8K_TEST = [{"question": "What is 6 times 7?", "answer": "6 * 7 = <<6*7=42>>42\n#### 42"}]
 
 
-def write_gsm8k(root: Path) -> Path:
+def write_gsm8k(root: Path, copies: int = 1) -> Path:
+    """Each split's rows `copies` times over (a multi-rank run needs a few batches)."""
     for subset in ("main", "socratic"):
         for split, rows in (("train", GSM8K_TRAIN), ("test", GSM8K_TEST)):
-            write_parquet(root / subset / f"{split}-00000-of-00001.parquet", rows, GSM8K_SCHEMA)
+            write_parquet(root / subset / f"{split}-00000-of-00001.parquet", rows * copies, GSM8K_SCHEMA)
     readme_configs(root, {subset: {"train": f"{subset}/train-*", "test": f"{subset}/test-*"}
                           for subset in ("main", "socratic")})
     return root
