@@ -53,10 +53,10 @@ def test_math_answer_reward_of_the_table(response, reference, expected):
 
 
 def test_the_table_is_not_what_a_string_match_gives():
-    """At least 30 cases, over half of them graded wrongly by comparing the final answer's text."""
+    """At least 30 cases, 20 of them graded wrongly by comparing the final answer's text."""
     string_match = [float(final_answer(response) == reference) for response, reference, _ in TABLE]
     wrong = [row for row, graded in zip(TABLE, string_match) if graded != row[2]]
-    assert len(TABLE) >= 30 and len(wrong) >= 18, len(wrong)
+    assert len(TABLE) >= 30 and len(wrong) >= 20, len(wrong)
 
 
 def test_rows_without_a_reference_are_not_scored():
