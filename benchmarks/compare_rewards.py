@@ -29,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.rollout_speed import (LAUNCH_TIMEOUT_S, REPO_ROOT, compare_seeds, demo_model, launch, log_tail,
-                                      mean_std, read_metrics)
+from benchmarks.rollout_speed import LAUNCH_TIMEOUT_S, demo_model, log_tail, read_metrics
+from benchmarks.stage_throughput import REPO_ROOT, launch_script
+from pipeline.evaluate import seed_band
+from pipeline.seeds import compare_seeds, mean_std
 
 SCRIPT, CONFIG = "training_scripts/po/grpo/run_grpo.sh", "configs/tiny/grpo.yaml"
 GOLD = "gold (demo_gold)"
@@ -52,7 +54,7 @@ def run_arm(arm: str, seed: int, root: Path, sft: Path, reward: Path, max_steps:
                  "checkpoint.overwrite=true", *(value.replace("{reward}", str(reward)) for value in arm_overrides)]
     log = root / f"{run_dir.name}.log"
     started = time.perf_counter()
-    failure = launch(SCRIPT, CONFIG, overrides, log, LAUNCH_TIMEOUT_S)
+    failure = launch_script(SCRIPT, CONFIG, overrides, log, LAUNCH_TIMEOUT_S)
     run = {"arm": arm, "seed": seed, "wall_s": time.perf_counter() - started, "run_dir": str(run_dir)}
     if failure is None:
         scores = run_dir / "eval_policy.json"
@@ -135,11 +137,10 @@ def figure(runs: list, path: Path) -> None:
         arm_runs = [run for run in done if run["arm"] == arm]
         if not arm_runs:
             continue
-        steps = sorted(set.intersection(*(set(run["gold_curve"]) for run in arm_runs)))
-        values = [[run["gold_curve"][step] for run in arm_runs] for step in steps]
-        curves.plot(steps, [sum(v) / len(v) for v in values], color=color, linewidth=2,
-                    label=f"GRPO on the {arm}")
-        curves.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
+        steps, _, mean, low, high = seed_band([(sorted(curve), sorted(curve), [curve[step] for step in sorted(curve)])
+                                               for curve in (run["gold_curve"] for run in arm_runs)])
+        curves.plot(steps, mean, color=color, linewidth=2, marker="o", label=f"GRPO on the {arm}")
+        curves.fill_between(steps, low, high, color=color, alpha=0.2)
         scatter.scatter([run["greedy_reward_model"] for run in arm_runs], [run["greedy_gold"] for run in arm_runs],
                         color=color, label=f"on the {arm}")
     if done:

@@ -35,7 +35,8 @@ SIZES = {
                           num_key_value_heads=4),
                prompt_words=200, response_words=300, max_length=512, max_prompt_length=256, max_new_tokens=256,
                micro_batch=8),
-    "tiny": dict(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # Heads of 32: the smallest head size vLLM's CPU attention takes (the rehearsal runs ReMax on vLLM too).
+    "tiny": dict(model=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2),
                  prompt_words=12, response_words=16, max_length=48, max_prompt_length=20, max_new_tokens=8,
                  micro_batch=4),

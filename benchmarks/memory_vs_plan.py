@@ -30,7 +30,6 @@ import gc
 import importlib.util
 import json
 import os
-import runpy
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.run import run_as_main
 from pipeline.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,25 +80,13 @@ class PeakSampler(threading.Thread):
 
 # ---- inside each rank ------------------------------------------------------------------------------
 
-def run_module(module: str, argv: list) -> int:
-    """Runs `python -m MODULE ARGV` in this process; returns its exit code."""
-    saved_argv, sys.argv = sys.argv, [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        return 0
-    except SystemExit as exit_:
-        return exit_.code or 0
-    finally:
-        sys.argv = saved_argv
-
-
 def measure(module: str, argv: list) -> dict:
     """Runs one stage command in this rank and returns its exit code and the peak growth of this rank's
     RssAnon over its value when the command started."""
     gc.collect()  # the previous run's engines go before this one's baseline is taken
     sampler = PeakSampler()
     sampler.start()
-    code = run_module(module, argv)
+    code = run_as_main(module, argv)
     return {"exit": code, "growth_bytes": sampler.stop()}
 
 
@@ -173,10 +161,12 @@ def write_data(root: Path, max_length: int = 256, max_prompt_length: int = 96) -
 
 def stage_values(stage: str, policy: Path, reward: Path, data: dict, *, zero: int, optimizer: str,
                  checkpointing: bool = False, micro_batch: int = 2, steps: int = 3, max_length: int = 256,
-                 max_prompt_length: int = 96, new_tokens: int = 64, rollout: Optional[dict] = None) -> dict:
-    """A run config (as YAML values) of `stage`: SFT and reward on rows of `max_length`; ReMax and PPO on
-    prompts of `max_prompt_length` with `new_tokens` generated, reference and reward model at ZeRO-3 (PPO:
-    a critic from the reward model, trained like the actor, two updates per rollout as shipped)."""
+                 max_prompt_length: int = 96, new_tokens: int = 64, rollout: Optional[dict] = None,
+                 packing_tokens: Optional[int] = None) -> dict:
+    """A run config (as YAML values) of `stage`: SFT and reward on rows of `max_length` (packed into
+    `micro_batch` packs of `packing_tokens` when given); ReMax and PPO on prompts of `max_prompt_length`
+    with `new_tokens` generated, reference and reward model at ZeRO-3 (PPO: a critic from the reward
+    model, trained like the actor, two updates per rollout as shipped)."""
     values = dict(seed=0, training={"max_steps": steps, "eval_at_start": False},
                   logging={"progress_bar": False, "tensorboard": False}, checkpoint={"every_steps": 10**6},
                   model={"path": str(policy), "gradient_checkpointing": checkpointing},
@@ -184,6 +174,8 @@ def stage_values(stage: str, policy: Path, reward: Path, data: dict, *, zero: in
                   engine={"zero_stage": zero, "precision": "bf16", "micro_batch_size": micro_batch},
                   data={"path": str(data["sft"]), "format": "sft", "max_length": max_length,
                         "max_prompt_length": max_prompt_length, "eval_fraction": 0.1})
+    if packing_tokens is not None:
+        values["data"].update(packing=True, packing_tokens=packing_tokens)
     if stage == "reward":
         values["data"].update(path=str(data["pairs"]), format="pairwise")
     elif stage in ("remax", "ppo"):
@@ -286,6 +278,8 @@ def benchmark_runs(root: Path, policy: Path, reward: Path, data: dict, steps: in
     return {
         "sft ZeRO-2": run("sft", zero=2, optimizer="adam_mini"),
         "sft ZeRO-3": run("sft", zero=3, optimizer="adamw", checkpointing=True, micro_batch=4),
+        # The ZeRO-2 run's tokens as one pack of two rows: one (1, 512) sequence, its mask block-diagonal.
+        "sft ZeRO-2 packed": run("sft", zero=2, optimizer="adam_mini", micro_batch=1, packing_tokens=512),
         "reward ZeRO-2": run("reward", zero=2, optimizer="adamw", micro_batch=1),
         "remax ZeRO-2": run("remax", zero=2, optimizer="adam_mini", **policy_options),
         "ppo ZeRO-2": run("ppo", zero=2, optimizer="adam_mini", **policy_options),

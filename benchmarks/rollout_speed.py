@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -52,6 +51,9 @@ import time
 import zlib
 from pathlib import Path
 from typing import Optional
+
+from benchmarks.stage_throughput import launch_script as launch
+from pipeline.seeds import compare_seeds, mean_std
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -65,9 +67,6 @@ QUICK_LLAMA = dict(RANDOM_LLAMA, hidden_size=128, intermediate_size=256, num_hid
 PROMPT_TOKENS = 32              # each random-id prompt
 LAUNCH_TIMEOUT_S = 1800
 WORKER_TIMEOUT_S = 1800
-# Two-sided 5% critical values of Student's t by degrees of freedom (2n - 2 for n seeds per engine).
-T_CRITICAL_5PCT = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-                   10: 2.228, 12: 2.179, 14: 2.145, 16: 2.120, 18: 2.101}
 
 
 # ---- generation: the worker (one process per model) ------------------------------------------------
@@ -286,28 +285,6 @@ def run_summary(rows: list) -> dict:
             "eval_step": evals[-1]["step"]}
 
 
-def mean_std(values: list) -> tuple:
-    """(mean, sample std; 0 for a single value)."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def compare_seeds(hf: list, vllm: list) -> dict:
-    """Two-sample t-test (pooled variance) of two engines' per-seed values: the difference of means, the
-    pooled std, t, and `within_noise` when |t| is below the two-sided 5% critical value (t and the
-    verdict None with a single seed per engine: no spread to compare with)."""
-    (mean_hf, std_hf), (mean_vllm, std_vllm) = mean_std(hf), mean_std(vllm)
-    difference, df = mean_vllm - mean_hf, len(hf) + len(vllm) - 2
-    if min(len(hf), len(vllm)) < 2:
-        return {"difference": difference, "pooled_std": None, "t": None, "df": df, "t_critical": None,
-                "within_noise": None}
-    pooled = math.sqrt(((len(hf) - 1) * std_hf ** 2 + (len(vllm) - 1) * std_vllm ** 2) / df)
-    spread = pooled * math.sqrt(1 / len(hf) + 1 / len(vllm))
-    t = difference / spread if spread > 0 else (0.0 if difference == 0 else math.copysign(math.inf, difference))
-    critical = T_CRITICAL_5PCT.get(df)
-    return {"difference": difference, "pooled_std": pooled, "t": t, "df": df, "t_critical": critical,
-            "within_noise": None if critical is None else abs(t) < critical}
-
-
 def end_to_end_rows(runs: list) -> list:
     """Per stage and engine: mean and std over seeds of the runs' median step time, time in steps, wall
     time and last gold reward; each vLLM row carries the comparison with HF's gold rewards and its step-time ratio."""
@@ -357,22 +334,6 @@ def end_to_end_table(rows: list) -> str:
 
 
 # ---- launching --------------------------------------------------------------------------------------
-
-def launch(script: str, config: str, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
-    """Runs a stage script as the demo does (2 ranks, this Python); returns None, or why it failed. The
-    launcher gets a session of its own, so a timeout stops its ranks too."""
-    env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(["bash", script, config, *overrides], cwd=REPO_ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-            return f"timed out after {timeout_s} s"
-    return None if code == 0 else f"exit code {code}"
-
 
 def log_tail(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")[-3000:] if path.is_file() else ""

@@ -148,16 +148,24 @@ def free_port() -> int:
 
 
 def launch(stage: str, config_path: Path, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
-    """Runs the stage on WORLD_SIZE CPU ranks, output to `log_path`; returns None, or why it failed.
-
-    The launcher starts in a session of its own, so on a timeout its whole group (ranks included)
-    is stopped, not just the launcher.
-    """
+    """Runs the stage on WORLD_SIZE CPU ranks, output to `log_path`; returns None, or why it failed."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(WORLD_SIZE),
                "--master_port", str(free_port()), "--module", f"stages.{stage}", "--config", str(config_path),
                *overrides]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO_ROOT), **MALLOC_RETURNS_MEMORY)
+    return run_in_own_session(command, env, log_path, timeout_s)
+
+
+def launch_script(script: str, config: str, overrides: list, log_path: Path, timeout_s: int) -> Optional[str]:
+    """Runs a stage script as the demo does (WORLD_SIZE ranks, this Python); returns None, or why it failed."""
+    env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
+    return run_in_own_session(["bash", script, config, *overrides], env, log_path, timeout_s)
+
+
+def run_in_own_session(command: list, env: dict, log_path: Path, timeout_s: int) -> Optional[str]:
+    """Runs `command` from the repository root, output to `log_path`; returns None, or why it failed.
+    It starts in a session of its own, so on a timeout its whole group (ranks included) is stopped."""
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)

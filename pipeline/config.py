@@ -90,6 +90,16 @@ class DataConfig:
     # and the others (and later runs) load it; default directory: under the `datasets` cache.
     cache: bool = True
     cache_dir: Optional[str] = None
+    # Rows concatenated into packs of at most `packing_tokens` tokens instead of padded (sft, chat and
+    # pairwise data); `engine.micro_batch_size` then counts packs (pipeline.packing).
+    packing: bool = False
+    packing_tokens: Optional[int] = None  # null: the longest row, `max_length` (pairwise: 2 x, a pair shares a pack)
+
+    def pack_tokens(self) -> int:
+        """Tokens a pack holds at most: `packing_tokens`, else one row of `max_length` (a pair's two)."""
+        if self.packing_tokens is not None:
+            return self.packing_tokens
+        return self.max_length * (2 if self.format == "pairwise" else 1)
 
 
 @dataclasses.dataclass
@@ -267,7 +277,29 @@ def data_problems(data: DataConfig) -> list:
     template = chat_template_problem(data.chat_template)
     if template is not None:
         problems.append(template)
-    return problems
+    return problems + packing_problems(data)
+
+
+def packing_problems(data: DataConfig) -> list:
+    """`data.packing` and `data.packing_tokens` against the format and the row length."""
+    if not data.packing:
+        if data.packing_tokens is not None:
+            return ["`data.packing_tokens` is set but `data.packing` is false; set `data.packing: true` to pack "
+                    "rows, or remove `data.packing_tokens`"]
+        return []
+    if data.format == "prompt":
+        return ["`data.packing` is true with `data.format` 'prompt'; packing applies to sft, chat and pairwise "
+                "data (the SFT, reward and DPO stages): set `data.packing: false`"]
+    if data.packing_tokens is None:
+        return []
+    pair = data.format == "pairwise"
+    longest = data.max_length * (2 if pair else 1)
+    if data.packing_tokens < longest:
+        held = f"2 x `data.max_length` ({longest}): a pair's chosen and rejected share a pack" if pair else \
+            f"`data.max_length` ({longest})"
+        return [f"`data.packing_tokens` is {data.packing_tokens}; a pack must hold the longest row, so use at "
+                f"least {held}"]
+    return []
 
 
 # ---- loading ------------------------------------------------------------------------------------

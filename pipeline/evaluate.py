@@ -4,9 +4,11 @@
     python -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml [key=value ...] [--debug]
 
 `curves` reads each run's `metrics.jsonl`, plots every known metric against step with the runs
-overlaid (raw thin, smoothed thick; legend from the run directory names), and writes one
-PNG per metric plus `summary.md`. Runs of different lengths or with missing metrics are
-handled and reported.
+overlaid (held-out evaluations as logged, with markers; per-step metrics raw and smoothed, the
+smoothing in the legend; runs that differ only by seed as their mean with a min-max band; legend
+from the run directory names), and writes one PNG per metric plus `summary.md` (each run's figures,
+each seed group's mean ± std, and each policy-optimisation run's reward-hacking signals). Runs of
+different lengths or with missing metrics are handled and reported.
 
 `policy` answers each prompt greedily and by sampling, in one process without DeepSpeed, and
 reports the reward model's mean and std score of each, the mean response length, the greedy win
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ConfigError, load_config
+from pipeline.seeds import compare_seeds, read_run_config, seed_groups
+from pipeline.seeds import mean_std as seed_mean_std
 
 logger = logging.getLogger(__name__)
 
@@ -125,44 +129,83 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-def plot_curves(runs: dict, out_dir: Path, smoothing: float) -> list:
-    """One PNG per metric any run logged, all runs overlaid; returns the files written."""
+def plot_curves(runs: dict, groups: dict, out_dir: Path, smoothing: float) -> list:
+    """One PNG per metric any run logged, the groups overlaid (a run alone, or the mean of a group's seeds
+    with their min-max band); returns the files written. Evaluations (`eval/...`, a few points) are drawn
+    as logged, with markers; per-step metrics raw (faint) and smoothed, the smoothing named in the legend."""
     written = []
     for name in METRICS:
-        curves = {run: series(rows, name) for run, rows in runs.items()}
-        written += _plot(curves, name, "step", out_dir / f"{name.replace('/', '_')}.png", smoothing, raw=True)
+        curves = {label: [series(runs[run], name) for run in members] for label, members in groups.items()}
+        curves = {label: [(steps, steps, values) for steps, values in group] for label, group in curves.items()}
+        written += _plot(curves, name, "step", out_dir / f"{name.replace('/', '_')}.png", smoothing)
     for name in WALL_CLOCK_METRICS:  # the same curves against training time: algorithms differ in cost per step
-        curves = {run: wall_clock_series(rows, name) for run, rows in runs.items()}
+        curves = {label: [(series(runs[run], name)[0], *wall_clock_series(runs[run], name)) for run in members]
+                  for label, members in groups.items()}
         written += _plot(curves, name, "training time (s, summed step times)",
-                         out_dir / f"{name.replace('/', '_')}_vs_time.png", smoothing, raw=False)
+                         out_dir / f"{name.replace('/', '_')}_vs_time.png", smoothing)
     return written
 
 
-def _plot(curves: dict, title: str, xlabel: str, path: Path, smoothing: float, raw: bool) -> list:
-    """Overlays the runs' (x, values) curves, smoothed (and faint raw values under them if `raw`), in
-    `path`; [path], or [] when no run has the metric."""
+def seed_band(curves: list) -> tuple:
+    """(steps, mean x, mean, min, max) over a group's (steps, xs, values) curves, at the steps all of
+    them logged."""
+    common = sorted(set.intersection(*(set(steps) for steps, _, _ in curves)))
+    at = [dict(zip(steps, zip(xs, values))) for steps, xs, values in curves]
+    xs = [sum(points[step][0] for points in at) / len(at) for step in common]
+    columns = [[points[step][1] for points in at] for step in common]
+    return (common, xs, [sum(column) / len(column) for column in columns], [min(column) for column in columns],
+            [max(column) for column in columns])
+
+
+def _plot(curves: dict, title: str, xlabel: str, path: Path, smoothing: float) -> list:
+    """Overlays each group's (steps, xs, values) curves in `path` (see plot_curves); [path], or [] when
+    no run has the metric."""
+    import matplotlib.pyplot as plt
+
+    figure = curve_figure(curves, title, xlabel, smoothing)
+    if figure is None:
+        return []
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
+
+
+def curve_figure(curves: dict, title: str, xlabel: str, smoothing: float):
+    """The figure of `_plot`, or None when no group has a point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {run: curve for run, curve in curves.items() if curve[0]}
+    curves = {label: [curve for curve in group if curve[0]] for label, group in curves.items()}
+    curves = {label: group for label, group in curves.items() if group}
     if not curves:
-        return []
+        return None
+    evaluation = title.startswith("eval/")
+    smoothed = not evaluation and smoothing > 0
+    ema = f", EMA {smoothing:g} (raw faint)" if smoothed else ""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     figure, axes = plt.subplots(figsize=(6, 3.6))
-    for index, (run, (xs, values)) in enumerate(curves.items()):
+    for index, (label, group) in enumerate(curves.items()):
         color = colors[index % len(colors)]
-        if raw:
-            axes.plot(xs, values, color=color, alpha=0.3, linewidth=1)
-        axes.plot(xs, smooth(values, smoothing), color=color, linewidth=2, label=run)
+        marker = "o" if evaluation else None
+        if smoothed:  # each run smoothed along its own steps, before any mean over seeds
+            group = [(steps, xs, smooth(values, smoothing)) for steps, xs, values in group]
+        if len(group) == 1:
+            [(steps, xs, values)] = group
+            if smoothed:
+                axes.plot(xs, curves[label][0][2], color=color, alpha=0.3, linewidth=1)
+            axes.plot(xs, values, color=color, linewidth=2, marker=marker, markersize=4, label=label + ema)
+            continue
+        steps, xs, mean, low, high = seed_band(group)
+        axes.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
+        axes.plot(xs, mean, color=color, linewidth=2, marker=marker, markersize=4,
+                  label=f"{label}: mean of {len(group)} seeds, min-max band" + ema.replace(" (raw faint)", ""))
     axes.set_xlabel(xlabel)
-    axes.set_title(title)
+    axes.set_title(title if evaluation else f"{title} (per step)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return [path]
+    return figure
 
 
 def wall_clock_series(rows: list, name: str) -> tuple:
@@ -187,18 +230,124 @@ def _cell(value) -> str:
     return str(value)
 
 
-def write_summary(summaries: dict, problems: list, out_dir: Path) -> Path:
-    columns = ["first_eval_reward", "final_eval_reward", "best_eval_reward", "best_step", "kl_at_best", "eval_reward_auc",
-               "first_eval/gold_reward", "final_eval/gold_reward", "final_eval/loss", "final_eval/accuracy",
-               "last_step", "train_seconds", "optimizer_seconds", "peak_memory_bytes"]
+SUMMARY_COLUMNS = ["first_eval_reward", "final_eval_reward", "best_eval_reward", "best_step", "kl_at_best",
+                   "eval_reward_auc", "first_eval/gold_reward", "final_eval/gold_reward", "final_eval/loss",
+                   "final_eval/accuracy", "last_step", "train_seconds", "optimizer_seconds", "peak_memory_bytes"]
+
+
+# The figures whose differences between seed groups are tested, and which way is better.
+HEADLINES = (("final_eval_reward", True), ("final_eval/gold_reward", True), ("final_eval/loss", False),
+             ("final_eval/accuracy", True))
+
+
+def seeds_cell(values: list) -> str:
+    """A figure over a group's seeds: "mean ± sample std", with how many runs had it where some did not."""
+    present = [value for value in values if isinstance(value, (int, float)) and math.isfinite(value)]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return _cell(float(present[0]))
+    mean, std = seed_mean_std(present)
+    return f"{mean:.4g} ± {std:.2g}" + (f" (n={len(present)})" if len(present) < len(values) else "")
+
+
+def write_summary(summaries: dict, problems: list, out_dir: Path, groups: Optional[dict] = None,
+                  signals: Optional[dict] = None) -> Path:
+    """summary.md: a row per run; where runs differ only by seed, a row per group (mean ± std over its
+    seeds, and how many); the reward-hacking signals of every policy-optimisation run; the problems."""
+    columns = SUMMARY_COLUMNS
     lines = ["# Run summary", "", "| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {run} | " + " | ".join(_cell(summary[c]) for c in columns) + " |"
               for run, summary in summaries.items()]
+    seeded = {label: members for label, members in (groups or {}).items() if len(members) > 1}
+    if seeded:
+        lines += ["", "## Seeds together", "",
+                  "Runs whose configs differ only in `seed` (and where they write): each figure as the mean ± "
+                  "sample standard deviation over the group's seeds.", "",
+                  "| group | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+        lines += [f"| {label} | {len(members)} | " + " | ".join(seeds_cell([summaries[run][c] for run in members])
+                                                          for c in columns) + " |"
+                  for label, members in seeded.items()]
+        for column, higher_is_better in HEADLINES:
+            lines += differences_beyond_seeds(
+                {label: [summaries[run][column] for run in members if summaries[run][column] is not None]
+                 for label, members in (groups or {}).items()}, f"`{column}`", higher_is_better)
+    signals = {run: found for run, found in (signals or {}).items() if found}
+    if signals:
+        lines += ["", "## Reward-hacking signals", "", SIGNALS_EXPLAINED, "",
+                  "| run | " + " | ".join(SIGNAL_NAMES.values()) + " |", "|---" * (len(SIGNAL_NAMES) + 1) + "|"]
+        for run, found in signals.items():
+            cells = [("**FLAG** " if found[name]["flagged"] else "") + found[name]["value"] for name in SIGNAL_NAMES]
+            lines.append(f"| {run} | " + " | ".join(cells) + " |")
     if problems:
         lines += ["", "## Problems", ""] + [f"- {problem}" for problem in problems]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# ---- reward-hacking signals ---------------------------------------------------------------------
+# A run "looks good" by its reward-model score and is not: these are what to look at, each flagged
+# past a stated threshold.
+GOLD_GIVEN_BACK = 0.1     # gold fell by more than this share of what it had gained, while the score rose
+LENGTH_CORRELATION = 0.7  # per-step reward and response length correlated at least this much
+ENTROPY_COLLAPSE = 0.2    # the last steps' entropy below this share of the first steps'
+SIGNAL_NAMES = {"score_up_gold_down": "reward-model score up, gold down", "length": "reward ~ length (r)",
+                "kl": "held-out KL, final / max (budget)", "entropy": "entropy, last / first"}
+SIGNALS_EXPLAINED = (f"Flagged: the held-out reward-model score rose after the gold reward's best evaluation while "
+                     f"the gold reward gave back more than {GOLD_GIVEN_BACK:.0%} of what it had gained; the "
+                     f"per-step reward and response length correlate at r >= {LENGTH_CORRELATION}; the held-out KL "
+                     f"passed `evaluate.kl_budget`; the mean entropy of the last 3 steps fell below "
+                     f"{ENTROPY_COLLAPSE:.0%} of the first 3 steps'.")
+
+
+def pearson(xs: list, ys: list) -> Optional[float]:
+    """Pearson's r, or None with fewer than 3 points or a constant side."""
+    if len(xs) < 3:
+        return None
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    var_x, var_y = sum((x - mean_x) ** 2 for x in xs), sum((y - mean_y) ** 2 for y in ys)
+    return cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else None
+
+
+def hacking_signals(rows: list, kl_budget: Optional[float] = None) -> Optional[dict]:
+    """{signal: {"value": text, "flagged": bool}} for a policy-optimisation run (one that logs
+    `eval/reward`); None for any other run."""
+    reward_steps, rewards = series(rows, "eval/reward")
+    if not reward_steps:
+        return None
+    found = {}
+    reward_at, gold_at = dict(zip(reward_steps, rewards)), dict(zip(*series(rows, "eval/gold_reward")))
+    both = [step for step in reward_steps if step in gold_at]
+    if len(both) >= 2:
+        best = max(both, key=gold_at.__getitem__)
+        last = both[-1]
+        gained, given_back = gold_at[best] - gold_at[both[0]], gold_at[best] - gold_at[last]
+        rose = reward_at[last] - reward_at[best]
+        found["score_up_gold_down"] = {
+            "value": f"score {reward_at[best]:.3g} -> {reward_at[last]:.3g}, gold {gold_at[best]:.3g} -> "
+                     f"{gold_at[last]:.3g} (steps {best}-{last})" if last != best else "gold best at the end",
+            "flagged": rose > 0 and given_back > 0 and given_back > GOLD_GIVEN_BACK * max(gained, 0.0)}
+    else:
+        found["score_up_gold_down"] = {"value": "- (no gold reward)", "flagged": False}
+    lengths = dict(zip(*series(rows, "response_length")))
+    paired = [(reward, lengths[step]) for step, reward in zip(*series(rows, "reward")) if step in lengths]
+    r = pearson([reward for reward, _ in paired], [length for _, length in paired])
+    found["length"] = {"value": "-" if r is None else f"{r:.2f}", "flagged": r is not None and r >= LENGTH_CORRELATION}
+    kls = series(rows, "eval/kl")[1]
+    budget = "none" if kl_budget is None else f"{kl_budget:g}"
+    found["kl"] = {"value": f"{kls[-1]:.3g} / {max(kls):.3g} ({budget})" if kls else "-",
+                   "flagged": bool(kls) and kl_budget is not None and max(kls) > kl_budget}
+    entropy = series(rows, "entropy")[1]
+    if len(entropy) >= 2:
+        first, last = entropy[:3], entropy[-3:]
+        ratio = (sum(last) / len(last)) / (sum(first) / len(first)) if sum(first) > 0 else None
+        found["entropy"] = {"value": "-" if ratio is None else f"{ratio:.2f}",
+                            "flagged": ratio is not None and ratio < ENTROPY_COLLAPSE}
+    else:
+        found["entropy"] = {"value": "-", "flagged": False}
+    return found
 
 
 def evaluation_kind(rows: list) -> tuple:
@@ -231,15 +380,17 @@ def comparison_problems(runs: dict, summaries: dict) -> list:
     return problems
 
 
-def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
-    """Plots and summarises the runs; unreadable runs are reported, not fatal, unless none is left.
+def curves(run_dirs: list, out_dir, smoothing: float = 0.6, kl_budget: Optional[float] = None) -> dict:
+    """Plots and summarises the runs, runs that differ only by seed together (`pipeline.seeds`), with each
+    policy-optimisation run's reward-hacking signals (KL against `kl_budget`, else the run's own
+    `evaluate.kl_budget`); unreadable runs are reported, not fatal, unless none is left.
 
     Raises:
         EvaluateError: no run could be read.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs, problems = {}, []
+    runs, run_dir_of, problems = {}, {}, []
     paths = [Path(run_dir).resolve() for run_dir in run_dirs]
     # Runs are named by their directory; same-named stages of different runs (adamw/remax,
     # adam_mini/remax) by their parent too.
@@ -248,6 +399,7 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
         name = path.name if unique else f"{path.parent.name}/{path.name}"
         try:
             runs[name], skipped = read_metrics(run_dir)
+            run_dir_of[name] = run_dir
             problems += skipped
         except EvaluateError as error:
             problems.append(str(error))
@@ -255,22 +407,34 @@ def curves(run_dirs: list, out_dir, smoothing: float = 0.6) -> dict:
         raise EvaluateError("no run could be read:\n" + "\n".join(problems))
     summaries = {run: summarize(rows) for run, rows in runs.items()}
     problems += comparison_problems(runs, summaries)
-    return {"plots": plot_curves(runs, out_dir, smoothing), "summary": write_summary(summaries, problems, out_dir),
-            "summaries": summaries, "problems": problems}
+    configs = {name: read_run_config(run_dir) for name, run_dir in run_dir_of.items()}
+    groups = seed_groups(configs)
+
+    def budget(run: str) -> Optional[float]:
+        section = configs[run].get("evaluate")
+        return kl_budget if kl_budget is not None else (section.get("kl_budget") if isinstance(section, dict) else None)
+
+    signals = {run: hacking_signals(rows, budget(run)) for run, rows in runs.items()}
+    return {"plots": plot_curves(runs, groups, out_dir, smoothing), "groups": groups, "signals": signals,
+            "summary": write_summary(summaries, problems, out_dir, groups, signals), "summaries": summaries,
+            "problems": problems}
 
 
 def algorithm_table(run_dirs: list, out: Path) -> str:
-    """One row per policy-optimisation run: the held-out scores of its final policy (`eval_policy.json`
+    """One row per policy-optimisation setting: the held-out scores of its final policy (`eval_policy.json`
     in the run directory, from `python -m pipeline.evaluate policy`), the best gold reward its own
-    evaluations saw, and what it cost (training time, peak memory and optimizer state per rank).
+    evaluations saw, and what it cost (training time, peak memory and optimizer state per rank). Runs that
+    differ only by seed are one row, each figure their mean ± sample std; then which settings' final
+    greedy gold differs from the best one's beyond what the seeds alone move (a two-sample t-test, 5%).
 
     Raises:
         EvaluateError: a run directory without readable metrics.
     """
-    columns = ("greedy gold (final)", "sampled gold (final)", "win rate vs SFT", "KL to SFT", "best eval gold (step)",
-               "train s", "peak memory / rank (MiB)", "optimizer state / rank (MiB)")
+    columns = ("seeds", "greedy gold (final)", "sampled gold (final)", "win rate vs SFT", "KL to SFT",
+               "best eval gold (step)", "train s", "peak memory / rank (MiB)", "optimizer state / rank (MiB)")
     lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    baseline_gold = None
+    baseline_gold, figures, configs = None, {}, {}
+    mib = lambda value: None if value is None else value / 2**20  # noqa: E731
     for run_dir in map(Path, run_dirs):
         rows, _ = read_metrics(run_dir)
         summary = summarize(rows)
@@ -278,21 +442,53 @@ def algorithm_table(run_dirs: list, out: Path) -> str:
         policy = json.loads(scores.read_text(encoding="utf-8")) if scores.exists() else None
         if policy is not None and policy.get("baseline_greedy"):
             baseline_gold = policy["baseline_greedy"]["gold_reward"]
-        mib = lambda value: None if value is None else value / 2**20  # noqa: E731
-        best = summary["best_eval/gold_reward"]
-        lines.append("| " + " | ".join([
-            run_dir.name,
-            _cell(policy and policy["greedy"]["gold_reward"]), _cell(policy and policy["sampled"]["gold_reward"]),
-            _cell(policy and policy["win_rate"]), _cell(policy and policy["kl"]),
-            "-" if best is None else f"{best:.3g} ({summary['best_gold_step']})",
-            _cell(summary["train_seconds"]), _cell(mib(summary["peak_memory_bytes"])),
-            _cell(mib(summary["optimizer_state_bytes"]))]) + " |")
+        figures[run_dir.name] = {
+            "greedy": policy and policy["greedy"]["gold_reward"], "sampled": policy and policy["sampled"]["gold_reward"],
+            "win_rate": policy and policy["win_rate"], "kl": policy and policy["kl"],
+            "best": summary["best_eval/gold_reward"], "best_step": summary["best_gold_step"],
+            "train_s": summary["train_seconds"], "peak": mib(summary["peak_memory_bytes"]),
+            "state": mib(summary["optimizer_state_bytes"])}
+        configs[run_dir.name] = read_run_config(run_dir)
+    groups = seed_groups(configs)
+    for label, members in groups.items():
+        runs = [figures[run] for run in members]
+        best = seeds_cell([run["best"] for run in runs])
+        if len(runs) == 1 and runs[0]["best"] is not None:
+            best = f"{runs[0]['best']:.3g} ({runs[0]['best_step']})"
+        lines.append("| " + " | ".join([label, str(len(runs))] + [seeds_cell([run[key] for run in runs]) for key in (
+            "greedy", "sampled", "win_rate", "kl")] + [best] + [seeds_cell([run[key] for run in runs])
+                                                               for key in ("train_s", "peak", "state")]) + " |")
     if baseline_gold is not None:
         lines += ["", f"The SFT policy they all start from: greedy gold reward {baseline_gold:.3g}."]
+    lines += differences_beyond_seeds({label: [figures[run]["greedy"] for run in members
+                                               if figures[run]["greedy"] is not None]
+                                       for label, members in groups.items()}, "final greedy gold")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     return text
+
+
+def differences_beyond_seeds(values: dict, what: str, higher_is_better: bool = True) -> list:
+    """Markdown lines: each setting's `what` against the best setting's (highest mean, or lowest), and
+    whether the difference exceeds what the seeds alone move (`pipeline.seeds.compare_seeds`)."""
+    values = {label: group for label, group in values.items() if group}
+    if len(values) < 2:
+        return []
+    sign = 1 if higher_is_better else -1
+    best = max(values, key=lambda label: sign * sum(values[label]) / len(values[label]))
+    lines = ["", f"Against the best {what} ({best}), by a two-sample t-test over the seeds (5%):", ""]
+    for label, group in values.items():
+        if label == best:
+            continue
+        comparison = compare_seeds(values[best], group)
+        if comparison["within_noise"] is None:
+            verdict = "one seed on a side: no spread to compare with"
+        else:
+            verdict = (f"t = {comparison['t']:.2f}, " +
+                       ("within the seed spread" if comparison["within_noise"] else "beyond the seed spread"))
+        lines.append(f"- {label}: {comparison['difference']:+.3g} ({verdict})")
+    return lines
 
 
 # ---- policy: a policy's responses to held-out prompts, scored ------------------------------------
@@ -640,7 +836,9 @@ def main(argv=None) -> int:
     curve_parser = commands.add_parser("curves", help="plot and summarise runs")
     curve_parser.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl)")
     curve_parser.add_argument("--out", required=True, help="directory for the PNGs and summary.md")
-    curve_parser.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
+    curve_parser.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1) of per-step metrics")
+    curve_parser.add_argument("--kl-budget", type=float, default=None,
+                              help="flag runs whose held-out KL passes it (default: each run's evaluate.kl_budget)")
     policy_parser = commands.add_parser("policy", help="score a policy's responses to prompts with a reward model")
     policy_parser.add_argument("--config", required=True, help="YAML scorer config (fields of PolicyEvalConfig)")
     policy_parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -661,7 +859,7 @@ def main(argv=None) -> int:
     if not 0 <= args.smoothing < 1:
         parser.error(f"--smoothing is {args.smoothing}; use a value in [0, 1)")
     try:
-        result = curves(args.runs, args.out, args.smoothing)
+        result = curves(args.runs, args.out, args.smoothing, args.kl_budget)
     except EvaluateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

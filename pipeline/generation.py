@@ -87,11 +87,14 @@ def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optiona
 
 def collate_with_prompts(rows: list, pad_token_id: int) -> dict:
     """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward and the
-    reward functions, with each row's other fields (`columns`, dicts) and where it came from (`source`)."""
+    reward functions, with each row's other fields (`columns`, dicts), where it came from (`source`) and
+    its row in its set (`row_id`) where the rows carry it."""
     batch = collate_prompts(rows, pad_token_id)
     batch["prompt"] = [row["prompt"] for row in rows]
     batch["columns"] = [json.loads(row["columns"]) if row.get("columns") else {} for row in rows]
     batch["source"] = [row.get("source") or "a prompt row" for row in rows]
+    if rows and "row_id" in rows[0]:
+        batch["row_id"] = [row["row_id"] for row in rows]
     return batch
 
 

@@ -52,7 +52,8 @@ def total_optimizer_steps(config, num_rows: int, plan: BatchPlan) -> int:
     """
     per_epoch = optimizer_steps_per_epoch(num_rows, plan)
     if per_epoch == 0:
-        raise DataError(f"`data.path` {config.data.path}: {num_rows} training rows are fewer than one optimizer "
+        items = "packs (`data.packing`)" if config.data.packing else "rows"
+        raise DataError(f"`data.path` {config.data.path}: {num_rows} training {items} are fewer than one optimizer "
                         f"step needs ({plan.global_batch_size} = micro-batch x accumulation x ranks)")
     total = per_epoch * config.training.epochs
     return min(total, config.training.max_steps) if config.training.max_steps else total

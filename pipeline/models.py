@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import is_flash_attn_2_available
 
 from pipeline.config import LoraConfig, ModelConfig
+from pipeline.packing import sequence_ends
 from pipeline.rl.algos import last_token_index
 
 logger = logging.getLogger(__name__)
@@ -426,9 +427,14 @@ class RewardModel(nn.Module):
         return self.backbone.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                per_token: bool = False) -> torch.Tensor:
+                per_token: bool = False, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, attention_mask: (B, T). Returns scores (B,), or with `per_token` the v_head value
-        at every position (B, T): a critic's values (PPO), called through its DeepSpeed engine."""
+        at every position (B, T): a critic's values (PPO), called through its DeepSpeed engine.
+        A packed batch (pipeline.packing) gives `position_ids` (1, N) restarting at each sequence and no
+        mask: the scores (S,) are then each sequence's last token's."""
+        if position_ids is not None and attention_mask is None:
+            hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return self.v_head(hidden[0, sequence_ends(position_ids)]).squeeze(-1)  # (S,)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {}

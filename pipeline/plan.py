@@ -32,6 +32,8 @@ The peak is what persists between steps (weights, the gradients DeepSpeed keeps,
 its buffers, frozen models) plus the largest of the phases (forward/backward, generation, scoring,
 gradient reduction, optimizer step); "fits" is decided on it. Held to measured peaks on 2 CPU ranks
 by benchmarks/memory_vs_plan.py and, at a smaller size, tests/benchmarks/test_memory_vs_plan.py.
+A packed run (`data.packing`) is planned as one sequence of its token budget, micro-batch x
+`data.packing_tokens`, whatever rows fill it.
 """
 from __future__ import annotations
 
@@ -200,8 +202,9 @@ class Geometry:
 class Workload:
     """What one rank runs per micro-batch."""
     stage: str
-    rows: int                      # sequences per forward (reward, DPO: chosen and rejected stacked)
-    seq_len: int                   # tokens per sequence (the planned worst case: data.max_length)
+    rows: int                      # sequences per forward (reward, DPO: chosen and rejected stacked; packed: 1)
+    seq_len: int                   # tokens per sequence (the planned worst case: data.max_length; packed: the
+                                   # micro-batch's token budget, micro-batch x data.packing_tokens)
     logit_positions: int           # positions per row whose logits are computed; 0: a reward model's scores
     gradient_checkpointing: bool
     prompt_len: int = 0            # ReMax: generation from prompt_len to prompt_len + new_tokens
@@ -241,6 +244,8 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
                         vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
                         == 0 else 0.0)
     rows = 2 * batch if spec.pairs else batch
+    if config.data.packing:  # the micro-batch's packs, one sequence of at most their token budget
+        rows, length = 1, batch * config.data.pack_tokens()
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
                     frozen=tuple(frozen), gloo=gloo)
 
@@ -490,6 +495,7 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
     chosen = rows[config.optim.name]
     lines = [f"dry run ({stage_name}): {config.model.path or 'model.config'} on the meta device, ZeRO-{stage}, "
              f"{world_size} rank(s), {config.engine.precision}, micro-batch {workload.rows} x {workload.seq_len} tokens"
+             f"{' (packed)' if config.data.packing else ''}"
              f"{', gradient checkpointing' if workload.gradient_checkpointing else ''}",
              f"  parameters            {total:>16,}",
              f"  trainable parameters  {trainable:>16,}",
@@ -612,6 +618,8 @@ def workload_label(config, stage: str, mini: dict, adamw: dict, workload: bool =
         samples = getattr(section, "num_samples", 1)
         label = (f"{batch} prompts" + (f" x {samples} samples" if samples > 1 else "")
                  + f", {config.data.max_prompt_length} + {section.max_new_tokens}")
+    elif config.data.packing:
+        label = f"packed, {batch * config.data.pack_tokens()} tokens"
     elif STAGES[stage].pairs:
         label = f"{batch} pairs x {length}"
     else:

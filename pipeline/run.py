@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import random
+import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +23,19 @@ from .versions import exit_on_incompatible_versions
 
 logger = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
+
+
+def run_as_main(module: str, argv: Sequence) -> int:
+    """Runs `python -m MODULE ARGV` in this process (its entry point, argument parsing and exit code), as
+    the benchmarks and tests do to run several stages in one launch; returns the exit code."""
+    saved_argv, sys.argv = sys.argv, [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code or 0
+    finally:
+        sys.argv = saved_argv
 
 
 def user_errors() -> tuple:

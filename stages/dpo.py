@@ -6,7 +6,8 @@
 Per pair (x, y_w, y_l) the implicit reward of an answer is beta * (log pi(y|x) - log pi_ref(y|x)),
 log-probabilities summed over the answer's tokens. The sigmoid loss is -log sigmoid(r_w - r_l);
 IPO (Azar et al. 2023, `dpo.loss_type: ipo`) regresses the log-ratio margin onto 1 / (2 beta)
-instead. One forward pass scores the chosen and the rejected answers together (collate_pairwise).
+instead. One forward pass scores the chosen and the rejected answers together (stacked by collate_pairwise,
+or packed into one sequence with `data.packing`: pipeline.packing).
 The reference is `dpo.ref_model_path` or the actor's starting weights, frozen; with LoRA it is the
 actor itself with its adapters disabled, so no second copy of the model is held.
 """
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 from trl.trainer.utils import selective_log_softmax
 
 from pipeline.config import RunConfig
-from pipeline.data import IGNORE_INDEX, collate_pairwise, prepare_dataset
+from pipeline.data import IGNORE_INDEX, prepare_dataset
 from pipeline.engine import batch_plan, init_distributed
 from pipeline.loop import Stage, add_sums, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import load_tokenizer
+from pipeline.packing import batch_layout, model_inputs, sequence_sums, token_count
 from pipeline.rl.models import Models, build_models, reference_policy
 from pipeline.rl.sections import ReferenceFields
 from pipeline.rundir import RunDirectory
@@ -68,16 +70,20 @@ class DpoConfig(RunConfig):
 
 # ---- the loss, as pure functions ----------------------------------------------------------------
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled tokens.
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each sequence's summed log-probability of its labelled tokens.
 
     logits: (N, T, V), position t predicting token t + 1; labels: (N, T), IGNORE_INDEX on the prompt
-    and the padding. Returns (N,) in fp32.
+    and the padding. Returns (N,) in fp32; for a packed batch (N = 1, `position_ids` (1, T) restarting
+    at each sequence, labels IGNORE_INDEX at each start) (S,), one per sequence.
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    logprobs = selective_log_softmax(logits[:, :-1].float(), labels.masked_fill(~mask, 0))  # (N, T - 1)
-    return (logprobs * mask).sum(-1)
+    logprobs = selective_log_softmax(logits[:, :-1].float(), labels.masked_fill(~mask, 0)) * mask  # (N, T - 1)
+    if position_ids is None:
+        return logprobs.sum(-1)
+    return sequence_sums(F.pad(logprobs, (1, 0)), position_ids)  # token t's log-prob to token t's sequence
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -119,8 +125,8 @@ def pair_means(total: dict) -> dict:
 
 def answer_logprobs(model, batch: dict) -> tuple:
     """(chosen (B,), rejected (B,)) summed answer log-probs from one forward over the stacked batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logprobs(logits, batch["labels"]).chunk(2)
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    return sequence_logprobs(logits, batch["labels"], batch.get("position_ids")).chunk(2)
 
 
 @torch.no_grad()
@@ -143,7 +149,7 @@ def dpo_step(models: Models, batch: dict, dpo: DpoSection) -> tuple:
     """The mean loss of one micro-batch of pairs, and the sums `pair_means` turns into metrics."""
     losses, chosen_rewards, rejected_rewards, (chosen, rejected) = pair_losses(models, batch, dpo)
     sums = {**reward_sums(chosen_rewards, rejected_rewards), "logps/chosen": chosen.sum(),
-            "logps/rejected": rejected.sum(), "pairs": len(losses), "tokens": batch["attention_mask"].sum()}
+            "logps/rejected": rejected.sum(), "pairs": len(losses), "tokens": token_count(batch)}
     return losses.mean(), sums
 
 
@@ -177,11 +183,11 @@ def run(config: DpoConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     if dist.get_rank() == 0:
         logger.info(report.summary())
+    train_set, eval_set, collate = batch_layout(config.data, train_set, eval_set, tokenizer.pad_token_id)
     models, built = build_models(config, tokenizer, total_optimizer_steps(config, len(train_set), plan),
                                  config.dpo.reference_model("dpo"))
     device = built.engine.device
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_pairwise(rows, tokenizer.pad_token_id),
-                  step=lambda batch: dpo_step(models, batch, config.dpo),
+    stage = Stage(train_set, eval_set, collate=collate, step=lambda batch: dpo_step(models, batch, config.dpo),
                   evaluate=lambda loader: evaluate(models, loader, config.dpo, device),
                   tokenizer=tokenizer, metrics=pair_means, progress=("loss", "rewards/accuracy", "rewards/margins"))
     return train(config, built, RunDirectory(config), stage)

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.data import collate_pairwise, prepare_dataset
+from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import RewardModel, apply_lora, load_tokenizer, model_dtype
+from pipeline.packing import batch_layout, model_inputs, token_count
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -35,15 +36,15 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 def split_scores(engine, batch: dict) -> tuple:
-    """The collator stacks B chosen rows then B rejected rows: one forward scores both."""
-    scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
+    """The collator stacks (or packs) B chosen rows then B rejected rows: one forward scores both."""
+    scores = engine(**model_inputs(batch))  # (2B,)
     return scores.float().chunk(2)
 
 
 def reward_step(engine, batch: dict) -> tuple:
     chosen, rejected = split_scores(engine, batch)
     sums = {"accuracy": (chosen > rejected).float().mean(), "chosen_score": chosen.detach().mean(),
-            "rejected_score": rejected.detach().mean(), "tokens": batch["attention_mask"].sum()}
+            "rejected_score": rejected.detach().mean(), "tokens": token_count(batch)}
     return pairwise_loss(chosen, rejected), sums
 
 
@@ -67,6 +68,7 @@ def run(config: RewardConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     logger.info(report.summary())
+    train_set, eval_set, collate = batch_layout(config.data, train_set, eval_set, tokenizer.pad_token_id)
     with sharded_creation(training_ds_config(config)):  # ZeRO-3: partitioned as it loads
         model = RewardModel.from_causal_lm(config.model, dtype=model_dtype(config.model, config.engine.precision))
     if config.model.lora.enabled:
@@ -74,9 +76,8 @@ def run(config: RewardConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
     engine = built.engine
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_pairwise(rows, tokenizer.pad_token_id),
-                  step=lambda batch: reward_step(engine, batch), evaluate=lambda loader: evaluate(engine, loader),
-                  tokenizer=tokenizer, progress=("loss", "accuracy"))
+    stage = Stage(train_set, eval_set, collate=collate, step=lambda batch: reward_step(engine, batch),
+                  evaluate=lambda loader: evaluate(engine, loader), tokenizer=tokenizer, progress=("loss", "accuracy"))
     return train(config, built, RunDirectory(config), stage)
 
 

@@ -11,10 +11,11 @@ import sys
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.data import collate_sft, prepare_dataset
+from pipeline.data import prepare_dataset
 from pipeline.engine import batch_plan, create_engine, init_distributed, sharded_creation, training_ds_config
 from pipeline.loop import Stage, sum_over_ranks, to_device, total_optimizer_steps, train
 from pipeline.models import apply_lora, load_causal_lm, load_tokenizer, model_dtype
+from pipeline.packing import batch_layout, model_inputs, token_count
 from pipeline.rundir import RunDirectory
 from pipeline.run import main
 
@@ -31,9 +32,9 @@ class SFTConfig(RunConfig):
 
 
 def sft_step(engine, batch: dict) -> tuple:
-    """Mean cross-entropy over the response tokens of one micro-batch."""
-    output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return output.loss, {"tokens": batch["attention_mask"].sum()}
+    """Mean cross-entropy over the response tokens of one micro-batch (padded or packed)."""
+    output = engine(**model_inputs(batch), labels=batch["labels"], use_cache=False)
+    return output.loss, {"tokens": token_count(batch)}
 
 
 @torch.no_grad()
@@ -43,8 +44,7 @@ def evaluate(engine, loader) -> dict:
     total, count = 0.0, 0
     for batch in loader:
         batch = to_device(batch, engine.device)
-        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      labels=batch["labels"]).loss
+        loss = engine(**model_inputs(batch), labels=batch["labels"], use_cache=False).loss
         # HF shifts labels by one: the first label never counts.
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total, count = total + loss * tokens, count + tokens
@@ -57,6 +57,7 @@ def run(config: SFTConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_set, eval_set, report = prepare_dataset(config.data, tokenizer, config.seed)
     logger.info(report.summary())
+    train_set, eval_set, collate = batch_layout(config.data, train_set, eval_set, tokenizer.pad_token_id)
     if config.model.config is not None:  # a fresh model: its vocabulary is the tokenizer's
         for key, value in (("vocab_size", len(tokenizer)), ("pad_token_id", tokenizer.pad_token_id),
                            ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
@@ -68,9 +69,8 @@ def run(config: SFTConfig) -> dict:
     plan = batch_plan(config, init_distributed())
     built = create_engine(config, model, total_optimizer_steps(config, len(train_set), plan))
     engine = built.engine
-    stage = Stage(train_set, eval_set, collate=lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                  step=lambda batch: sft_step(engine, batch), evaluate=lambda loader: evaluate(engine, loader),
-                  tokenizer=tokenizer)
+    stage = Stage(train_set, eval_set, collate=collate, step=lambda batch: sft_step(engine, batch),
+                  evaluate=lambda loader: evaluate(engine, loader), tokenizer=tokenizer)
     return train(config, built, RunDirectory(config), stage)
 
 

@@ -1,8 +1,6 @@
 """Helpers for the worker scripts that tests start under real DeepSpeed ranks."""
 import argparse
 import json
-import runpy
-import sys
 
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
@@ -41,14 +39,3 @@ def write_results(path, results: dict) -> None:
     dist.destroy_process_group()
 
 
-def run_as_main(module: str, argv: list) -> int:
-    """Runs `python -m MODULE ARGV` in this process (its entry point, argument parsing and exit code);
-    returns the exit code."""
-    saved_argv, sys.argv = sys.argv, [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        return 0
-    except SystemExit as exit_:
-        return exit_.code or 0
-    finally:
-        sys.argv = saved_argv

@@ -2,13 +2,25 @@
 # Policy optimisation side by side on the demo task: SFT and a reward model once, then every
 # algorithm from that same SFT policy (and reward model where it uses one), on NUM_GPUS ranks
 # (default 2) with Adam-mini. Writes to OUTPUT_ROOT/report: overlaid curves of held-out greedy gold
-# reward, reward-model score and KL against step and against training time, and algorithms.md,
-# a table of each final policy's held-out scores and of what its run cost.
-#   bash training_scripts/compare_algorithms.sh [OUTPUT_ROOT] [key.sub=value ...]
+# reward, reward-model score and KL against step and against training time (each algorithm's seeds as
+# their mean with a min-max band), summary.md (mean ± std over the seeds, reward-hacking signals) and
+# algorithms.md, a table of the final policies' held-out scores and of what the runs cost, mean ± std
+# over the seeds, with which differences exceed the seeds' spread.
+#   bash training_scripts/compare_algorithms.sh [--seeds N] [OUTPUT_ROOT] [key.sub=value ...]
+# --seeds: runs of each algorithm, seeds 0..N-1 (default 3), all from the same SFT policy and reward model.
 # OUTPUT_ROOT defaults to runs/algorithms and is replaced; overrides go to every stage.
 # ALGORITHMS="remax rloo grpo dpo" picks the algorithms (default: every one with a configs/tiny file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+seeds=3
+if [ "${1:-}" = --seeds ]; then
+    seeds="${2:?--seeds needs a number}"
+    shift 2
+fi
+if ! [[ "$seeds" =~ ^[1-9][0-9]*$ ]]; then
+    echo "compare_algorithms.sh: --seeds is '$seeds'; give a positive whole number" >&2
+    exit 2
+fi
 root="${1:-runs/algorithms}"
 [ "$#" -gt 0 ] && shift
 export NUM_GPUS="${NUM_GPUS:-2}"
@@ -33,16 +45,19 @@ for algorithm in "${algorithms[@]}"; do
         *) script="training_scripts/po/$algorithm/run_$algorithm.sh"
            models=("$algorithm.reward_model_path=$reward") ;;
     esac
-    run="$root/$algorithm"
-    algorithm_start=$SECONDS
-    bash "$script" "$config" "output_dir=$run" "model.path=$sft" "${models[@]}" checkpoint.overwrite=true "$@"
-    echo "$algorithm trained in $((SECONDS - algorithm_start)) s"
-    # Every final policy scored the same way: greedy and sampled gold reward, win rate and KL against SFT.
-    "$python" -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml "policy_path=$run/final" \
-        "reward_model_path=$reward" "baseline_policy_path=$sft" "ref_model_path=$sft" \
-        "output=$run/eval_policy.json" > /dev/null
-    runs+=("$run")
+    for seed in $(seq 0 $((seeds - 1))); do
+        run="$root/$algorithm-seed$seed"
+        algorithm_start=$SECONDS
+        bash "$script" "$config" "output_dir=$run" "model.path=$sft" "${models[@]}" "seed=$seed" \
+            checkpoint.overwrite=true "$@"
+        echo "$algorithm seed $seed trained in $((SECONDS - algorithm_start)) s"
+        # Every final policy scored the same way: greedy and sampled gold reward, win rate and KL against SFT.
+        "$python" -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml "policy_path=$run/final" \
+            "reward_model_path=$reward" "baseline_policy_path=$sft" "ref_model_path=$sft" \
+            "output=$run/eval_policy.json" > /dev/null
+        runs+=("$run")
+    done
 done
 "$python" -m pipeline.evaluate curves "${runs[@]}" --out "$root/report" > /dev/null
 "$python" -m pipeline.evaluate algorithms "${runs[@]}" --out "$root/report/algorithms.md"
-echo "compared ${#runs[@]} algorithms in $((SECONDS - start)) s; curves and algorithms.md in $root/report"
+echo "compared ${#runs[@]} runs ($seeds seed(s) per algorithm) in $((SECONDS - start)) s; curves and algorithms.md in $root/report"

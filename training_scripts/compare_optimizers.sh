@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # The demo pipeline with AdamW and with Adam-mini, same data and seeds, then one figure per
-# metric with both optimizers on it (OUTPUT_ROOT/report/<stage>/).
-#   bash training_scripts/compare_optimizers.sh [OUTPUT_ROOT] [key.sub=value ...]
-# SEEDS="0 1 2" runs several seeds (default "0"); NUM_GPUS sets the ranks (default 2).
+# metric with both optimizers on it, each optimizer's seeds as their mean with a min-max band, and
+# summary.md with mean ± std over the seeds (OUTPUT_ROOT/report/<stage>/).
+#   bash training_scripts/compare_optimizers.sh [--seeds N] [OUTPUT_ROOT] [key.sub=value ...]
+# --seeds: whole pipelines per optimizer, seeds 0..N-1 (default 3). NUM_GPUS sets the ranks (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+count=3
+if [ "${1:-}" = --seeds ]; then
+    count="${2:?--seeds needs a number}"
+    shift 2
+fi
+if ! [[ "$count" =~ ^[1-9][0-9]*$ ]]; then
+    echo "compare_optimizers.sh: --seeds is '$count'; give a positive whole number" >&2
+    exit 2
+fi
 root="${1:-runs/compare}"
 [ "$#" -gt 0 ] && shift
 if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-read -ra seeds <<< "${SEEDS:-0}"  # split on spaces only: an unquoted ${SEEDS} would also glob
+read -ra seeds <<< "$(seq -s ' ' 0 $((count - 1)))"
 runs=()
 for seed in "${seeds[@]}"; do
     for optimizer in adamw adam_mini; do

@@ -217,11 +217,12 @@ class RolloutBuffer:
 
     def get(self, make: Callable):
         """This micro-batch's rollout: `make(key)` on a rollout step, else the one kept from it; `key`
-        ("train", step, micro-batch of the window) names the rollout for the engine's seeds."""
+        ("train", step) names the rollout for the engine's seeds (each prompt's row tells the requests
+        apart)."""
         step, slot = divmod(self.calls, self.accumulation)
         self.calls += 1
         if step % self.updates == 0:
-            self.kept[slot] = make(("train", step, slot))
+            self.kept[slot] = make(("train", step))
         return self.kept[slot]
 
     def resume_at(self, step: int) -> None:

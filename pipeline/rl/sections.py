@@ -244,13 +244,26 @@ class RolloutSection:
 
 
 @dataclasses.dataclass
-class SamplingRunConfig(RunConfig):
-    """A sampling stage's config: the shared sections, `rollout` and `reward`."""
-    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
-    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+class SignalsSection:
+    """What `python -m pipeline.evaluate curves` flags in the run's summary (reward-hacking signals)."""
+    kl_budget: Optional[float] = None  # the largest held-out KL to the reference the run should reach; null: none
 
     def problems(self) -> list:
-        return super().problems() + self.rollout.problems(self) + self.reward.problems()
+        if self.kl_budget is not None and not self.kl_budget > 0:
+            return [f"`evaluate.kl_budget` is {self.kl_budget}; use a positive number of nats, or null for none"]
+        return []
+
+
+@dataclasses.dataclass
+class SamplingRunConfig(RunConfig):
+    """A sampling stage's config: the shared sections, `rollout`, `reward` (the reward functions) and
+    `evaluate` (what its summary flags)."""
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    evaluate: SignalsSection = dataclasses.field(default_factory=SignalsSection)
+
+    def problems(self) -> list:
+        return super().problems() + self.rollout.problems(self) + self.reward.problems() + self.evaluate.problems()
 
 
 def require_vllm(config) -> None:

@@ -39,6 +39,9 @@ def prompt_data(config, section: SamplingSection) -> tuple:
     tokenizer = load_tokenizer(config.model)
     data = dataclasses.replace(config.data, eval_path=section.eval_prompts_path or config.data.eval_path)
     train_set, eval_set, report = prepare_dataset(data, tokenizer, config.seed)
+    # Each prompt's row in its set travels with it: the vLLM engine seeds its samples from it, so they do
+    # not depend on which rank and micro-batch the prompt falls in.
+    train_set, eval_set = (rows.add_column("row_id", list(range(len(rows)))) for rows in (train_set, eval_set))
     plan = batch_plan(config, init_distributed())
     if dist.get_rank() == 0:
         logger.info(report.summary())
@@ -151,8 +154,8 @@ def evaluate(models: Models, engine, loader, sampling: Sampling, device) -> dict
     reward, KL of the samples, greedy response length and each reward function's greedy mean
     (`eval/reward/<name>`), averaged over every rank's prompts."""
     total, step = {}, models.actor.global_steps
-    for index, batch in enumerate(loader):
-        experience = rollout(models, engine, to_device(batch, device), sampling, key=("eval", step, index))
+    for batch in loader:
+        experience = rollout(models, engine, to_device(batch, device), sampling, key=("eval", step))
         sampled, greedy = experience.sampled, experience.greedy
         kl = sequence_log_ratio(experience.actor_logprobs, experience.ref_logprobs, sampled.mask)
         sums = {"sequences": len(greedy.reward), "eval/reward": greedy.reward.sum(),

@@ -10,8 +10,9 @@ weights after every optimizer step that changed them.
 - **Sampling.** Prompts go in as token ids (no tokenizer in the engine); every decoding setting is
   explicit (temperature, top-p, no top-k, no penalties, the tokenizer's eos as the only stop token,
   the model's generation_config.json ignored), and each request has its own seed, derived from the
-  run's seed, the rollout's key (step and micro-batch), the rank and the row, so a resumed run
-  samples exactly what the uninterrupted one did. The sampled tokens' log-probabilities come back
+  run's seed, the rollout's key (which rollout of which step) and the prompt's row in the dataset
+  (and which of its k samples), so a resumed run samples exactly what the uninterrupted one did, on
+  the same number of ranks or on another. The sampled tokens' log-probabilities come back
   with them (the model's own, before temperature), for the sampler-trainer gap.
 - **Memory.** The KV cache is `rollout.kv_cache_gib` or `gpu_memory_utilization` of the GPU;
   `rollout.sleep` frees it while the trainer steps (and the engine wakes for the next rollout).
@@ -89,11 +90,26 @@ def plain_weights(model, group: list) -> Iterator[tuple]:
             yield plain, param.detach()
 
 
-def request_seed(base: int, key: tuple, rank: int, index: int) -> int:
-    """A request's sampling seed from the run's seed, the rollout's key, the rank and the request's
-    index in the call: the same on a resumed run, different for every request."""
-    text = repr((base, key, rank, index)).encode()
+def request_seed(base: int, key: tuple, request: tuple) -> int:
+    """A request's sampling seed from the run's seed, the rollout's key and the request's identity
+    (`request_identities`): the same on a resumed run, different for every request."""
+    text = repr((base, key, request)).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def request_identities(batch: dict, rank: int) -> list:
+    """Each row's identity for its seed. Where the batch carries `row_id` (the prompt's row in its
+    dataset, as the stages' prompt data does): that row and which repeat of it this is, so a prompt is
+    sampled alike whichever rank and micro-batch it falls in. Otherwise the rank and the row."""
+    rows = len(batch["input_ids"])
+    if "row_id" not in batch:
+        return [("rank", rank, row) for row in range(rows)]
+    seen: dict = {}
+    identities = []
+    for row_id in (int(value) for value in batch["row_id"]):
+        seen[row_id] = seen.get(row_id, -1) + 1
+        identities.append(("row", row_id, seen[row_id]))
+    return identities
 
 
 def create_llm(model_path: str, rollout, dtype: torch.dtype, max_model_len: int, seed: int):
@@ -177,15 +193,16 @@ def sampling_params(sampling, eos_token_id: int, seed: int):
 
 def generate(llm, tokenizer, batch: dict, samplings: Sequence, seed: int, key: tuple, rank: int = 0) -> list:
     """A `Generated` per sampling for the left-padded prompt batch, from one engine call; each request
-    seeded by `request_seed(seed, (*key, sampling index), rank, row)`."""
+    seeded by `request_seed(seed, (*key, sampling index), its identity)`."""
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     prompts = [{"prompt_token_ids": ids[keep.bool()].tolist()} for ids, keep in zip(prompt_ids, prompt_mask)]
+    identities = request_identities(batch, rank)
     requests, params = [], []
     for which, sampling in enumerate(samplings):
         for row, prompt in enumerate(prompts):
             requests.append(prompt)
             params.append(sampling_params(sampling, tokenizer.eos_token_id,
-                                          request_seed(seed, (*key, which), rank, row)))
+                                          request_seed(seed, (*key, which), identities[row])))
     outputs = llm.generate(requests, params, use_tqdm=False)
     rows = len(prompts)
     return [assemble(tokenizer, prompt_ids, prompt_mask, outputs[which * rows:(which + 1) * rows])

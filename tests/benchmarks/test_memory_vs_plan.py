@@ -19,7 +19,7 @@ MAX_LENGTH, PROMPT_LENGTH, NEW_TOKENS = 128, 32, 16
 
 def suite_runs(root) -> dict:
     """SFT at ZeRO-2 and 3 with and without gradient checkpointing and with both optimizers, on both widths
-    (each pair of the four choices at ZeRO-3 appears once); reward; ReMax with the actor at ZeRO-3 (generation
+    (each pair of the four choices at ZeRO-3 appears once), and packed (`data.packing`); reward; ReMax with the actor at ZeRO-3 (generation
     from gathered weights; frozen models at ZeRO-3 whose narrow layers every rank holds whole); PPO at ZeRO-2
     (a critic beside the actor). Two steps each: ZeRO-3 keeps weights gathered only once a step has been traced."""
     models = {}
@@ -43,6 +43,8 @@ def suite_runs(root) -> dict:
         "sft ZeRO-3 Adam-mini wide checkpointing": run("sft", "wide", zero=3, optimizer="adam_mini",
                                                        checkpointing=True),
         "sft ZeRO-3 AdamW wide": run("sft", "wide", zero=3, optimizer="adamw"),
+        "sft ZeRO-2 Adam-mini narrow packed": run("sft", "narrow", zero=2, optimizer="adam_mini", micro_batch=1,
+                                                  packing_tokens=2 * MAX_LENGTH),
         "reward ZeRO-3 Adam-mini narrow": run("reward", "narrow", zero=3, optimizer="adam_mini", micro_batch=1),
         "remax ZeRO-3 Adam-mini narrow checkpointing": run("remax", "narrow", zero=3, optimizer="adam_mini",
                                                            checkpointing=True),

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.rollout_speed import (IdTokenizer, UnshardedActor, check_lengths, compare_seeds, end_to_end_rows,
+from benchmarks.rollout_speed import (IdTokenizer, UnshardedActor, check_lengths, end_to_end_rows,
                                       generation_rows, generation_worker, rate_summary, rollout_classes,
                                       run_summary)
 
@@ -33,20 +33,6 @@ def test_rates_leave_out_the_warm_up_pass_and_the_ratio_divides_the_medians():
     assert greedy["greedy_equal"] == 0.5  # the last passes' responses: [1] equal, [2] vs [3] not
     [sampled] = generation_rows({"passes": {"sampled": {"hf": hf, "vllm": vllm}}}, "m")
     assert "greedy_equal" not in sampled
-
-
-def test_seed_comparison_is_a_pooled_two_sample_t_test():
-    hf = [0.50, 0.52, 0.54]  # mean 0.52, std 0.02
-    close = compare_seeds(hf, [0.53, 0.55, 0.57])  # mean 0.55, std 0.02
-    # pooled std 0.02; standard error of the difference 0.02 * sqrt(2 / 3) = 0.016330; t = 0.03 / 0.016330
-    assert close["difference"] == pytest.approx(0.03) and close["pooled_std"] == pytest.approx(0.02)
-    assert close["t"] == pytest.approx(1.83712, rel=1e-4) and close["df"] == 4 and close["t_critical"] == 2.776
-    assert close["within_noise"]
-    far = compare_seeds(hf, [0.70, 0.72, 0.74])
-    assert far["t"] == pytest.approx(12.2474, rel=1e-4) and not far["within_noise"]
-    assert compare_seeds([0.5, 0.5], [0.5, 0.5])["within_noise"]
-    single = compare_seeds([0.5], [0.6])
-    assert single["difference"] == pytest.approx(0.1) and single["t"] is None and single["within_noise"] is None
 
 
 def test_a_runs_summary_is_its_median_step_and_its_last_evaluation():

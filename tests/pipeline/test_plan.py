@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from optimizers import Adam_mini
 from pipeline.config import DataConfig, EngineConfig, ModelConfig, RunConfig
 from pipeline.models import enable_gradient_checkpointing
+from pipeline.packing import collate_packed_sft, model_inputs
 from pipeline.plan import (Geometry, Workload, kv_cache_bytes, logits_bytes, main, persistent_numel, plan_rows,
                            saved_activation_bytes, workload_of, zero3_gathered_numel)
 from tests.conftest import REPO_ROOT
@@ -74,7 +75,7 @@ def test_json_rows_from_a_config(capsys):
     assert main(["--config", "nope.yaml"]) == 2
 
 
-def saved_bytes_of_forward(model, input_ids, attention_mask) -> int:
+def saved_bytes_of_forward(model, **inputs) -> int:
     """Bytes of the distinct storages autograd saves for the backward in one forward (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -86,22 +87,33 @@ def saved_bytes_of_forward(model, input_ids, attention_mask) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.model(input_ids=input_ids, attention_mask=attention_mask)
+        model.model(**inputs, use_cache=False)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])  # 3 query heads: 1 KV head is grouped attention
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_planned_activations_are_the_tensors_autograd_saves(dtype, kv_heads):
-    rows, length = 2, 48
-    input_ids = torch.randint(0, 203, (rows, length), generator=torch.Generator().manual_seed(0))
+def forward_inputs(layout: str) -> tuple:
+    """(rows, length, inputs) of a padded batch, or of 4 rows packed into one sequence (pipeline.packing)."""
+    generator = torch.Generator().manual_seed(0)
+    if layout == "packed":
+        rows = [torch.randint(0, 203, (n,), generator=generator).tolist() for n in (20, 7, 30, 9)]
+        batch = collate_packed_sft([[{"input_ids": ids, "labels": ids} for ids in rows]])
+        return 1, batch["input_ids"].shape[1], model_inputs(batch)
+    input_ids = torch.randint(0, 203, (2, 48), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :5] = 0  # padding: the additive mask is built and kept
+    return 2, 48, {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])  # packed: one sequence, the mask block-diagonal
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])  # 3 query heads: 1 KV head is grouped attention
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planned_activations_are_the_tensors_autograd_saves(dtype, kv_heads, layout):
+    rows, length, inputs = forward_inputs(layout)
     for checkpointing in (False, True):
         model = tiny_llama(num_hidden_layers=1, num_key_value_heads=kv_heads, mlp_bias=False, dtype=dtype).train()
         if checkpointing:
             enable_gradient_checkpointing(model)
-        measured = saved_bytes_of_forward(model, input_ids, attention_mask)
+        measured = saved_bytes_of_forward(model, **inputs)
         a = 2 if dtype == torch.bfloat16 else 4
         planned = saved_activation_bytes(Geometry.of(model.config), rows, length, a, checkpointing)
         # The plan counts the LM head's input (the last norm's output, a x hidden per token), which this
@@ -128,6 +140,15 @@ def test_logits_kv_cache_and_workloads_by_hand():
                        engine=EngineConfig(micro_batch_size=3))
     assert (workload_of(config, "reward").rows, workload_of(config, "reward").logit_positions) == (6, 0)
     assert (workload_of(config, "sft").rows, workload_of(config, "sft").logit_positions) == (3, 64)
+    # Packed: the micro-batch's 3 packs as one sequence of their budget (default: a row; a pair's two).
+    config.data.packing = True
+    sft = workload_of(config, "sft")
+    assert (sft.rows, sft.seq_len, sft.logit_positions) == (1, 3 * 64, 3 * 64)
+    config.data.format = "pairwise"
+    reward = workload_of(config, "reward")
+    assert (reward.rows, reward.seq_len, reward.logit_positions) == (1, 3 * 128, 0)
+    config.data.packing_tokens = 500
+    assert workload_of(config, "reward").seq_len == 3 * 500
 
 
 def test_a_run_rewarded_by_functions_alone_plans_no_reward_model():

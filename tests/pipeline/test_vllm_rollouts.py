@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.rl.algos import clipped_surrogate_loss, reinforce_loss, truncated_importance_weights
 from pipeline.rl.sections import require_vllm
 from pipeline.rl.stage import sampler_correction
-from pipeline.rl.vllm_engine import layer_groups, plain_weights, request_seed
+from pipeline.rl.vllm_engine import layer_groups, plain_weights, request_identities, request_seed
 from pipeline.generation import Responses
 from tests.conftest import launch_ranks, read_json
 from tests.tiny_models import save_tiny_model_dir, tiny_llama
@@ -56,11 +56,23 @@ def test_lora_reaches_the_engine_merged_under_plain_names_and_the_trainer_keeps_
 
 
 def test_request_seeds_repeat_for_the_same_rollout_and_differ_across_requests():
-    assert request_seed(0, ("train", 3, 0, 0), 1, 5) == request_seed(0, ("train", 3, 0, 0), 1, 5)
-    seeds = {request_seed(0, ("train", step, 0, 0), rank, row) for step in range(4) for rank in range(2)
-             for row in range(8)}
-    assert len(seeds) == 64 and all(0 <= seed < 2**31 for seed in seeds)
-    assert request_seed(1, ("train", 3, 0, 0), 1, 5) != request_seed(0, ("train", 3, 0, 0), 1, 5)
+    assert request_seed(0, ("train", 3, 0), ("row", 5, 0)) == request_seed(0, ("train", 3, 0), ("row", 5, 0))
+    seeds = {request_seed(0, ("train", step, which), ("row", row, repeat)) for step in range(4)
+             for which in range(2) for row in range(8) for repeat in range(2)}
+    assert len(seeds) == 128 and all(0 <= seed < 2**31 for seed in seeds)
+    assert request_seed(1, ("train", 3, 0), ("row", 5, 0)) != request_seed(0, ("train", 3, 0), ("row", 5, 0))
+
+
+def test_a_prompt_is_seeded_by_its_row_whichever_rank_and_batch_it_falls_in():
+    """Rows 4 and 9 on rank 0 in one micro-batch, or row 9 alone on rank 2 in another: row 9's requests
+    are the same; a prompt repeated k times (GRPO's group) has k identities."""
+    ids = torch.zeros(3, 2, dtype=torch.long)
+    on_two = request_identities({"input_ids": ids, "row_id": [4, 9, 9]}, rank=0)
+    on_three = request_identities({"input_ids": ids[:2], "row_id": [9, 9]}, rank=2)
+    assert on_two[1:] == on_three == [("row", 9, 0), ("row", 9, 1)]
+    assert on_two[0] == ("row", 4, 0)
+    # Without row ids (a batch made outside the stages): the rank and the row.
+    assert request_identities({"input_ids": ids[:2]}, rank=1) == [("rank", 1, 0), ("rank", 1, 1)]
 
 
 # ---- the sampler correction ---------------------------------------------------------------------

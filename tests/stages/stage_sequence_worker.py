@@ -12,7 +12,8 @@ import re
 import shlex
 
 from pipeline.engine import init_distributed
-from tests.rank_tools import run_as_main, worker_parser, write_results
+from pipeline.run import run_as_main
+from tests.rank_tools import worker_parser, write_results
 
 
 class ResumedFrom(logging.Handler):

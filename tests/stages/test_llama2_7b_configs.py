@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, rank_env
-from tests.rank_tools import run_as_main
+from pipeline.run import run_as_main
 
 pytestmark = pytest.mark.slow
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",

@@ -154,10 +154,10 @@ def test_a_rollout_is_made_on_the_first_of_every_updates_steps_per_accumulation_
 
     got = [buffer.get(make) for _ in range(8)]  # 4 optimizer steps of 2 micro-batches
     assert got == [0, 1, 0, 1, 2, 3, 2, 3]
-    # Each rollout is named by its step and micro-batch (the vLLM engine seeds its requests from it).
-    assert keys == [("train", 0, 0), ("train", 0, 1), ("train", 2, 0), ("train", 2, 1)]
+    # Each rollout is named by its step (the vLLM engine seeds its requests from it and each prompt's row).
+    assert keys == [("train", 0), ("train", 0), ("train", 2), ("train", 2)]
     buffer.resume_at(step=2)  # a checkpoint at step 2 falls between rollouts: the next call samples
-    assert buffer.get(make) == 4 and keys[-1] == ("train", 2, 0)
+    assert buffer.get(make) == 4 and keys[-1] == ("train", 2)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def test_a_rollout_is_made_on_the_first_of_every_updates_steps_per_accumulation_
     (rloo, "rloo.kl_penalty=value", "`rloo.kl_penalty` is 'value'; use one of reward, loss"),
     (rloo, "rloo.ref_zero_stage=2", "`rloo.ref_zero_stage` is 2; use 0 (a full copy per rank) or 3"),
     (rloo, "rloo.max_new_tokens=600", "`rloo.max_new_tokens` 600 exceeds `data.max_length` 512"),
+    (grpo, "evaluate.kl_budget=0", "`evaluate.kl_budget` is 0.0; use a positive number of nats, or null for none"),
     (grpo, "grpo.updates_per_rollout=2", "`checkpoint.every_steps` 3 is not a multiple of `grpo.updates_per_rollout` 2"),
     (grpo, "grpo.clip_range=0", "`grpo.clip_range` is 0.0; it must be positive"),
     (grpo, "grpo.std_eps=-1", "`grpo.std_eps` is -1.0; it must be positive"),

@@ -6,6 +6,7 @@ within 6e-8, step-5 loss within 3e-8 relative) and shares all but those paths. I
 
 One row per micro-batch, so each row's loss is averaged the same way on 2 ranks (accumulation 3)
 and on 3 (accumulation 2): the two runs differ only in the order of floating-point sums."""
+import importlib.util
 import json
 import re
 import shutil
@@ -82,6 +83,10 @@ def test_a_run_saved_on_two_ranks_continues_on_three(inputs, tmp_path, precision
             assert (before - after).abs().mean().item() <= 0.01 * moved, key
 
 
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed: the test below re-cuts PPO and trains on")
 def test_ppo_saved_on_two_ranks_continues_on_three_with_its_critic(inputs, tmp_path):  # noqa: F811
     """PPO's critic is a second Adam-mini engine in the same checkpoint (`critic/`): both are re-cut.
     The step-2 checkpoint of a 2-rank run, resumed on 3 ranks and on 2 with nothing left to train,
@@ -112,3 +117,42 @@ def test_ppo_saved_on_two_ranks_continues_on_three_with_its_critic(inputs, tmp_p
         assert_same_tensors(safetensors_of(on_two / export), safetensors_of(on_three / export), export)
     trained, initial = safetensors_of(on_three / "critic"), safetensors_of(inputs / "reward")
     assert any(not trained[key].equal(initial[key]) for key in initial)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (bash scripts/setup.sh --vllm)")
+def test_ppo_resumed_on_three_ranks_trains_on_as_the_run_that_never_stopped(inputs, tmp_path):  # noqa: F811
+    """PPO with its critic (a second Adam-mini engine, re-cut beside the actor), saved at step 2 on 2
+    ranks and trained on to step 4 on 3, against the 2-rank run that never stopped. The rollouts come
+    from vLLM, which seeds each sample from its prompt's row in the dataset (not from the rank or the
+    micro-batch), so both runs sample the same responses to the same prompts; one row per micro-batch,
+    so the two differ only in the order of floating-point sums (as the SFT test above)."""
+    from optimizers.reshard import FULL_STATE_FILE
+
+    config = stage_config("ppo", 2, inputs)
+    config["engine"].update(micro_batch_size=1, global_batch_size=6)
+    config["training"].update(max_steps=4, eval_every_steps=4)
+    config["checkpoint"].update(every_steps=2)
+    config["ppo"]["eval_every_steps"] = 4
+    config["rollout"] = {"engine": "vllm"}
+    config_file = tmp_path / "ppo.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    launch_ranks(2, stage_args("ppo", config_file, uninterrupted))
+    shutil.copytree(uninterrupted, resumed)  # its last checkpoint is step 2; steps 3-4 run again on 3 ranks
+
+    result = launch_ranks(3, stage_args("ppo", config_file, resumed, "checkpoint.resume=true"))
+    assert re.search(r"resumed from \S+step_2 \(step 2\)", result.stdout + result.stderr)
+    for engine_dir in ("", "critic"):  # each engine's pieces put together once, beside its own files
+        assert (resumed / "checkpoints/step_2" / engine_dir / FULL_STATE_FILE).is_file()
+    expected, actual = train_rows(uninterrupted), train_rows(resumed)
+    assert [row["step"] for row in actual] == [1, 2, 3, 4]
+    for before, after in zip(expected[2:], actual[2:]):
+        # The same responses (lengths and rewards), and losses that differ in the order of sums alone.
+        assert after["response_length"] == before["response_length"], after["step"]
+        for name in ("reward", "kl", "loss", "value_loss", "entropy", "grad_norm", "critic_grad_norm"):
+            assert after[name] == pytest.approx(before[name], rel=CLOSE, abs=CLOSE), (name, after["step"])
+    for export in ("final", "critic"):
+        final_before, final_after = safetensors_of(uninterrupted / export), safetensors_of(resumed / export)
+        assert final_before.keys() == final_after.keys()
+        worst = max((final_before[key] - final_after[key]).abs().max().item() for key in final_before)
+        assert worst <= CLOSE, (export, worst)

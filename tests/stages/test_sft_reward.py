@@ -78,14 +78,23 @@ def test_sft_logs_every_step_and_writes_the_run_directory(sft_run):
     assert sum(p.numel() for p in exported.parameters()) > 0
 
 
-def test_sft_lora_exports_adapter_and_merged(tmp_path, tiny_model, preference_data):
+def test_sft_lora_packed_exports_adapter_and_merged(tmp_path, tiny_model, preference_data):
+    """LoRA, with rows packed (`data.packing`): one pack of at most 2 rows' budget per micro-batch."""
     run_dir = tmp_path / "run"
-    values = base_config(run_dir, tiny_model, preference_data, "sft")
+    values = base_config(run_dir, tiny_model, preference_data, "sft", micro_batch_size=1)
     values["model"]["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    values["training"] = {"max_steps": 6}
+    budget = 2 * values["data"]["max_length"]
+    values["data"].update(packing=True, packing_tokens=budget)
+    values["training"] = {"max_steps": 6, "epochs": 4}
     launch_ranks(2, ["--module", "stages.sft", "--config", write_config(tmp_path / "lora.yaml", **values)])
-    evals = eval_rows(read_metrics(run_dir), "eval/loss")
+    metrics = read_metrics(run_dir)
+    evals = eval_rows(metrics, "eval/loss")
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    # Each rank's micro-batch held more tokens than one row can have, and no more than the budget.
+    steps = [row for row in metrics if "loss" in row]
+    assert len(steps) == 6
+    for row in steps:
+        assert values["data"]["max_length"] * 2 < row["tokens_per_s"] * row["step_time"] <= 2 * budget + 1e-6
     assert (run_dir / "final" / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
