@@ -26,7 +26,7 @@ layer), and on top, per rank:
                   reduce bucket held from the first backward on; on CPU ranks gloo's copy of each
                   all-gather and reduce-scatter (`--cpu`)
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
-  frozen models   reference policy and reward model weights (ReMax, DPO)
+  frozen models   reference policy and reward model weights (where the run has a reward model)
   critic          PPO: a second trained model (weights, gradients, optimizer state); its forward,
                   backward and step run while the actor's activations are alive
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
@@ -235,8 +235,9 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
         frozen.append(("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
                        section.ref_offload))
     if spec.samples:
-        frozen.append(("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3,
-                       section.reward_offload))
+        if section.reward_model_path is not None:  # reward functions alone hold no model
+            frozen.append(("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3,
+                           section.reward_offload))
         prompt = config.data.max_prompt_length
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
@@ -483,7 +484,7 @@ def frozen_numels(config, stage: str) -> dict:
     """Sizes (`ModelSize`) of the frozen models, from their config.json where it exists (else the trained
     model's architecture is assumed)."""
     numels, spec = {}, STAGES[stage]
-    if spec.samples:
+    if spec.samples and getattr(config, stage).reward_model_path is not None:
         numels["reward"] = ModelSize.of(meta_reward_model(config, getattr(config, stage).reward_model_path))
     if spec.reference:
         numels["reference"] = ModelSize.of(load_causal_lm(base_model_config(config), device="meta"))

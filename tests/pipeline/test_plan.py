@@ -158,6 +158,26 @@ def test_logits_kv_cache_and_workloads_by_hand():
     assert workload_of(config, "reward").seq_len == 3 * 500
 
 
+def test_a_run_rewarded_by_functions_alone_plans_no_reward_model():
+    from pipeline.config import load_config
+    from pipeline.plan import frozen_numels
+    from stages.grpo import GrpoConfig
+
+    base = ["model.config={model_type: llama}", "data.path=d", "data.format=prompt", "engine.micro_batch_size=2",
+            "grpo.max_new_tokens=32", "data.max_length=64", "data.max_prompt_length=32"]
+    with_model = load_config(GrpoConfig, None, [*base, "grpo.reward_model_path=r"])
+    functions = load_config(GrpoConfig, None, [*base, "reward.functions=[{name: math_answer}]"])
+    assert [name for name, *_ in workload_of(with_model, "grpo").frozen] == ["reference", "reward"]
+    assert [name for name, *_ in workload_of(functions, "grpo").frozen] == ["reference"]
+    assert set(frozen_numels(functions, "grpo")) == {"reference"}
+    model = tiny_llama()
+    numel = sum(p.numel() for p in model.parameters())
+    rows = {name: row(plan_rows(model, [2], "fp32", workload_of(config, "grpo")), "adam_mini", 2, 2)
+            for name, config in (("with_model", with_model), ("functions", functions))}
+    # Frozen at ZeRO-0, fp32: a whole copy each; the tiny model stands in for both (no sizes given).
+    assert rows["with_model"]["frozen_bytes"] == 2 * 4 * numel and rows["functions"]["frozen_bytes"] == 4 * numel
+
+
 def test_peak_adds_workload_to_what_persists():
     model = tiny_llama()
     config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=32),
