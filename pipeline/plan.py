@@ -215,6 +215,8 @@ class Workload:
     # GPUs without `kv_cache_gib` the share of the GPU it takes in all (`gpu_memory_utilization`)
     vllm_kv_bytes: Optional[int] = None
     vllm_gpu_share: float = 0.0
+    offload_activations: bool = False  # model.offload_activations (with checkpointing): layer inputs on the host
+    offload_optimizer: bool = False    # engine.offload_optimizer: optimizer state, fp32 gradients and step on the host
 
 
 def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: bool = False) -> Workload:
@@ -224,6 +226,8 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
     spec = STAGES[stage]
     batch, length = config.engine.micro_batch_size, config.data.max_length
     checkpointing = config.model.gradient_checkpointing
+    offloads = dict(offload_activations=checkpointing and config.model.offload_activations,
+                    offload_optimizer=config.engine.offload_optimizer)
     frozen_numels = frozen_numels or {}
     section = getattr(config, spec.section) if spec.section else None
     frozen = []
@@ -241,12 +245,12 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
                         prompt_len=prompt, new_tokens=section.max_new_tokens, frozen=tuple(frozen), gloo=gloo,
                         vllm_kv_bytes=vllm_kv_bytes(config.rollout, gloo),
                         vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
-                        == 0 else 0.0)
+                        == 0 else 0.0, **offloads)
     rows = 2 * batch if spec.pairs else batch
     if config.data.packing:  # the micro-batch's packs, one sequence of at most their token budget
         rows, length = 1, batch * config.data.pack_tokens()
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
-                    frozen=tuple(frozen), gloo=gloo)
+                    frozen=tuple(frozen), gloo=gloo, **offloads)
 
 
 def vllm_kv_bytes(rollout, gloo: bool) -> Optional[int]:
@@ -308,6 +312,38 @@ def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: boo
 
 def kv_cache_bytes(g: Geometry, rows: int, length: int, a: int) -> int:
     return 2 * g.layers * rows * length * g.kv_heads * g.head_dim * a
+
+
+# ---- host memory: what offload moves off the device ----------------------------------------------
+
+def offloaded_activation_bytes(g: Geometry, rows: int, seq_len: int, a: int) -> int:
+    """What `model.offload_activations` keeps in host memory per micro-batch: every checkpointed layer's
+    input (a x hidden per token; pipeline.models.checkpoint_in_host_memory). The backward copies one
+    back at a time, for the layer it rebuilds."""
+    return g.layers * a * g.hidden * rows * seq_len
+
+
+def optimizer_offload(model, stage: int, a: int, world_size: int, kept_grads, bucket,
+                      partition_in_bucket: bool) -> tuple:
+    """`engine.offload_optimizer` at ZeRO 1-3, as DeepSpeed 0.19 lays it out (stage_1_and_2.py, stage3.py):
+    fp32 master weights and optimizer state (the caller moves them), this rank's gradient partition (fp32;
+    ZeRO-3's 16-bit one too) and the step on the host; ZeRO-1 keeps its 16-bit gradients on the device
+    until they are reduced, and ZeRO-2 reduces straight into the host partition, so no 16-bit partition is
+    built on the device and the step casts nothing there. ZeRO 1-2 keep a device buffer of the largest
+    trainable parameter in 16 bits for the copies. Returns the device's (gradients kept, bucket in flight,
+    offload buffer) and the host's bytes besides master weights and state. Not held to measurement: on CPU
+    ranks host and device are one memory."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    partition = trainable / world_size
+    host = 4 * partition + (a * partition if stage == 3 and a != 4 else 0)
+    if stage == 1:
+        kept_grads = kept_grads - (4 * partition if a != 4 else 0)
+    else:
+        kept_grads = 0
+    if partition_in_bucket:
+        bucket -= a * partition
+    buffer = a * max(p.numel() for p in model.parameters() if p.requires_grad) if stage < 3 else 0
+    return kept_grads, bucket, buffer, host
 
 
 def model_state_rows(model, world_sizes, precision: str = "bf16") -> list:
@@ -386,6 +422,16 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         gather_copy = a * ModelSize.of(model).forward_gathered if w.gloo else 0
     else:
         step = 0
+    optimizer, host, offload_buffer = row["optimizer_bytes"], 0, 0
+    if w.offload_optimizer and stage >= 1:
+        kept_grads, bucket, offload_buffer, host = optimizer_offload(
+            model, stage, a, world_size, kept_grads, bucket, partition_in_bucket=stage == 2 and a == 2
+            and trainable > bucket_elements)
+        optimizer, host, step = 0, host + optimizer, 0
+    if w.offload_activations:
+        offloaded = offloaded_activation_bytes(g, w.rows, w.seq_len, a)
+        activations -= offloaded - offloaded // g.layers  # one layer's input is back for its recompute
+        host += offloaded
     deepspeed = int(bucket + gathered)
     frozen = 0
     frozen_live = 0
@@ -394,6 +440,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         size = size or own
         if zero3:  # its shard (in CPU memory when offloaded), its small parameters whole, one module gathered
             frozen += (0 if offload else a * size.parameters / world_size) + a * size.persistent
+            host += a * size.parameters / world_size if offload else 0
             frozen_live = max(frozen_live, a * size.forward_gathered * (2 if w.gloo else 1))
         else:
             frozen += 0 if offload else a * size.parameters
@@ -416,7 +463,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         scoring = frozen_live + logits_bytes(w.rows, w.logit_positions, g.vocab, a, training=False)
     # gloo's copy of an all-gather is in flight while the forward fetches weights, before most activations exist.
     forward_backward = max(activations + logits, gather_copy) + deepspeed
-    kept = params + kept_grads + row["optimizer_bytes"] + bucket_kept
+    kept = params + kept_grads + optimizer + bucket_kept + offload_buffer
     peak = kept + frozen + vllm + max(forward_backward, generation, scoring, step, reduction)
     return dict(row, params_bytes=int(params), kept_bytes=int(kept), kept_grads_bytes=int(kept_grads),
                 activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
@@ -425,7 +472,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
                 frozen_bytes=int(frozen), vllm_bytes=int(vllm), vllm_gpu_share=w.vllm_gpu_share,
                 generation_bytes=int(generation),
                 scoring_bytes=int(scoring),
-                total_bytes=int(peak), stage=w.stage)
+                total_bytes=int(peak), stage=w.stage, optimizer_bytes=int(optimizer), host_bytes=int(host))
 
 
 def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None,
@@ -439,7 +486,8 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
     rows = [add_workload(row, model, workload, precision) for row in rows]
     if critic is not None:
         critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
-                                   gloo=workload.gloo)
+                                   gloo=workload.gloo, offload_activations=workload.offload_activations,
+                                   offload_optimizer=workload.offload_optimizer)
         critic_rows = {(row["optimizer"], row["zero_stage"], row["world_size"]): add_workload(
             row, critic, critic_workload, precision) for row in model_state_rows(critic, world_sizes, precision)}
         rows = [add_critic(row, critic_rows[row["optimizer"], row["zero_stage"], row["world_size"]]) for row in rows]
@@ -459,6 +507,7 @@ def add_critic(row: dict, critic: dict) -> dict:
     phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"],
               row["reduction_bytes"])
     return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
+                host_bytes=row["host_bytes"] + critic["host_bytes"],
                 critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + row["vllm_bytes"] + max(phases)))
 
 
@@ -513,7 +562,7 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
                        ("frozen_bytes", "frozen models"), ("vllm_bytes", "vLLM engine"),
                        ("generation_bytes", "generation"), ("scoring_bytes", "scoring"),
                        ("critic_bytes", "critic state"),
-                       ("critic_phase_bytes", "critic training")):
+                       ("critic_phase_bytes", "critic training"), ("host_bytes", "host (offloaded)")):
         if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + DeepSpeed buffers kept + frozen models "
@@ -555,6 +604,9 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
     if rows and "critic_bytes" in rows[0]:  # PPO: the critic's persistent state and its training phase
         header += ["critic GiB", "critic phase GiB"]
         keys += ["critic_bytes", "critic_phase_bytes"]
+    if any(row.get("host_bytes") for row in rows):  # offloaded: in host memory, not in the peak
+        header.append("host GiB")
+        keys.append("host_bytes")
     header.append("peak GiB")
     keys.append("total_bytes")
     if gpu_memory_gib:
