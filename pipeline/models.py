@@ -300,10 +300,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel, offload: bool = False)
 
 def checkpoint_in_host_memory(checkpoint, function, *args, **kwargs):
     """`checkpoint(function, *args, **kwargs)` with what it saves for the backward copied to host memory.
-    A non-reentrant checkpoint saves the layer's positional inputs (the hidden states; the layer's keyword
-    arguments, mask and RoPE tables, are bound in `function`) under the saved-tensor hooks active around
-    it, these, and nothing inside the layer, whose own hooks keep only placeholders; the backward copies
-    each input back for the layer's recompute. Pinned where CUDA is (the copies run asynchronously on the
+
+    A non-reentrant checkpoint saves the layer's positional inputs (the hidden states: transformers binds
+    the mask and RoPE tables into `function`) under the saved-tensor hooks active around the call, so those
+    are what goes to the host; inside the layer its own hooks keep only placeholders. The backward copies
+    each input back for its layer's recompute. Pinned where CUDA is (the copies run asynchronously on the
     compute stream); elsewhere a plain memory-to-memory copy. A copy: loss and gradients are unchanged."""
     with torch.autograd.graph.save_on_cpu(pin_memory=True):
         return checkpoint(function, *args, **kwargs)

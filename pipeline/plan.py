@@ -2,6 +2,7 @@
 
     python -m pipeline.plan --config FILE [--world-sizes 1,2,8] [--gpu-memory 80] [--json] [--cpu] [key.sub=value ...]
     python -m pipeline.plan --markdown configs/llama2-7b --world-sizes 2,8 --gpu-memory 80   # the README's table
+    python -m pipeline.plan --config FILE --fit --world-size N --gpu-memory GIB   # pipeline.fit: the fastest that fits
 
 The model is built on the meta device from its config.json (no weights are read); the stage (SFT,
 reward, DPO, ReMax) is read from the config, and the reward stage is planned as a reward model.
@@ -39,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +58,24 @@ from .optim import OPTIMIZERS, planned_state_bytes
 from .stages import STAGES, stage_named
 
 GIB = 2**30
+
+
+def per_model(function):
+    """Memoizes `function(model, *args)` per model (held weakly) and arguments: a plan reads the same
+    model's parameters many times (pipeline.fit plans hundreds of workloads on one), and the models it
+    plans are built for it on the meta device and not changed after."""
+    cache = weakref.WeakKeyDictionary()
+
+    @functools.wraps(function)
+    def memoized(model, *args, **kwargs):
+        results = cache.setdefault(model, {})
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in results:
+            results[key] = function(model, *args, **kwargs)
+        return results[key]
+    return memoized
+
+
 def build_meta_model(config: RunConfig, stage: str = "sft"):
     """The run's trained model (LoRA applied) on the meta device: only config.json is read. The reward
     stage trains a reward model (backbone + v_head, no LM head)."""
@@ -63,7 +84,8 @@ def build_meta_model(config: RunConfig, stage: str = "sft"):
     else:
         model = load_causal_lm(config.model, device="meta")
     if config.model.lora.enabled:
-        model = apply_lora(model, config.model.lora)
+        with torch.device("meta"):  # the adapters too: initialising them on the CPU takes seconds at 7B
+            model = apply_lora(model, config.model.lora)
     return model
 
 
@@ -96,12 +118,14 @@ def largest_layer_numel(model) -> int:
 
 # ---- what ZeRO-3 holds whole --------------------------------------------------------------------
 
+@per_model
 def persistent_numel(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
     """Elements of the parameters ZeRO-3 never partitions (`stage3_param_persistence_threshold`: at most
     `threshold` elements each). Every rank holds them whole, next to its own shard of them."""
     return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
 
 
+@per_model
 def parameter_modules(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> list:
     """(name, elements, partitioned elements) of each module that holds parameters itself, in registration
     order: the forward order ZeRO-3 traces, for decoder stacks."""
@@ -113,6 +137,7 @@ def parameter_modules(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> li
     return modules
 
 
+@per_model
 def zero3_gathered_numel(model, checkpointing: bool, reuse_distance: int = MAX_REUSE_DISTANCE,
                          prefetch: int = min(PREFETCH_BUCKET_ELEMENTS, MAX_LIVE_PARAMETERS),
                          threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
@@ -333,7 +358,7 @@ def optimizer_offload(model, stage: int, a: int, world_size: int, kept_grads, bu
     trainable parameter in 16 bits for the copies. Returns the device's (gradients kept, bucket in flight,
     offload buffer) and the host's bytes besides master weights and state. Not held to measurement: on CPU
     ranks host and device are one memory."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, largest = trainable_numels(model)
     partition = trainable / world_size
     host = 4 * partition + (a * partition if stage == 3 and a != 4 else 0)
     if stage == 1:
@@ -342,8 +367,15 @@ def optimizer_offload(model, stage: int, a: int, world_size: int, kept_grads, bu
         kept_grads = 0
     if partition_in_bucket:
         bucket -= a * partition
-    buffer = a * max(p.numel() for p in model.parameters() if p.requires_grad) if stage < 3 else 0
+    buffer = a * largest if stage < 3 else 0
     return kept_grads, bucket, buffer, host
+
+
+@per_model
+def trainable_numels(model) -> tuple:
+    """(elements trained, those of the largest trained parameter)."""
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    return sum(sizes), max(sizes)
 
 
 def model_state_rows(model, world_sizes, precision: str = "bf16") -> list:
@@ -483,15 +515,26 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
     rows = model_state_rows(model, world_sizes, precision)
     if workload is None:
         return rows
-    rows = [add_workload(row, model, workload, precision) for row in rows]
-    if critic is not None:
-        critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
-                                   gloo=workload.gloo, offload_activations=workload.offload_activations,
-                                   offload_optimizer=workload.offload_optimizer)
-        critic_rows = {(row["optimizer"], row["zero_stage"], row["world_size"]): add_workload(
-            row, critic, critic_workload, precision) for row in model_state_rows(critic, world_sizes, precision)}
-        rows = [add_critic(row, critic_rows[row["optimizer"], row["zero_stage"], row["world_size"]]) for row in rows]
-    return rows
+    critic_states = {} if critic is None else {state_key(row): row
+                                               for row in model_state_rows(critic, world_sizes, precision)}
+    return [planned_row(row, model, workload, precision, critic, critic_states.get(state_key(row))) for row in rows]
+
+
+def state_key(row: dict) -> tuple:
+    return row["optimizer"], row["zero_stage"], row["world_size"]
+
+
+def planned_row(state_row: dict, model, workload: Workload, precision: str, critic=None,
+                critic_state_row: Optional[dict] = None) -> dict:
+    """One row of model states (`model_state_rows`) with the workload, and PPO's critic (its own row of
+    model states under the same optimizer and ZeRO stage), added."""
+    row = add_workload(state_row, model, workload, precision)
+    if critic is None:
+        return row
+    critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
+                               gloo=workload.gloo, offload_activations=workload.offload_activations,
+                               offload_optimizer=workload.offload_optimizer)
+    return add_critic(row, add_workload(critic_state_row, critic, critic_workload, precision))
 
 
 def add_critic(row: dict, critic: dict) -> dict:
@@ -730,6 +773,14 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="the stage to plan for (default: from the config: its remax/dpo section, pairwise data "
                              "for reward, else sft)")
+    fit = parser.add_argument_group("fitting a budget (pipeline.fit)")
+    fit.add_argument("--fit", action="store_true",
+                     help="search the settings that move memory for the fastest combination that fits --gpu-memory "
+                          "on --world-size ranks (by the plan and pipeline.fit's cost model)")
+    fit.add_argument("--world-size", type=int, help="--fit: the rank count")
+    fit.add_argument("--headroom", type=float, default=0.1,
+                     help="--fit: the share of --gpu-memory kept free for what the plan does not count (default 0.1)")
+    fit.add_argument("--write", metavar="FILE", help="--fit: also write the chosen configuration as a config file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -738,6 +789,8 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--world-sizes is {args.world_sizes!r}; give positive integers such as 1,2,8")
+    if args.fit:
+        return fit_command(parser, args, world_sizes)
     if not args.config and not (args.markdown and args.gpu_memory):
         parser.error("give --config FILE, or --markdown DIR with --gpu-memory GIB")
     try:
@@ -750,6 +803,28 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.gpu_memory))
     return 0
+
+
+def fit_command(parser, args, world_sizes: list) -> int:
+    """`--fit`: arguments checked, then pipeline.fit; a config that does not load is reported, not raised."""
+    from .engine import EngineConfigError
+    from .fit import fit_main, fit_markdown, search
+
+    if not ((args.config and args.world_size or args.markdown) and args.gpu_memory):
+        parser.error("--fit needs --config FILE and --world-size N (or --markdown DIR and --world-sizes), and "
+                     "--gpu-memory GIB")
+    if (args.world_size or 1) <= 0 or args.gpu_memory <= 0 or not 0 <= args.headroom < 1:
+        parser.error(f"--world-size {args.world_size} and --gpu-memory {args.gpu_memory:g} must be positive and "
+                     f"--headroom {args.headroom:g} in [0, 1)")
+    try:
+        if args.markdown:
+            print(fit_markdown([search(str(path), world_size, args.gpu_memory, args.headroom)
+                                for path in sorted(Path(args.markdown).glob("*.yaml")) for world_size in world_sizes]))
+            return 0
+        return fit_main(args)
+    except (ConfigError, ModelLoadError, EngineConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
