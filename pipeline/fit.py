@@ -48,7 +48,7 @@ from typing import Optional
 import yaml
 
 from .config import load_config, to_dict
-from .engine import EngineConfigError, batch_plan
+from .engine import batch_plan
 from .models import count_parameters
 from .plan import (GIB, Geometry, build_meta_critic, build_meta_model, config_class, format_table, frozen_numels,
                    model_state_rows, offloaded_activation_bytes, on_gpu, planned_row, state_key, workload_of,
