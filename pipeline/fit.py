@@ -1,16 +1,17 @@
-"""The fastest configuration that fits a memory budget, by the plan and a cost model.
+"""What `python -m pipeline.plan --fit` searches and how it ranks: the settings that move memory and a
+cost model of step time.
 
     python -m pipeline.plan --config FILE --fit --world-size N --gpu-memory GIB [--headroom 0.1]
         [--write FILE] [--json] [key.sub=value ...]
 
-The search tries every combination of the settings in `SEARCH` (each entry gives the overrides it tries
-for a config: adding a setting is one line there) on top of the config and its command-line overrides.
-The config layer validates each combination as it would a run (what it refuses, such as offload at
-ZeRO-0, is skipped), pipeline.plan plans it at N ranks, and a combination fits when its planned peak
-per rank is at most (1 - headroom) x GIB (the headroom is for what the plan does not hold: a GPU's
-caching allocator, CUDA context, fragmentation). Of those that fit, the one the cost model below
-finds fastest wins; among equally fast ones, the one that changes the fewest settings, then the one
-with the lowest peak.
+The search (`pipeline.plan.search`) tries every combination of the settings in `SEARCH` (each entry
+gives the overrides it tries for a config: adding a setting is one line there) on top of the config and
+its command-line overrides. The config layer validates each combination as it would a run (what it
+refuses, such as offload at ZeRO-0, is skipped; `combinations`), the plan plans it at N ranks, and a
+combination fits when its planned peak per rank is at most (1 - headroom) x GIB (the headroom is for
+what the plan does not hold: a GPU's caching allocator, CUDA context, fragmentation). Of those that
+fit, the one the cost model below finds fastest wins (`Fit.chosen`); among equally fast ones, the one
+that changes the fewest settings, then the one with the lowest peak. Nothing here imports the plan.
 
 The cost model is a model, not a measurement: seconds per optimizer step on a nominal 80 GB GPU
 (bf16, the constants below), counting only what the searched settings change, per rank:
@@ -41,18 +42,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import sys
-from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from .config import load_config, to_dict
 from .engine import batch_plan
 from .models import count_parameters
-from .plan import (GIB, Geometry, build_meta_critic, build_meta_model, config_class, format_table, frozen_numels,
-                   model_state_rows, offloaded_activation_bytes, on_gpu, planned_row, state_key, workload_of,
-                   _stage_in_file)
 from .stages import STAGES
 
 # The nominal GPU and node of the cost model (an H100-class 80 GB card in a node with NVLink).
@@ -73,7 +66,13 @@ def values(key: str, *choices):
 
 def micro_batches(config, stage: str, world_size: int) -> list:
     """Micro-batch and accumulation at the config's global batch: every divisor of a rank's samples
-    per optimizer step."""
+    per optimizer step.
+
+    Raises:
+        EngineConfigError: `engine.global_batch_size` does not divide over `world_size` ranks.
+    """
+    if config.engine.global_batch_size is not None:  # a rank's share of it, whatever the config's micro-batch
+        config = with_setting(with_setting(config, "engine.micro_batch_size", 1), "engine.gradient_accumulation_steps", 1)
     per_rank = batch_plan(config, world_size)
     samples = per_rank.micro_batch_size * per_rank.gradient_accumulation_steps
     return [{"engine.micro_batch_size": size, "engine.gradient_accumulation_steps": samples // size}
@@ -111,29 +110,30 @@ SEARCH = {
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """What the cost model reads of the models: elements of the actor (and of those trained), of the
-    critic, of each frozen model, and the actor's geometry."""
+    critic, of each frozen model by name, and the bytes per token of every layer's input (what activation
+    offload copies: pipeline.plan.offloaded_activation_bytes)."""
     parameters: int
     trainable: int
     critic: int
     frozen: dict
-    geometry: Geometry
+    layer_inputs_per_token: int
 
 
-def sizes_of(model, critic, numels: dict) -> Sizes:
+def sizes_of(model, critic, numels: dict, layer_inputs_per_token: int) -> Sizes:
+    """`numels`: the frozen models' `ModelSize`s by name (None: the trained model's)."""
     total, trainable = count_parameters(model)
     frozen = {name: (size.parameters if size is not None else total) for name, size in numels.items()}
     return Sizes(total, trainable, count_parameters(critic)[0] if critic is not None else 0, frozen,
-                 Geometry.of(model.config))
+                 layer_inputs_per_token)
 
 
-def step_seconds(config, stage: str, world_size: int, sizes: Sizes) -> dict:
+def step_seconds(config, stage: str, world_size: int, sizes: Sizes, workload) -> dict:
     """Seconds per optimizer step on one rank by the cost model (the module's docstring), per component
-    and in all (`total`)."""
+    and in all (`total`); `workload` is the plan's (pipeline.plan.workload_of) for `config`."""
     spec, engine = STAGES[stage], config.engine
     a = 2 if engine.precision in ("bf16", "fp16") else 4
     plan = batch_plan(config, world_size)
     micro = plan.gradient_accumulation_steps
-    workload = workload_of(config, stage)
     tokens = workload.rows * workload.seq_len
     share = (world_size - 1) / world_size
     section = getattr(config, spec.section) if spec.section else None
@@ -145,8 +145,7 @@ def step_seconds(config, stage: str, world_size: int, sizes: Sizes) -> dict:
         recompute = 4 / 3 if workload.gradient_checkpointing else 1
         cost["compute"] += micro * 6 * parameters * (tokens + MICRO_BATCH_OVERHEAD_TOKENS) * recompute / DEVICE_FLOPS
         if workload.offload_activations:
-            moved = offloaded_activation_bytes(sizes.geometry, workload.rows, workload.seq_len, a)
-            cost["activation_offload"] += micro * 2 * moved / HOST_LINK_BYTES_PER_S
+            cost["activation_offload"] += micro * 2 * sizes.layer_inputs_per_token * tokens / HOST_LINK_BYTES_PER_S
         gradients, weights = a * trainable, a * parameters
         traffic = {0: 2 * gradients, 1: 2 * gradients, 2: (micro + 1) * gradients,
                    3: micro * (2 * weights + gradients)}[engine.zero_stage]
@@ -239,108 +238,22 @@ def with_setting(config, key: str, value):
     return dataclasses.replace(config, **{head: with_setting(getattr(config, head), rest, value) if rest else value})
 
 
-def search(path: str, world_size: int, gpu_memory_gib: float, headroom: float, overrides=()) -> Fit:
-    """Every combination of the settings in `SEARCH` on the config at `path` (with `overrides`), planned at
-    `world_size` ranks. The models are built once: no searched setting changes them.
-
-    Raises:
-        ConfigError, ModelLoadError: the config (with `overrides`) does not load.
-        EngineConfigError: its global batch does not divide over `world_size` ranks.
-    """
-    stage = _stage_in_file(path)
-    config = load_config(config_class(stage), path, list(overrides))
-    model, critic = build_meta_model(config, stage), build_meta_critic(config) if STAGES[stage].critic else None
-    numels = frozen_numels(config, stage)
-    sizes = sizes_of(model, critic, numels)
-    precision = config.engine.precision
-    states = {state_key(row): row for row in model_state_rows(model, [world_size], precision)}
-    critic_states = {} if critic is None else {state_key(row): row
-                                               for row in model_state_rows(critic, [world_size], precision)}
-    usable = (1 - headroom) * gpu_memory_gib * GIB
-    choices = [setting(config, stage, world_size) for setting in SEARCH.values()]
-    tried, refused = [], 0
-    for combination in itertools.product(*choices):
-        settings = {key: value for choice in combination for key, value in choice.items()}
+def combinations(config, stage: str, world_size: int) -> tuple:
+    """([(the searched settings' values, `config` with them)] for every combination the config layer
+    accepts, how many it refused): each checked by the config's own `problems()`, as `load_config` checks
+    a run's."""
+    accepted, refused = [], 0
+    for choices in itertools.product(*(setting(config, stage, world_size) for setting in SEARCH.values())):
+        settings = {key: value for choice in choices for key, value in choice.items()}
         candidate = config
         for key, value in settings.items():
             candidate = with_setting(candidate, key, value)
-        if candidate.problems():  # the config layer's own checks, as `load_config` runs them
+        if candidate.problems():
             refused += 1
-            continue
-        key = (candidate.optim.name, candidate.engine.zero_stage, world_size)
-        row = on_gpu(planned_row(states[key], model, workload_of(candidate, stage, numels), precision, critic,
-                                 critic_states.get(key)), gpu_memory_gib)
-        changes = {key: value for key, value in settings.items() if setting_value(config, key) != value}
-        tried.append(Tried(settings, changes, row, step_seconds(candidate, stage, world_size, sizes),
-                           row["total_bytes"] <= usable))
-    return Fit(path, stage, config, world_size, gpu_memory_gib, headroom, tried, refused)
+        else:
+            accepted.append((settings, candidate))
+    return accepted, refused
 
 
 def override_text(values: dict) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
-
-
-def fit_main(args) -> int:
-    """`plan --fit`: prints the fastest fitting combination, its overrides and plan (with --json, the
-    search as JSON), writes it as a config file with --write; 1 when nothing fits.
-
-    Raises:
-        ConfigError, ModelLoadError, EngineConfigError: as `search`.
-    """
-    fit = search(args.config, args.world_size, args.gpu_memory, args.headroom, args.overrides)
-    chosen = fit.chosen
-    if args.json:
-        print(json.dumps(fit.as_json(), indent=1))
-    if chosen is None:
-        smallest = fit.smallest
-        print(f"error: {args.config}: no combination of the searched settings fits {fit.budget}; the smallest peak "
-              f"found is {smallest.row['total_bytes'] / GIB:.1f} GiB ({override_text(smallest.changes)})",
-              file=sys.stderr)
-        return 1
-    if args.write:
-        write_config(fit, args.overrides, args.write)
-    if not args.json:
-        print(fit_report(fit))
-    return 0
-
-
-def fit_report(fit: Fit) -> str:
-    chosen, given = fit.chosen, fit.given
-    as_given = ("the config as given is not among them" if given is None else
-                f"the config as given: {given.cost['total']:.2f} s, peak {given.row['total_bytes'] / GIB:.1f} GiB"
-                f"{'' if given.fits else ', does not fit'}")
-    parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in chosen.cost.items()
-                      if name != "total" and seconds)
-    return "\n".join([
-        f"{fit.path}: {len(fit.tried)} combinations planned ({fit.refused} more refused by the config's checks), "
-        f"{sum(c.fits for c in fit.tried)} fit {fit.budget}",
-        f"fastest that fits: {chosen.cost['total']:.2f} s per optimizer step by the cost model ({parts}; "
-        f"a model, not a measurement), peak {chosen.row['total_bytes'] / GIB:.1f} GiB; {as_given}",
-        f"overrides: {override_text(chosen.changes) or '(none: the config as given)'}",
-        format_table([chosen.row])])
-
-
-def write_config(fit: Fit, overrides, path: str) -> None:
-    """The chosen configuration, resolved, as a config file a run reads."""
-    chosen = fit.chosen
-    fitted = load_config(type(fit.config), fit.path, [*overrides, *override_text(chosen.settings).split()])
-    header = (f"# {fit.path} fitted to {fit.budget} by `python -m pipeline.plan --fit`: peak "
-              f"{chosen.row['total_bytes'] / GIB:.1f} GiB, {chosen.cost['total']:.2f} s per step by its cost model\n")
-    Path(path).write_text(header + yaml.safe_dump(to_dict(fitted), sort_keys=False), encoding="utf-8")
-
-
-def fit_markdown(fits: list) -> str:
-    """A markdown table of searches (`Fit`s), one row each (docs/memory_fit.md)."""
-    lines = ["| config | ranks | as given: peak GiB, s per step | chosen: changes | peak GiB | s per step |",
-             "|---|---|---|---|---|---|"]
-    for fit in fits:
-        given, chosen = fit.given, fit.chosen
-        cells = [Path(fit.path).stem, str(fit.world_size),
-                 f"{given.row['total_bytes'] / GIB:.1f}{'' if given.fits else ' (no)'}, {given.cost['total']:.1f}"]
-        if chosen is None:
-            cells += [f"nothing fits; smallest {fit.smallest.row['total_bytes'] / GIB:.1f} GiB", "-", "-"]
-        else:
-            cells += [" ".join(f"`{part}`" for part in override_text(chosen.changes).split()) or "none",
-                      f"{chosen.row['total_bytes'] / GIB:.1f}", f"{chosen.cost['total']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -49,10 +49,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, to_dict
 from .engine import (MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE, PARAM_PERSISTENCE_THRESHOLD, PREFETCH_BUCKET_ELEMENTS,
-                     SUB_GROUP_ELEMENTS, reduce_bucket_elements)
+                     SUB_GROUP_ELEMENTS, EngineConfigError, reduce_bucket_elements)
+from .fit import Fit, Tried, combinations, override_text, setting_value, sizes_of, step_seconds
 from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, load_causal_lm
 from .optim import OPTIMIZERS, planned_state_bytes
 from .stages import STAGES, stage_named
@@ -805,11 +807,88 @@ def main(argv=None) -> int:
     return 0
 
 
-def fit_command(parser, args, world_sizes: list) -> int:
-    """`--fit`: arguments checked, then pipeline.fit; a config that does not load is reported, not raised."""
-    from .engine import EngineConfigError
-    from .fit import fit_main, fit_markdown, search
+# ---- fitting a budget: pipeline.fit's search, planned ----------------------------------------------
 
+def search(path: str, world_size: int, gpu_memory_gib: float, headroom: float, overrides=()) -> Fit:
+    """Every combination of pipeline.fit's settings on the config at `path` (with `overrides`) the config
+    layer accepts, planned at `world_size` ranks on GPUs of `gpu_memory_gib` and costed. The models are
+    built once: no searched setting changes them.
+
+    Raises:
+        ConfigError, ModelLoadError: the config (with `overrides`) does not load.
+        EngineConfigError: its global batch does not divide over `world_size` ranks.
+    """
+    stage = _stage_in_file(path)
+    config = load_config(config_class(stage), path, list(overrides))
+    model, critic = build_meta_model(config, stage), build_meta_critic(config) if STAGES[stage].critic else None
+    numels, precision = frozen_numels(config, stage), config.engine.precision
+    a = 2 if precision in ("bf16", "fp16") else 4
+    sizes = sizes_of(model, critic, numels, offloaded_activation_bytes(Geometry.of(model.config), 1, 1, a))
+    states = {state_key(row): row for row in model_state_rows(model, [world_size], precision)}
+    critic_states = {} if critic is None else {state_key(row): row
+                                               for row in model_state_rows(critic, [world_size], precision)}
+    accepted, refused = combinations(config, stage, world_size)
+    tried = []
+    for settings, candidate in accepted:
+        key = (candidate.optim.name, candidate.engine.zero_stage, world_size)
+        workload = workload_of(candidate, stage, numels)
+        row = on_gpu(planned_row(states[key], model, workload, precision, critic, critic_states.get(key)),
+                     gpu_memory_gib)
+        changes = {key: value for key, value in settings.items() if setting_value(config, key) != value}
+        tried.append(Tried(settings, changes, row, step_seconds(candidate, stage, world_size, sizes, workload),
+                           row["total_bytes"] <= (1 - headroom) * gpu_memory_gib * GIB))
+    return Fit(path, stage, config, world_size, gpu_memory_gib, headroom, tried, refused)
+
+
+def fit_report(fit: Fit) -> str:
+    """The chosen combination: the search's size, its cost and peak against the config's own, the
+    overrides that differ from the config, and its plan."""
+    chosen, given = fit.chosen, fit.given
+    as_given = ("the config as given is not among them" if given is None else
+                f"the config as given: {given.cost['total']:.2f} s, peak {given.row['total_bytes'] / GIB:.1f} GiB"
+                f"{'' if given.fits else ', does not fit'}")
+    parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in chosen.cost.items()
+                      if name != "total" and seconds)
+    return "\n".join([
+        f"{fit.path}: {len(fit.tried)} combinations planned ({fit.refused} more refused by the config's checks), "
+        f"{sum(c.fits for c in fit.tried)} fit {fit.budget}",
+        f"fastest that fits: {chosen.cost['total']:.2f} s per optimizer step by the cost model ({parts}; "
+        f"a model, not a measurement), peak {chosen.row['total_bytes'] / GIB:.1f} GiB; {as_given}",
+        f"overrides: {override_text(chosen.changes) or '(none: the config as given)'}",
+        format_table([chosen.row])])
+
+
+def write_fitted_config(fit: Fit, overrides, path: str) -> None:
+    """The chosen configuration, resolved, as a config file a run reads."""
+    chosen = fit.chosen
+    fitted = load_config(type(fit.config), fit.path, [*overrides, *override_text(chosen.settings).split()])
+    header = (f"# {fit.path} fitted to {fit.budget} by `python -m pipeline.plan --fit`: peak "
+              f"{chosen.row['total_bytes'] / GIB:.1f} GiB, {chosen.cost['total']:.2f} s per step by its cost model\n")
+    Path(path).write_text(header + yaml.safe_dump(to_dict(fitted), sort_keys=False), encoding="utf-8")
+
+
+def fit_markdown(fits: list) -> str:
+    """A markdown table of searches (`Fit`s), one row each (docs/memory_fit.md)."""
+    lines = ["| config | ranks | as given: peak GiB, s per step | chosen: changes | peak GiB | s per step |",
+             "|---|---|---|---|---|---|"]
+    for fit in fits:
+        given, chosen = fit.given, fit.chosen
+        cells = [Path(fit.path).stem, str(fit.world_size),
+                 f"{given.row['total_bytes'] / GIB:.1f}{'' if given.fits else ' (no)'}, {given.cost['total']:.1f}"]
+        if chosen is None:
+            cells += [f"nothing fits; smallest {fit.smallest.row['total_bytes'] / GIB:.1f} GiB", "-", "-"]
+        else:
+            cells += [" ".join(f"`{part}`" for part in override_text(chosen.changes).split()) or "none",
+                      f"{chosen.row['total_bytes'] / GIB:.1f}", f"{chosen.cost['total']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fit_command(parser, args, world_sizes: list) -> int:
+    """`--fit`: prints the fastest fitting combination, its overrides and plan (with --json, the search as
+    JSON; with --markdown DIR, a table of every config there at each of --world-sizes), writes it as a
+    config file with --write. 1 when nothing fits, naming the budget and the smallest peak found; 2 when
+    the config does not load."""
     if not ((args.config and args.world_size or args.markdown) and args.gpu_memory):
         parser.error("--fit needs --config FILE and --world-size N (or --markdown DIR and --world-sizes), and "
                      "--gpu-memory GIB")
@@ -821,10 +900,23 @@ def fit_command(parser, args, world_sizes: list) -> int:
             print(fit_markdown([search(str(path), world_size, args.gpu_memory, args.headroom)
                                 for path in sorted(Path(args.markdown).glob("*.yaml")) for world_size in world_sizes]))
             return 0
-        return fit_main(args)
+        fit = search(args.config, args.world_size, args.gpu_memory, args.headroom, args.overrides)
     except (ConfigError, ModelLoadError, EngineConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    chosen = fit.chosen
+    if args.json:
+        print(json.dumps(fit.as_json(), indent=1))
+    if chosen is None:
+        print(f"error: {args.config}: no combination of the searched settings fits {fit.budget}; the smallest peak "
+              f"found is {fit.smallest.row['total_bytes'] / GIB:.1f} GiB ({override_text(fit.smallest.changes)})",
+              file=sys.stderr)
+        return 1
+    if args.write:
+        write_fitted_config(fit, args.overrides, args.write)
+    if not args.json:
+        print(fit_report(fit))
+    return 0
 
 
 if __name__ == "__main__":

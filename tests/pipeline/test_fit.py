@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.fit import (HOST_LINK_BYTES_PER_S, HOST_STEP_ELEMENTS_PER_S, INTERCONNECT_BYTES_PER_S, fit_markdown,
-                          search, sizes_of, step_seconds)
-from pipeline.plan import GIB, build_meta_model, config_class, main
+from pipeline.fit import HOST_LINK_BYTES_PER_S, HOST_STEP_ELEMENTS_PER_S, INTERCONNECT_BYTES_PER_S, sizes_of, step_seconds
+from pipeline.plan import GIB, build_meta_model, config_class, fit_markdown, main, search, workload_of
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs/llama2-7b").glob("*.yaml"))
@@ -111,7 +110,8 @@ def test_cost_model_terms_by_hand():
 
     def cost(*overrides):
         config = load_config(config_class("sft"), path, [*base, *overrides])
-        return step_seconds(config, "sft", 2, sizes_of(build_meta_model(config, "sft"), None, {}))
+        sizes = sizes_of(build_meta_model(config, "sft"), None, {}, 32 * 4096 * 2)  # every layer's bf16 input
+        return step_seconds(config, "sft", 2, sizes, workload_of(config, "sft"))
 
     plain, checkpointed = cost("model.gradient_checkpointing=false"), cost()
     assert checkpointed["compute"] / plain["compute"] == pytest.approx(4 / 3)
