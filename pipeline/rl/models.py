@@ -98,7 +98,7 @@ def build_critic(config, init: str, reward_model_path: str, lr: Optional[float],
         else:
             critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
     if init == "reward" and model_config.gradient_checkpointing:
-        enable_gradient_checkpointing(critic.backbone)
+        enable_gradient_checkpointing(critic.backbone, model_config.offload_activations)
     return create_engine(critic_config, critic, total_steps)
 
 
