@@ -13,7 +13,7 @@ seeds), and each final policy's gold reward against its reward-model score. Rewa
 over-optimisation shows as policies the reward model scores above the gold-trained ones whose gold
 reward is no higher, or lower.
 
-    python -m benchmarks.compare_rewards [--sft DIR] [--reward DIR] [--seeds 0,1,2] [--max-steps 40]
+    python -m benchmarks.compare_rewards [--sft DIR] [--reward DIR] [--seeds 0,1,2] [--max-steps 30]
         [--keep DIR] [--table PATH] [--figure PATH] [--json PATH]
 
 Without `--sft` and `--reward` the demo's SFT and reward models are trained first, as
@@ -163,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sft", type=Path, help="the demo's SFT export (default: trained here first)")
     parser.add_argument("--reward", type=Path, help="the demo's reward export (default: trained here first)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
-    parser.add_argument("--max-steps", type=int, default=40, help="GRPO steps per run (default 40; the config's 60)")
+    parser.add_argument("--max-steps", type=int, default=30, help="GRPO steps per run (default 30; the config's 60)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep models, run dirs and logs here")
     parser.add_argument("--table", type=Path, metavar="PATH", help="also write the table (markdown) here")
     parser.add_argument("--figure", type=Path, metavar="PATH", default=Path("compare_rewards.png"),
