@@ -66,6 +66,9 @@ class ModelConfig:
     # LM head runs chunk by chunk, recomputed in the backward); 0: the whole batch's logits at once.
     logits_chunk: int = LOGITS_CHUNK
     trust_remote_code: bool = False
+    # With gradient checkpointing: the checkpointed layer inputs wait in host memory (pinned on GPU)
+    # between the forward and the backward instead of on the device; copied out and back once each.
+    offload_activations: bool = False
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
@@ -247,6 +250,9 @@ def common_problems(config: RunConfig) -> list:
         problems.append(f"`model.dtype` is {model_dtype} with `engine.precision` fp32: the engine would train "
                         f"{model_dtype} weights with no fp32 master copy; set engine.precision={model_dtype} "
                         "or leave `model.dtype` unset")
+    if config.model.offload_activations and not config.model.gradient_checkpointing:
+        problems.append("`model.offload_activations` is true with `model.gradient_checkpointing` false; what it "
+                        "offloads are the checkpointed layer inputs: set model.gradient_checkpointing=true")
     if config.model.architecture is not None and config.model.config is not None:
         problems.append("`model.architecture` is set with `model.config`, which gives the architecture itself; "
                         "drop one of them")

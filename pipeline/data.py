@@ -21,8 +21,9 @@ Formats (`data.format`), the rows each reads (first match wins) and the columns 
              | HH transcripts sharing a prefix | prompt + chosen + rejected text
              -> chosen_input_ids, rejected_input_ids, prompt_length
     prompt   prompt list | prompt text next to a conversation (a user turn) | messages or chosen minus the
-             last reply | HH transcript up to its last assistant turn | prompt text
-             -> prompt_input_ids, prompt
+             last reply | HH transcript up to its last assistant turn | question or problem text (GSM8K,
+             MATH: a user turn) | prompt text
+             -> prompt_input_ids, prompt, columns (the row's other scalar fields as JSON), source
 
 (`prompt` is the text as given, or as rendered by the chat template, even where its ids were cut.)
 Conversations are rendered with `data.chat_template` or the tokenizer's own (`pipeline.chat_templates`).
@@ -375,6 +376,7 @@ class _Texts:
     prompt: str
     answers: tuple  # pairwise: (chosen, rejected); prompt: ()
     chat: bool      # rendered by a chat template, which writes its own special tokens
+    columns: Optional[dict] = None  # prompt rows: the row's other scalar fields, for the reward functions
 
 
 @dataclasses.dataclass
@@ -555,6 +557,14 @@ def _pairwise_texts(values: dict, tokenizer) -> _Texts:
 
 
 def _prompt_texts(values: dict, tokenizer) -> _Texts:
+    """The generation prompt, and the row's other scalar fields (a math problem's reference answer, ...)
+    carried to the reward functions; lists (conversations) are not carried."""
+    carried = {name: value for name, value in values.items()
+               if name != "prompt" and (value is None or isinstance(value, (str, int, float, bool)))}
+    return dataclasses.replace(_prompt_text(values, tokenizer), columns=carried)
+
+
+def _prompt_text(values: dict, tokenizer) -> _Texts:
     prompt = values.get("prompt")
     if isinstance(prompt, list):
         return _Texts(_render({"prompt": _messages(values, "prompt")}, tokenizer)["prompt"], (), chat=True)
@@ -571,9 +581,14 @@ def _prompt_texts(values: dict, tokenizer) -> _Texts:
         return _Texts(_render({"prompt": messages}, tokenizer)["prompt"], (), chat=True)
     if prompt is None and values.get("chosen") is not None:
         return _Texts(_hh_chosen(values)[0], (), chat=False)
+    question = next((field for field in QUESTION_FIELDS if values.get(field) is not None), None)
+    if prompt is None and question is not None:  # math problems: asked as a user turn
+        messages = [{"role": "user", "content": _text(values, question)}]
+        return _Texts(_render({"prompt": messages}, tokenizer)["prompt"], (), chat=True)
     return _Texts(_text(values, "prompt"), (), chat=False)
 
 
+QUESTION_FIELDS = ("question", "problem")  # openai/gsm8k; MATH (hendrycks, lighteval, MATH-500)
 _TEXTS = {"sft": _sft_texts, "chat": _chat_texts, "pairwise": _pairwise_texts, "prompt": _prompt_texts}
 _ANSWER_NAMES = {"pairwise": ("chosen", "rejected"), "prompt": ()}
 
@@ -623,7 +638,8 @@ def _fit(prompt_ids: list, answers: list, names: tuple, config: DataConfig) -> t
 
 def _columns(fmt: str, texts: _Texts, prompt_ids: list, answers: list) -> dict:
     if fmt == "prompt":
-        return {"prompt_input_ids": prompt_ids, "prompt": texts.prompt}
+        return {"prompt_input_ids": prompt_ids, "prompt": texts.prompt,
+                "columns": json.dumps(texts.columns, ensure_ascii=False)}
     if not all(answers):
         raise _BadRow("no room for the answers after the prompt")
     return {"chosen_input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1],
@@ -751,6 +767,8 @@ def _build(source: _Source, fmt: str, tokenizer, config: DataConfig) -> tuple:
             continue
         for name, value in outcome.items():
             columns.setdefault(name, []).append(value)
+        if fmt == "prompt":  # where a prompt came from, for messages about its responses
+            columns.setdefault("source", []).append(f"{row.file} row {row.number}")
     report.kept_rows = len(rows) - sum(len(numbers) for numbers in report.skipped.values())
     if report.kept_rows == 0:
         raise DataError(f"no usable rows: {report.summary()}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from typing import Callable, Optional
 
@@ -85,10 +86,13 @@ def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optiona
 
 
 def collate_with_prompts(rows: list, pad_token_id: int) -> dict:
-    """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward, and
-    each prompt's row in its set (`row_id`) where the rows carry it."""
+    """`collate_prompts` (left-padded ids and mask) plus the prompt texts, for the gold reward and the
+    reward functions, with each row's other fields (`columns`, dicts), where it came from (`source`) and
+    its row in its set (`row_id`) where the rows carry it."""
     batch = collate_prompts(rows, pad_token_id)
     batch["prompt"] = [row["prompt"] for row in rows]
+    batch["columns"] = [json.loads(row["columns"]) if row.get("columns") else {} for row in rows]
+    batch["source"] = [row.get("source") or "a prompt row" for row in rows]
     if rows and "row_id" in rows[0]:
         batch["row_id"] = [row["row_id"] for row in rows]
     return batch
@@ -153,17 +157,23 @@ class Responses:
     sequences: torch.Tensor       # (B, P + T) prompt then response
     attention_mask: torch.Tensor  # (B, P + T) 1 on the real prompt and response tokens
     mask: torch.Tensor            # (B, T) response tokens (up to and including the first eos)
-    reward: torch.Tensor          # (B,) reward model score
+    reward: torch.Tensor          # (B,) reward model score, plus the reward functions' where there are any
     sampler_logprobs: Optional[torch.Tensor] = None  # (B, T) the rollout engine's, where it gives them (vLLM)
+    # Each reward function's own values, name -> (B,), NaN where it left a response unscored.
+    function_rewards: dict = dataclasses.field(default_factory=dict)
+    decoded: Optional[list] = dataclasses.field(default=None, repr=False)  # `texts`, once decoded
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
 
     def texts(self, tokenizer) -> list:
-        responses = self.sequences[:, -self.mask.shape[1]:]  # (B, T)
-        return [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
-                for row, keep in zip(responses, self.mask)]
+        """The responses' text (special tokens dropped), decoded on the first call only."""
+        if self.decoded is None:
+            responses = self.sequences[:, -self.mask.shape[1]:]  # (B, T)
+            self.decoded = [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
+                            for row, keep in zip(responses, self.mask)]
+        return self.decoded
 
 
 def generate_responses(module, batch: dict, generation_config, tokenizer) -> tuple:
@@ -193,7 +203,11 @@ def scored(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, 
            eos_token_id: int, missing_eos_penalty: Optional[float] = None,
            sampler_logprobs: Optional[torch.Tensor] = None) -> Responses:
     """Responses with their reward. Tokens after the first eos are masked out, so the score is read
-    at the eos (or at the last token of a response cut by the length limit, then penalised)."""
-    reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
+    at the eos (or at the last token of a response cut by the length limit, then penalised). Without a
+    reward model (reward functions alone) the score is 0, less the penalty."""
+    if reward_model is None:
+        reward = torch.zeros(sequences.shape[0], device=sequences.device)
+    else:
+        reward = reward_model(input_ids=sequences, attention_mask=attention_mask).float()
     reward = missing_eos_penalized(reward, sequences[:, -mask.shape[1]:], mask, eos_token_id, missing_eos_penalty)
     return Responses(sequences, attention_mask, mask, reward=reward, sampler_logprobs=sampler_logprobs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -134,7 +135,7 @@ def load_causal_lm(config: ModelConfig, *, dtype: Optional[torch.dtype] = None, 
     if device not in (None, "meta"):
         model.to(device)
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, config.offload_activations)
     return model
 
 
@@ -276,15 +277,37 @@ def _from_pretrained(auto_class, directory: Path, field: str, **kwargs):
     return _rope_buffers_in_fp32(model)
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute activations in the backward; the KV cache is useless then, so it is turned off."""
+def enable_gradient_checkpointing(model: PreTrainedModel, offload: bool = False) -> None:
+    """Recompute activations in the backward; the KV cache is useless then, so it is turned off.
+    With `offload` (`model.offload_activations`) each checkpointed layer's input waits for its backward
+    in host memory (`checkpoint_in_host_memory`)."""
     # Non-reentrant checkpointing keeps gradients flowing when the embeddings are frozen (LoRA).
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        # transformers' own `offload=True` asks for pinned memory even where there is no accelerator, and
+        # fails there. Its layers call `_gradient_checkpointing_func`, the hook its
+        # GradientCheckpointingLayer documents for a checkpointing function of one's own.
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module._gradient_checkpointing_func = functools.partial(checkpoint_in_host_memory,
+                                                                        module._gradient_checkpointing_func)
     model.config.use_cache = False
+
+
+def checkpoint_in_host_memory(checkpoint, function, *args, **kwargs):
+    """`checkpoint(function, *args, **kwargs)` with what it saves for the backward copied to host memory.
+
+    A non-reentrant checkpoint saves the layer's positional inputs (the hidden states: transformers binds
+    the mask and RoPE tables into `function`) under the saved-tensor hooks active around the call, so those
+    are what goes to the host; inside the layer its own hooks keep only placeholders. The backward copies
+    each input back for its layer's recompute. Pinned where CUDA is (the copies run asynchronously on the
+    compute stream); elsewhere a plain memory-to-memory copy. A copy: loss and gradients are unchanged."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return checkpoint(function, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m pipeline.plan --config FILE [--world-sizes 1,2,8] [--gpu-memory 80] [--json] [--cpu] [key.sub=value ...]
     python -m pipeline.plan --markdown configs/llama2-7b --world-sizes 2,8 --gpu-memory 80   # the README's table
+    python -m pipeline.plan --config FILE --fit --world-size N --gpu-memory GIB   # pipeline.fit: the fastest that fits
 
 The model is built on the meta device from its config.json (no weights are read); the stage (SFT,
 reward, DPO, ReMax) is read from the config, and the reward stage is planned as a reward model.
@@ -26,7 +27,7 @@ layer), and on top, per rank:
                   reduce bucket held from the first backward on; on CPU ranks gloo's copy of each
                   all-gather and reduce-scatter (`--cpu`)
   optimizer step  the step's temporaries (ZeRO's flattened gradient partition)
-  frozen models   reference policy and reward model weights (ReMax, DPO)
+  frozen models   reference policy and reward model weights (where the run has a reward model)
   critic          PPO: a second trained model (weights, gradients, optimizer state); its forward,
                   backward and step run while the actor's activations are alive
   generation      ReMax: KV cache and, at ZeRO-3, the actor gathered whole for `generate`
@@ -41,22 +42,44 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
+import weakref
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, to_dict
 from .engine import (MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE, PARAM_PERSISTENCE_THRESHOLD, PREFETCH_BUCKET_ELEMENTS,
-                     SUB_GROUP_ELEMENTS, reduce_bucket_elements)
+                     SUB_GROUP_ELEMENTS, EngineConfigError, reduce_bucket_elements)
+from .fit import Fit, Tried, combinations, override_text, setting_value, sizes_of, step_seconds
 from .models import ModelLoadError, RewardModel, apply_lora, count_parameters, load_causal_lm
 from .optim import OPTIMIZERS, planned_state_bytes
 from .stages import STAGES, stage_named
 
 GIB = 2**30
+
+
+def per_model(function):
+    """Memoizes `function(model, *args)` per model (held weakly) and arguments: a plan reads the same
+    model's parameters many times (pipeline.fit plans hundreds of workloads on one), and the models it
+    plans are built for it on the meta device and not changed after."""
+    cache = weakref.WeakKeyDictionary()
+
+    @functools.wraps(function)
+    def memoized(model, *args, **kwargs):
+        results = cache.setdefault(model, {})
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in results:
+            results[key] = function(model, *args, **kwargs)
+        return results[key]
+    return memoized
+
+
 def build_meta_model(config: RunConfig, stage: str = "sft"):
     """The run's trained model (LoRA applied) on the meta device: only config.json is read. The reward
     stage trains a reward model (backbone + v_head, no LM head)."""
@@ -65,7 +88,8 @@ def build_meta_model(config: RunConfig, stage: str = "sft"):
     else:
         model = load_causal_lm(config.model, device="meta")
     if config.model.lora.enabled:
-        model = apply_lora(model, config.model.lora)
+        with torch.device("meta"):  # the adapters too: initialising them on the CPU takes seconds at 7B
+            model = apply_lora(model, config.model.lora)
     return model
 
 
@@ -98,12 +122,14 @@ def largest_layer_numel(model) -> int:
 
 # ---- what ZeRO-3 holds whole --------------------------------------------------------------------
 
+@per_model
 def persistent_numel(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
     """Elements of the parameters ZeRO-3 never partitions (`stage3_param_persistence_threshold`: at most
     `threshold` elements each). Every rank holds them whole, next to its own shard of them."""
     return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
 
 
+@per_model
 def parameter_modules(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> list:
     """(name, elements, partitioned elements) of each module that holds parameters itself, in registration
     order: the forward order ZeRO-3 traces, for decoder stacks."""
@@ -115,6 +141,7 @@ def parameter_modules(model, threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> li
     return modules
 
 
+@per_model
 def zero3_gathered_numel(model, checkpointing: bool, reuse_distance: int = MAX_REUSE_DISTANCE,
                          prefetch: int = min(PREFETCH_BUCKET_ELEMENTS, MAX_LIVE_PARAMETERS),
                          threshold: int = PARAM_PERSISTENCE_THRESHOLD) -> int:
@@ -218,6 +245,8 @@ class Workload:
     # GPUs without `kv_cache_gib` the share of the GPU it takes in all (`gpu_memory_utilization`)
     vllm_kv_bytes: Optional[int] = None
     vllm_gpu_share: float = 0.0
+    offload_activations: bool = False  # model.offload_activations (with checkpointing): layer inputs on the host
+    offload_optimizer: bool = False    # engine.offload_optimizer: optimizer state, fp32 gradients and step on the host
 
 
 def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: bool = False) -> Workload:
@@ -227,6 +256,8 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
     spec = STAGES[stage]
     batch, length = config.engine.micro_batch_size, config.data.max_length
     checkpointing = config.model.gradient_checkpointing
+    offloads = dict(offload_activations=checkpointing and config.model.offload_activations,
+                    offload_optimizer=config.engine.offload_optimizer)
     frozen_numels = frozen_numels or {}
     section = getattr(config, spec.section) if spec.section else None
     frozen = []
@@ -235,8 +266,9 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
         frozen.append(("reference", frozen_numels.get("reference"), section.ref_zero_stage == 3,
                        section.ref_offload))
     if spec.samples:
-        frozen.append(("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3,
-                       section.reward_offload))
+        if section.reward_model_path is not None:  # reward functions alone hold no model
+            frozen.append(("reward", frozen_numels.get("reward"), section.reward_zero_stage == 3,
+                           section.reward_offload))
         prompt = config.data.max_prompt_length
         # ReMax: one sampled and one greedy response per prompt, generated in turn; RLOO, GRPO, PPO: k each.
         rows = batch * getattr(section, "num_samples", 1)
@@ -245,12 +277,12 @@ def workload_of(config, stage: str, frozen_numels: Optional[dict] = None, gloo: 
                         frozen=tuple(frozen), gloo=gloo,
                         vllm_kv_bytes=vllm_kv_bytes(config.rollout, gloo),
                         vllm_gpu_share=config.rollout.gpu_memory_utilization if vllm_kv_bytes(config.rollout, gloo)
-                        == 0 else 0.0)
+                        == 0 else 0.0, **offloads)
     rows = 2 * batch if spec.pairs else batch
     if config.data.packing:  # the micro-batch's packs, one sequence of at most their token budget
         rows, length = 1, batch * config.data.pack_tokens()
     return Workload(stage, rows, length, 0 if spec.trains_reward_model else length, checkpointing,
-                    config.model.logits_chunk, frozen=tuple(frozen), gloo=gloo)
+                    config.model.logits_chunk, frozen=tuple(frozen), gloo=gloo, **offloads)
 
 
 def vllm_kv_bytes(rollout, gloo: bool) -> Optional[int]:
@@ -322,6 +354,45 @@ def logits_bytes(rows: int, positions: int, vocab: int, a: int, *, training: boo
 
 def kv_cache_bytes(g: Geometry, rows: int, length: int, a: int) -> int:
     return 2 * g.layers * rows * length * g.kv_heads * g.head_dim * a
+
+
+# ---- host memory: what offload moves off the device ----------------------------------------------
+
+def offloaded_activation_bytes(g: Geometry, rows: int, seq_len: int, a: int) -> int:
+    """What `model.offload_activations` keeps in host memory per micro-batch: every checkpointed layer's
+    input (a x hidden per token; pipeline.models.checkpoint_in_host_memory). The backward copies one
+    back at a time, for the layer it rebuilds."""
+    return g.layers * a * g.hidden * rows * seq_len
+
+
+def optimizer_offload(model, stage: int, a: int, world_size: int, kept_grads, bucket,
+                      partition_in_bucket: bool) -> tuple:
+    """`engine.offload_optimizer` at ZeRO 1-3, as DeepSpeed 0.19 lays it out (stage_1_and_2.py, stage3.py):
+    fp32 master weights and optimizer state (the caller moves them), this rank's gradient partition (fp32;
+    ZeRO-3's 16-bit one too) and the step on the host; ZeRO-1 keeps its 16-bit gradients on the device
+    until they are reduced, and ZeRO-2 reduces straight into the host partition, so no 16-bit partition is
+    built on the device and the step casts nothing there. ZeRO 1-2 keep a device buffer of the largest
+    trainable parameter in 16 bits for the copies. Returns the device's (gradients kept, bucket in flight,
+    offload buffer) and the host's bytes besides master weights and state. Not held to measurement: on CPU
+    ranks host and device are one memory."""
+    trainable, largest = trainable_numels(model)
+    partition = trainable / world_size
+    host = 4 * partition + (a * partition if stage == 3 and a != 4 else 0)
+    if stage == 1:
+        kept_grads = kept_grads - (4 * partition if a != 4 else 0)
+    else:
+        kept_grads = 0
+    if partition_in_bucket:
+        bucket -= a * partition
+    buffer = a * largest if stage < 3 else 0
+    return kept_grads, bucket, buffer, host
+
+
+@per_model
+def trainable_numels(model) -> tuple:
+    """(elements trained, those of the largest trained parameter)."""
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    return sum(sizes), max(sizes)
 
 
 def model_state_rows(model, world_sizes, precision: str = "bf16") -> list:
@@ -402,6 +473,16 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         gather_copy = a * ModelSize.of(model).forward_gathered if w.gloo else 0
     else:
         step = 0
+    optimizer, host, offload_buffer = row["optimizer_bytes"], 0, 0
+    if w.offload_optimizer and stage >= 1:
+        kept_grads, bucket, offload_buffer, host = optimizer_offload(
+            model, stage, a, world_size, kept_grads, bucket, partition_in_bucket=stage == 2 and a == 2
+            and trainable > bucket_elements)
+        optimizer, host, step = 0, host + optimizer, 0
+    if w.offload_activations:
+        offloaded = offloaded_activation_bytes(g, w.rows, w.seq_len, a)
+        activations -= offloaded - offloaded // g.layers  # one layer's input is back for its recompute
+        host += offloaded
     deepspeed = int(bucket + gathered)
     frozen = 0
     frozen_live = 0
@@ -410,6 +491,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
         size = size or own
         if zero3:  # its shard (in CPU memory when offloaded), its small parameters whole, one module gathered
             frozen += (0 if offload else a * size.parameters / world_size) + a * size.persistent
+            host += a * size.parameters / world_size if offload else 0
             frozen_live = max(frozen_live, a * size.forward_gathered * (2 if w.gloo else 1))
         else:
             frozen += 0 if offload else a * size.parameters
@@ -433,7 +515,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
                                              chunk=w.logits_chunk, entropy=entropy)
     # gloo's copy of an all-gather is in flight while the forward fetches weights, before most activations exist.
     forward_backward = max(activations + logits, gather_copy) + deepspeed
-    kept = params + kept_grads + row["optimizer_bytes"] + bucket_kept
+    kept = params + kept_grads + optimizer + bucket_kept + offload_buffer
     peak = kept + frozen + vllm + max(forward_backward, generation, scoring, step, reduction)
     return dict(row, params_bytes=int(params), kept_bytes=int(kept), kept_grads_bytes=int(kept_grads),
                 activations_bytes=int(activations), logits_bytes=int(logits), deepspeed_bytes=deepspeed,
@@ -442,7 +524,7 @@ def add_workload(row: dict, model, workload: Workload, precision: str) -> dict:
                 frozen_bytes=int(frozen), vllm_bytes=int(vllm), vllm_gpu_share=w.vllm_gpu_share,
                 generation_bytes=int(generation),
                 scoring_bytes=int(scoring),
-                total_bytes=int(peak), stage=w.stage)
+                total_bytes=int(peak), stage=w.stage, optimizer_bytes=int(optimizer), host_bytes=int(host))
 
 
 def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Workload] = None,
@@ -453,14 +535,26 @@ def plan_rows(model, world_sizes, precision: str = "bf16", workload: Optional[Wo
     rows = model_state_rows(model, world_sizes, precision)
     if workload is None:
         return rows
-    rows = [add_workload(row, model, workload, precision) for row in rows]
-    if critic is not None:
-        critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
-                                   gloo=workload.gloo)
-        critic_rows = {(row["optimizer"], row["zero_stage"], row["world_size"]): add_workload(
-            row, critic, critic_workload, precision) for row in model_state_rows(critic, world_sizes, precision)}
-        rows = [add_critic(row, critic_rows[row["optimizer"], row["zero_stage"], row["world_size"]]) for row in rows]
-    return rows
+    critic_states = {} if critic is None else {state_key(row): row
+                                               for row in model_state_rows(critic, world_sizes, precision)}
+    return [planned_row(row, model, workload, precision, critic, critic_states.get(state_key(row))) for row in rows]
+
+
+def state_key(row: dict) -> tuple:
+    return row["optimizer"], row["zero_stage"], row["world_size"]
+
+
+def planned_row(state_row: dict, model, workload: Workload, precision: str, critic=None,
+                critic_state_row: Optional[dict] = None) -> dict:
+    """One row of model states (`model_state_rows`) with the workload, and PPO's critic (its own row of
+    model states under the same optimizer and ZeRO stage), added."""
+    row = add_workload(state_row, model, workload, precision)
+    if critic is None:
+        return row
+    critic_workload = Workload("reward", workload.rows, workload.seq_len, 0, workload.gradient_checkpointing,
+                               gloo=workload.gloo, offload_activations=workload.offload_activations,
+                               offload_optimizer=workload.offload_optimizer)
+    return add_critic(row, add_workload(critic_state_row, critic, critic_workload, precision))
 
 
 def add_critic(row: dict, critic: dict) -> dict:
@@ -476,6 +570,7 @@ def add_critic(row: dict, critic: dict) -> dict:
     phases = (forward_backward, row["generation_bytes"], row["scoring_bytes"], row["optimizer_step_bytes"],
               row["reduction_bytes"])
     return dict(row, kept_bytes=int(kept), critic_bytes=int(critic["kept_bytes"]), critic_phase_bytes=int(critic_phase),
+                host_bytes=row["host_bytes"] + critic["host_bytes"],
                 critic_parameters=critic["parameters"], total_bytes=int(kept + row["frozen_bytes"] + row["vllm_bytes"] + max(phases)))
 
 
@@ -483,7 +578,7 @@ def frozen_numels(config, stage: str) -> dict:
     """Sizes (`ModelSize`) of the frozen models, from their config.json where it exists (else the trained
     model's architecture is assumed)."""
     numels, spec = {}, STAGES[stage]
-    if spec.samples:
+    if spec.samples and getattr(config, stage).reward_model_path is not None:
         numels["reward"] = ModelSize.of(meta_reward_model(config, getattr(config, stage).reward_model_path))
     if spec.reference:
         numels["reference"] = ModelSize.of(load_causal_lm(base_model_config(config), device="meta"))
@@ -530,7 +625,7 @@ def dry_run_plan(config: RunConfig, world_size: int) -> str:
                        ("frozen_bytes", "frozen models"), ("vllm_bytes", "vLLM engine"),
                        ("generation_bytes", "generation"), ("scoring_bytes", "scoring"),
                        ("critic_bytes", "critic state"),
-                       ("critic_phase_bytes", "critic training")):
+                       ("critic_phase_bytes", "critic training"), ("host_bytes", "host (offloaded)")):
         if chosen.get(key) or key in ("activations_bytes", "deepspeed_bytes"):
             lines.append(f"  {label:<22}{chosen[key] / GIB:>12.2f} GiB")
     lines.append("  peak = weights + gradients kept + optimizer state + DeepSpeed buffers kept + frozen models "
@@ -572,6 +667,9 @@ def format_table(rows: list, gpu_memory_gib=None) -> str:
     if rows and "critic_bytes" in rows[0]:  # PPO: the critic's persistent state and its training phase
         header += ["critic GiB", "critic phase GiB"]
         keys += ["critic_bytes", "critic_phase_bytes"]
+    if any(row.get("host_bytes") for row in rows):  # offloaded: in host memory, not in the peak
+        header.append("host GiB")
+        keys.append("host_bytes")
     header.append("peak GiB")
     keys.append("total_bytes")
     if gpu_memory_gib:
@@ -695,6 +793,14 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="the stage to plan for (default: from the config: its remax/dpo section, pairwise data "
                              "for reward, else sft)")
+    fit = parser.add_argument_group("fitting a budget (pipeline.fit)")
+    fit.add_argument("--fit", action="store_true",
+                     help="search the settings that move memory for the fastest combination that fits --gpu-memory "
+                          "on --world-size ranks (by the plan and pipeline.fit's cost model)")
+    fit.add_argument("--world-size", type=int, help="--fit: the rank count")
+    fit.add_argument("--headroom", type=float, default=0.1,
+                     help="--fit: the share of --gpu-memory kept free for what the plan does not count (default 0.1)")
+    fit.add_argument("--write", metavar="FILE", help="--fit: also write the chosen configuration as a config file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -703,6 +809,8 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--world-sizes is {args.world_sizes!r}; give positive integers such as 1,2,8")
+    if args.fit:
+        return fit_command(parser, args, world_sizes)
     if not args.config and not (args.markdown and args.gpu_memory):
         parser.error("give --config FILE, or --markdown DIR with --gpu-memory GIB")
     try:
@@ -714,6 +822,118 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.gpu_memory))
+    return 0
+
+
+# ---- fitting a budget: pipeline.fit's search, planned ----------------------------------------------
+
+def search(path: str, world_size: int, gpu_memory_gib: float, headroom: float, overrides=()) -> Fit:
+    """Every combination of pipeline.fit's settings on the config at `path` (with `overrides`) the config
+    layer accepts, planned at `world_size` ranks on GPUs of `gpu_memory_gib` and costed. The models are
+    built once: no searched setting changes them.
+
+    Raises:
+        ConfigError, ModelLoadError: the config (with `overrides`) does not load.
+        EngineConfigError: its global batch does not divide over `world_size` ranks.
+    """
+    stage = _stage_in_file(path)
+    config = load_config(config_class(stage), path, list(overrides))
+    model, critic = build_meta_model(config, stage), build_meta_critic(config) if STAGES[stage].critic else None
+    numels, precision = frozen_numels(config, stage), config.engine.precision
+    a = 2 if precision in ("bf16", "fp16") else 4
+    sizes = sizes_of(model, critic, numels, offloaded_activation_bytes(Geometry.of(model.config), 1, 1, a))
+    states = {state_key(row): row for row in model_state_rows(model, [world_size], precision)}
+    critic_states = {} if critic is None else {state_key(row): row
+                                               for row in model_state_rows(critic, [world_size], precision)}
+    accepted, refused = combinations(config, stage, world_size)
+    tried = []
+    for settings, candidate in accepted:
+        key = (candidate.optim.name, candidate.engine.zero_stage, world_size)
+        workload = workload_of(candidate, stage, numels)
+        row = on_gpu(planned_row(states[key], model, workload, precision, critic, critic_states.get(key)),
+                     gpu_memory_gib)
+        changes = {key: value for key, value in settings.items() if setting_value(config, key) != value}
+        tried.append(Tried(settings, changes, row, step_seconds(candidate, stage, world_size, sizes, workload),
+                           row["total_bytes"] <= (1 - headroom) * gpu_memory_gib * GIB))
+    return Fit(path, stage, config, world_size, gpu_memory_gib, headroom, tried, refused)
+
+
+def fit_report(fit: Fit) -> str:
+    """The chosen combination: the search's size, its cost and peak against the config's own, the
+    overrides that differ from the config, and its plan."""
+    chosen, given = fit.chosen, fit.given
+    as_given = ("the config as given is not among them" if given is None else
+                f"the config as given: {given.cost['total']:.2f} s, peak {given.row['total_bytes'] / GIB:.1f} GiB"
+                f"{'' if given.fits else ', does not fit'}")
+    parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in chosen.cost.items()
+                      if name != "total" and seconds)
+    return "\n".join([
+        f"{fit.path}: {len(fit.tried)} combinations planned ({fit.refused} more refused by the config's checks), "
+        f"{sum(c.fits for c in fit.tried)} fit {fit.budget}",
+        f"fastest that fits: {chosen.cost['total']:.2f} s per optimizer step by the cost model ({parts}; "
+        f"a model, not a measurement), peak {chosen.row['total_bytes'] / GIB:.1f} GiB; {as_given}",
+        f"overrides: {override_text(chosen.changes) or '(none: the config as given)'}",
+        format_table([chosen.row])])
+
+
+def write_fitted_config(fit: Fit, overrides, path: str) -> None:
+    """The chosen configuration, resolved, as a config file a run reads."""
+    chosen = fit.chosen
+    fitted = load_config(type(fit.config), fit.path, [*overrides, *override_text(chosen.settings).split()])
+    header = (f"# {fit.path} fitted to {fit.budget} by `python -m pipeline.plan --fit`: peak "
+              f"{chosen.row['total_bytes'] / GIB:.1f} GiB, {chosen.cost['total']:.2f} s per step by its cost model\n")
+    Path(path).write_text(header + yaml.safe_dump(to_dict(fitted), sort_keys=False), encoding="utf-8")
+
+
+def fit_markdown(fits: list) -> str:
+    """A markdown table of searches (`Fit`s), one row each (docs/memory_fit.md)."""
+    lines = ["| config | ranks | as given: peak GiB, s per step | chosen: changes | peak GiB | s per step |",
+             "|---|---|---|---|---|---|"]
+    for fit in fits:
+        given, chosen = fit.given, fit.chosen
+        cells = [Path(fit.path).stem, str(fit.world_size),
+                 f"{given.row['total_bytes'] / GIB:.1f}{'' if given.fits else ' (no)'}, {given.cost['total']:.1f}"]
+        if chosen is None:
+            cells += [f"nothing fits; smallest {fit.smallest.row['total_bytes'] / GIB:.1f} GiB", "-", "-"]
+        else:
+            cells += [" ".join(f"`{part}`" for part in override_text(chosen.changes).split()) or "none",
+                      f"{chosen.row['total_bytes'] / GIB:.1f}", f"{chosen.cost['total']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fit_command(parser, args, world_sizes: list) -> int:
+    """`--fit`: prints the fastest fitting combination, its overrides and plan (with --json, the search as
+    JSON; with --markdown DIR, a table of every config there at each of --world-sizes), writes it as a
+    config file with --write. 1 when nothing fits, naming the budget and the smallest peak found; 2 when
+    the config does not load."""
+    if not ((args.config and args.world_size or args.markdown) and args.gpu_memory):
+        parser.error("--fit needs --config FILE and --world-size N (or --markdown DIR and --world-sizes), and "
+                     "--gpu-memory GIB")
+    if (args.world_size or 1) <= 0 or args.gpu_memory <= 0 or not 0 <= args.headroom < 1:
+        parser.error(f"--world-size {args.world_size} and --gpu-memory {args.gpu_memory:g} must be positive and "
+                     f"--headroom {args.headroom:g} in [0, 1)")
+    try:
+        if args.markdown:
+            print(fit_markdown([search(str(path), world_size, args.gpu_memory, args.headroom)
+                                for path in sorted(Path(args.markdown).glob("*.yaml")) for world_size in world_sizes]))
+            return 0
+        fit = search(args.config, args.world_size, args.gpu_memory, args.headroom, args.overrides)
+    except (ConfigError, ModelLoadError, EngineConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    chosen = fit.chosen
+    if args.json:
+        print(json.dumps(fit.as_json(), indent=1))
+    if chosen is None:
+        print(f"error: {args.config}: no combination of the searched settings fits {fit.budget}; the smallest peak "
+              f"found is {fit.smallest.row['total_bytes'] / GIB:.1f} GiB ({override_text(fit.smallest.changes)})",
+              file=sys.stderr)
+        return 1
+    if args.write:
+        write_fitted_config(fit, args.overrides, args.write)
+    if not args.json:
+        print(fit_report(fit))
     return 0
 
 

@@ -46,7 +46,8 @@ def user_errors() -> tuple:
     from .loop import NonFiniteStepsError
     errors = [ConfigError, RunDirError, EngineConfigError, FileNotFoundError, ShardMismatchError, ResumeError,
               NonFiniteStepsError]
-    for module, name in (("pipeline.data", "DataError"), ("pipeline.models", "ModelLoadError")):
+    for module, name in (("pipeline.data", "DataError"), ("pipeline.models", "ModelLoadError"),
+                         ("pipeline.rl.rewards", "RewardFunctionError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

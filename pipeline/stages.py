@@ -22,7 +22,7 @@ class StageSpec:
     trains_reward_model: bool = False  # the trained model is a RewardModel (scores, no LM head)
     pairs: bool = False            # each row is a pair, forwarded stacked (2 sequences)
     reference: bool = False        # a frozen reference policy (or the LoRA actor without adapters)
-    samples: bool = False          # generates from prompts and scores them with a frozen reward model
+    samples: bool = False          # generates from prompts and rewards them (a frozen reward model, reward functions)
     critic: bool = False           # trains a value model beside the actor
 
     @property

@@ -62,6 +62,9 @@ class PpoConfig(SamplingRunConfig):
         problems = super().problems() + ppo.problems(self, "ppo")
         if ppo.critic_init not in CRITIC_INITS:
             problems.append(f"`ppo.critic_init` is {ppo.critic_init!r}; use one of {', '.join(CRITIC_INITS)}")
+        elif ppo.critic_init == "reward" and ppo.reward_model_path is None and self.reward.functions:
+            problems.append("`ppo.critic_init` is reward but `ppo.reward_model_path` is not set (reward functions "
+                            "alone); start the critic from the policy: ppo.critic_init=policy")
         if ppo.critic_lr is not None and not ppo.critic_lr > 0:
             problems.append(f"`ppo.critic_lr` is {ppo.critic_lr}; it must be positive (null: `optim.lr`)")
         for name in ("gamma", "lam"):

@@ -170,6 +170,60 @@ def write_trl_preferences(root: Path, explicit_prompt: bool = False) -> Path:
     return root
 
 
+# ---- openai/gsm8k: question / answer, the answer's last line "#### N"; subsets main and socratic ------------
+
+GSM8K_SCHEMA = pa.schema([("question", pa.string()), ("answer", pa.string())])
+GSM8K_TRAIN = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+     "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+    {"question": "A book costs $12. How much do 100 books cost?",
+     "answer": "100 books cost 100 * 12 = <<100*12=1200>>1200 dollars.\n#### 1200"},
+    {"question": "Half of 9 is?", "answer": "Half of 9 is 9 / 2 = <<9/2=4.5>>4.5.\n#### 4.5"},
+    {"question": "It is 2 degrees and falls by 5. What is it now?", "answer": "2 - 5 = <<2-5=-3>>-3\n#### -3"},
+]
+GSM8K_TEST = [{"question": "What is 6 times 7?", "answer": "6 * 7 = <<6*7=42>>42\n#### 42"}]
+
+
+def write_gsm8k(root: Path, copies: int = 1) -> Path:
+    """Each split's rows `copies` times over (a multi-rank run needs a few batches)."""
+    for subset in ("main", "socratic"):
+        for split, rows in (("train", GSM8K_TRAIN), ("test", GSM8K_TEST)):
+            write_parquet(root / subset / f"{split}-00000-of-00001.parquet", rows * copies, GSM8K_SCHEMA)
+    readme_configs(root, {subset: {"train": f"{subset}/train-*", "test": f"{subset}/test-*"}
+                          for subset in ("main", "socratic")})
+    return root
+
+
+# ---- MATH: DigitalLearningGmbH/MATH-lighteval (problem, level, solution with \boxed{}, type) and
+# HuggingFaceH4/MATH-500 (its `answer` column too; one test.jsonl) -------------------------------------------
+
+MATH_SCHEMA = pa.schema([("problem", pa.string()), ("level", pa.string()), ("solution", pa.string()),
+                         ("type", pa.string())])
+MATH_TRAIN = [
+    {"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?", "level": "Level 1", "type": "Prealgebra",
+     "solution": "We have $\\frac{1}{2} + \\frac{1}{4} = \\frac{2}{4} + \\frac{1}{4} = \\boxed{\\frac{3}{4}}$."},
+    {"problem": "Solve $2x = 10$.", "level": "Level 1", "type": "Algebra",
+     "solution": "Dividing by 2, $x = \\boxed{5}$."},
+]
+MATH_TEST = [{"problem": "What is $\\sqrt{16}$?", "level": "Level 1", "type": "Prealgebra",
+              "solution": "$\\sqrt{16} = \\boxed{4}$."}]
+MATH500 = [{"problem": "What is $3^2$?", "solution": "$3^2 = \\boxed{9}$.", "answer": "9", "subject": "Algebra",
+            "level": 1, "unique_id": "test/algebra/1.json"}]
+
+
+def write_math(root: Path) -> Path:
+    write_parquet(shard(root, "train"), MATH_TRAIN, MATH_SCHEMA)
+    write_parquet(shard(root, "test"), MATH_TEST, MATH_SCHEMA)
+    readme_configs(root, {"default": {"train": "data/train-*", "test": "data/test-*"}})
+    return root
+
+
+def write_math500(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in MATH500), encoding="utf-8")
+    return root
+
+
 # ---- a tokenizer that gives text back --------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

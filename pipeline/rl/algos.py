@@ -2,6 +2,7 @@
 transformers): advantage estimators, KL terms, returns, GAE, whitening and the policy and value losses
 that ReMax, RLOO, GRPO and PPO are made of.
 
+- The reward: the reward model's score plus the reward functions' weighted values.
 - Advantage estimators, per sequence: ReMax r(sample) - r(greedy); RLOO r_i minus the mean reward of
   the other k - 1 samples of its prompt; GRPO (r_i - group mean) / group std.
 - KL to the reference goes either into the reward (the log-ratio summed over a response, or per token
@@ -73,6 +74,17 @@ def grpo_advantage(reward: torch.Tensor, k: int, scale: bool = True, eps: float 
         centred = centred / (groups.std(-1, keepdim=True) + eps)
     flat = (groups == groups[:, :1]).all(-1, keepdim=True)  # (N / k, 1)
     return torch.where(flat, torch.zeros_like(centred), centred).reshape(-1)
+
+
+def combined_reward(model_reward: torch.Tensor, function_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The reward trained on: the reward model's score plus the weighted values of the reward functions,
+    a function's NaN (it left that response unscored) adding nothing.
+
+    model_reward: (N,) (zeros without a reward model); function_values: (F, N), NaN where unscored;
+    weights: (F,). Returns (N,).
+    """
+    weighted = weights.to(function_values.dtype).unsqueeze(-1) * function_values  # (F, N)
+    return model_reward + torch.where(torch.isnan(function_values), 0.0, weighted).sum(0).to(model_reward.dtype)
 
 
 # ---- KL to the reference ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The model set of a policy stage: the trained actor, the frozen reference (or the LoRA actor with its
-adapters disabled), and optionally the frozen reward model and PPO's trained critic. DPO builds the same
-set without a reward model.
+adapters disabled), and optionally the frozen reward model, the reward functions and PPO's trained critic.
+DPO builds the same set without a reward model.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Models:
     missing_eos_penalty: Optional[float] = None
     critic: Optional[object] = None   # PPO's value model: a training engine of its own
     logits_chunk: int = LOGITS_CHUNK  # tokens of logits at once in every log-probability (`model.logits_chunk`)
+    reward_functions: Optional[object] = None  # pipeline.rl.rewards.RewardFunctions, added to the model's score
 
 
 def load_reward_model(config, path: str, field: str, dtype) -> RewardModel:
@@ -36,9 +37,10 @@ def load_reward_model(config, path: str, field: str, dtype) -> RewardModel:
 
 
 def build_models(config, tokenizer, total_steps: int, reference: FrozenModel, reward: Optional[FrozenModel] = None,
-                 gold_reward: Optional[Callable] = None, missing_eos_penalty: Optional[float] = None):
+                 gold_reward: Optional[Callable] = None, missing_eos_penalty: Optional[float] = None,
+                 reward_functions=None):
     """(Models, the actor's TrainingEngine): the actor from `model`, the frozen `reference` and, when
-    given, the frozen `reward` model.
+    given, the frozen `reward` model and the reward functions.
 
     Raises:
         ModelLoadError: naming `model.path` or the frozen model's field.
@@ -74,7 +76,7 @@ def build_models(config, tokenizer, total_steps: int, reference: FrozenModel, re
     built = create_engine(config, actor, total_steps)
     models = Models(actor=built.engine, reference=reference_engine, tokenizer=tokenizer, reward=reward_engine,
                     gold_reward=gold_reward, missing_eos_penalty=missing_eos_penalty,
-                    logits_chunk=config.model.logits_chunk)
+                    logits_chunk=config.model.logits_chunk, reward_functions=reward_functions)
     return models, built
 
 
@@ -96,7 +98,7 @@ def build_critic(config, init: str, reward_model_path: str, lr: Optional[float],
         else:
             critic = RewardModel.from_causal_lm(model_config, dtype=dtype)  # LoRA is the actor's only
     if init == "reward" and model_config.gradient_checkpointing:
-        enable_gradient_checkpointing(critic.backbone)
+        enable_gradient_checkpointing(critic.backbone, model_config.offload_activations)
     return create_engine(critic_config, critic, total_steps)
 
 

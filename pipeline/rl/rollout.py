@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from trl.models.utils import add_hooks, remove_hooks
 
-from pipeline.generation import Generated, Responses, generate_responses, generation_configs, response_logprobs, scored
+from pipeline.generation import (Generated, Responses, generate_responses, generation_configs, response_logprobs,
+                                 scored, with_positions)
+from pipeline.rl.algos import combined_reward
 from pipeline.rl.models import Models, reference_policy
 
 
@@ -105,10 +108,28 @@ class Rollout:
     entropy: torch.Tensor         # (B, T) the actor's token entropy along the sampled response
 
 
-def score(models: Models, generated: Generated) -> Responses:
-    """Responses with the reward model's score (less the missing-eos penalty)."""
-    return scored(models.reward, generated.sequences, generated.attention_mask, generated.mask,
-                  models.tokenizer.eos_token_id, models.missing_eos_penalty, generated.sampler_logprobs)
+def score(models: Models, generated: Generated, batch: dict) -> Responses:
+    """Responses with the reward model's score (less the missing-eos penalty) plus the reward functions'
+    weighted values, each function's own values kept (`function_rewards`). `batch`: the prompt batch the
+    responses answer, row for row (its `prompt`, `columns` and `source`).
+
+    Raises:
+        RewardFunctionError: a reward function failed (naming it and the prompt row).
+    """
+    responses = scored(models.reward, generated.sequences, generated.attention_mask, generated.mask,
+                       models.tokenizer.eos_token_id, models.missing_eos_penalty, generated.sampler_logprobs)
+    functions = models.reward_functions
+    if functions is None:
+        return responses
+    count = len(responses.reward)
+    values = functions(batch["prompt"], responses.texts(models.tokenizer), responses.lengths.tolist(),
+                       batch.get("columns") or [{}] * count, batch.get("source") or ["a prompt row"] * count)
+    stacked = torch.tensor([[math.nan if value is None else value for value in values[name]] for name in values],
+                           dtype=torch.float64)  # (F, N)
+    responses.function_rewards = {name: row.to(responses.reward.device) for name, row in zip(values, stacked)}
+    responses.reward = combined_reward(responses.reward, stacked.to(responses.reward.device),
+                                       torch.tensor(functions.weights, device=responses.reward.device))
+    return responses
 
 
 @torch.no_grad()
@@ -117,7 +138,7 @@ def rollout(models: Models, engine: RolloutEngine, batch: dict, sampling: Sampli
     actor's and the reference's log-probs of the sampled one. Collective: every rank calls it."""
     models.actor.eval()
     sampled, greedy = engine.generate(batch, [sampling, sampling.as_greedy()], key)
-    sampled, greedy = score(models, sampled), score(models, greedy)
+    sampled, greedy = score(models, sampled, batch), score(models, greedy, batch)
     response_length = sampled.mask.shape[1]
     actor_logprobs, entropy = response_logprobs(models.actor, sampled.sequences, sampled.attention_mask,
                                                 response_length, with_entropy=True, chunk=models.logits_chunk)
@@ -152,7 +173,7 @@ def group_rollout(models: Models, engine: RolloutEngine, batch: dict, k: int, sa
     models.actor.eval()
     repeated = repeat_prompts(batch, k)
     [sampled] = engine.generate(repeated, [sampling], key)
-    sampled = score(models, sampled)
+    sampled = score(models, sampled, repeated)
     response_length = sampled.mask.shape[1]
     old_logprobs = old_values = None
     if with_old_logprobs:

@@ -1,6 +1,6 @@
 """The config sections of the policy stages: one sampling section with the fields ReMax, RLOO, GRPO and
-PPO share (and their checks), the group fields of the clipped-surrogate stages, and the frozen models'
-settings ({path, zero_stage, offload}) as one type.
+PPO share (and their checks), the group fields of the clipped-surrogate stages, the frozen models'
+settings ({path, zero_stage, offload}) as one type, and the top-level `rollout` and `reward` sections.
 
 A stage's section is one of these with its own defaults and fields added (stages/*.py); each problem
 names its field as `<stage>.<field>`.
@@ -70,7 +70,10 @@ class SamplingSection(ReferenceFields):
     # model never saw such text and tends to over-score it, which a policy learns to exploit.
     missing_eos_penalty: Optional[float] = None
 
-    def reward_model(self, name: str) -> FrozenModel:
+    def reward_model(self, name: str) -> Optional[FrozenModel]:
+        """The frozen reward model's settings, or None when the run has none (reward functions alone)."""
+        if self.reward_model_path is None:
+            return None
         return FrozenModel(self.reward_model_path, self.reward_zero_stage, self.reward_offload,
                            f"{name}.reward_model_path")
 
@@ -79,9 +82,10 @@ class SamplingSection(ReferenceFields):
         problems = []
         if config.data.format != "prompt":
             problems.append(f"`data.format` is {config.data.format!r}; {name} generates from prompts: use prompt")
-        if self.reward_model_path is None:
-            problems.append(f"`{name}.reward_model_path` is not set; give the directory of a trained reward model "
-                            "(the export of stages.reward)")
+        if self.reward_model_path is None and not config.reward.functions:
+            problems.append(f"`{name}.reward_model_path` is not set and `reward.functions` is empty; give the "
+                            "directory of a trained reward model (the export of stages.reward), reward functions "
+                            "(e.g. reward.functions=[{name: math_answer}]), or both")
         if self.kl_coef < 0:
             problems.append(f"`{name}.kl_coef` is {self.kl_coef}; it must not be negative (0 turns the KL off)")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
@@ -106,7 +110,7 @@ class SamplingSection(ReferenceFields):
             problems.append(f"`{name}.eval_prompts_path` {self.eval_prompts_path} and `data.eval_path` "
                             f"{config.data.eval_path} disagree; set only one")
         problems += self.reference_model(name).problems(f"{name}.ref")
-        problems += self.reward_model(name).problems(f"{name}.reward")
+        problems += FrozenModel(None, self.reward_zero_stage, self.reward_offload).problems(f"{name}.reward")
         if self.gold_reward is not None and self.gold_reward not in GOLD_REWARDS:
             problems.append(f"`{name}.gold_reward` is {self.gold_reward!r}; use one of {', '.join(GOLD_REWARDS)} "
                             "or leave it unset")
@@ -140,6 +144,48 @@ class GroupSection(SamplingSection):
         if not self.clip_range > 0:
             problems.append(f"`{name}.clip_range` is {self.clip_range}; it must be positive")
         return problems
+
+
+@dataclasses.dataclass
+class RewardFunctionConfig:
+    """One programmatic reward (pipeline.rl.rewards): a built-in or module:function, its weight in the
+    summed reward (0: logged, not trained on), and a built-in's settings."""
+    name: str = ""
+    weight: float = 1.0
+    args: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RewardSection:
+    """Reward functions beside (or instead of) the reward model: each response's reward is the model's
+    score plus the weighted sum of the functions' values."""
+    functions: list[RewardFunctionConfig] = dataclasses.field(default_factory=list)
+    # Each function call's deadline, in a worker process that is killed at it; null: in the trainer's
+    # process, unbounded.
+    timeout_s: Optional[float] = 60.0
+
+    def problems(self) -> list:
+        from pipeline.rl.rewards import function_problems
+
+        problems = []
+        for index, function in enumerate(self.functions):
+            problems += function_problems(function.name, function.args, f"reward.functions[{index}]")
+        names = [function.name for function in self.functions]
+        for name in sorted({name for name in names if name and names.count(name) > 1}):
+            problems.append(f"`reward.functions` lists {name!r} {names.count(name)} times; list each function once "
+                            "(its metric is named after it)")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            problems.append(f"`reward.timeout_s` is {self.timeout_s}; give a positive number of seconds, or null to "
+                            "run the functions in the trainer's process without a limit")
+        return problems
+
+    def build(self):
+        """The RewardFunctions to call on rollouts, or None without functions."""
+        from pipeline.rl.rewards import RewardFunctions
+
+        if not self.functions:
+            return None
+        return RewardFunctions([(f.name, f.weight, f.args) for f in self.functions], self.timeout_s)
 
 
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -210,12 +256,14 @@ class SignalsSection:
 
 @dataclasses.dataclass
 class SamplingRunConfig(RunConfig):
-    """A sampling stage's config: the shared sections, `rollout`, and `evaluate` (what its summary flags)."""
+    """A sampling stage's config: the shared sections, `rollout`, `reward` (the reward functions) and
+    `evaluate` (what its summary flags)."""
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
     evaluate: SignalsSection = dataclasses.field(default_factory=SignalsSection)
 
     def problems(self) -> list:
-        return super().problems() + self.rollout.problems(self) + self.evaluate.problems()
+        return super().problems() + self.rollout.problems(self) + self.reward.problems() + self.evaluate.problems()
 
 
 def require_vllm(config) -> None:

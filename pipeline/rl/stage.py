@@ -52,7 +52,7 @@ def build_sampling_models(config, section: SamplingSection, name: str, tokenizer
     """(Models, the actor's TrainingEngine) of the sampling stage whose section is `name`."""
     return build_models(config, tokenizer, total_steps, section.reference_model(name), section.reward_model(name),
                         gold_reward=load_gold_reward(section.gold_reward, f"{name}.gold_reward"),
-                        missing_eos_penalty=section.missing_eos_penalty)
+                        missing_eos_penalty=section.missing_eos_penalty, reward_functions=config.reward.build())
 
 
 def sampling_of(section: SamplingSection) -> Sampling:
@@ -64,14 +64,39 @@ def sampling_of(section: SamplingSection) -> Sampling:
 def response_sums(models: Models, prompts: list, responses: Responses, kl: torch.Tensor,
                   entropy: torch.Tensor) -> dict:
     """Sums over a micro-batch's sampled responses that every sampling stage logs: reward, KL (`kl`:
-    (N,) per response), length, token entropy (`entropy`: (N, T)), token counts and the gold reward."""
+    (N,) per response), length, token entropy (`entropy`: (N, T)), token counts, the gold reward and
+    each reward function's values."""
     mask = responses.mask.float()
     sums = {"sequences": len(responses.reward), "reward": responses.reward.sum(), "kl": kl.sum(),
             "response_length": responses.lengths.sum(), "entropy": (entropy * mask).sum(),
             "response_tokens": mask.sum(), "tokens": responses.attention_mask.sum()}
     if models.gold_reward is not None:
         sums["gold_reward"] = sum(models.gold_reward(prompts, responses.texts(models.tokenizer)))
+    return {**sums, **function_sums(responses)}
+
+
+def function_sums(responses: Responses, prefix: str = "") -> dict:
+    """Per reward function, the sum of its values and the count of responses it scored (every rank logs
+    every function, so the sums add over ranks key for key)."""
+    sums = {}
+    for name, values in responses.function_rewards.items():
+        scored = ~torch.isnan(values)
+        sums[f"{prefix}function_sum/{name}"] = values[scored].sum()
+        sums[f"{prefix}function_count/{name}"] = scored.sum()
     return sums
+
+
+def function_means(total: dict, prefix: str = "") -> dict:
+    """`{prefix}reward/<name>`: each function's mean over the responses it scored (on every rank), from
+    `function_sums` added over micro-batches and ranks (popped from `total`); absent where it scored none."""
+    means = {}
+    counted = f"{prefix}function_count/"
+    for key in [key for key in total if key.startswith(counted)]:
+        name = key[len(counted):]
+        count, value = total.pop(key), total.pop(f"{prefix}function_sum/{name}")
+        if count:
+            means[f"{prefix}reward/{name}"] = value / count
+    return means
 
 
 def advantage_sums(advantage: torch.Tensor) -> dict:
@@ -80,10 +105,10 @@ def advantage_sums(advantage: torch.Tensor) -> dict:
 
 def step_metrics(total: dict) -> dict:
     """Per-step metrics from sums added over micro-batches and ranks (the loop adds "loss" and
-    "micro_batches"): per response, per response token, and the advantage's mean and std (as trained
-    on) where the stage has one."""
+    "micro_batches"): per response, per response token, the advantage's mean and std (as trained
+    on) where the stage has one, and `reward/<name>`, each reward function's mean."""
     n, tokens = total["sequences"], max(total["response_tokens"], 1.0)
-    metrics = {"reward": total["reward"] / n, "kl": total["kl"] / n, "response_length": total["response_length"] / n,
+    metrics = {**function_means(dict(total)), "reward": total["reward"] / n, "kl": total["kl"] / n, "response_length": total["response_length"] / n,
                "entropy": total["entropy"] / tokens, "loss": total["loss"] / total["micro_batches"]}
     if "advantage" in total:
         mean = total["advantage"] / n
@@ -126,7 +151,8 @@ def surrogate_sums(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: tor
 @torch.no_grad()
 def evaluate(models: Models, engine, loader, sampling: Sampling, device) -> dict:
     """Held-out prompts: greedy reward (`eval/reward`, the number the best checkpoint follows), sampled
-    reward, KL of the samples and greedy response length, averaged over every rank's prompts."""
+    reward, KL of the samples, greedy response length and each reward function's greedy mean
+    (`eval/reward/<name>`), averaged over every rank's prompts."""
     total, step = {}, models.actor.global_steps
     for batch in loader:
         experience = rollout(models, engine, to_device(batch, device), sampling, key=("eval", step))
@@ -137,10 +163,11 @@ def evaluate(models: Models, engine, loader, sampling: Sampling, device) -> dict
                 "eval/response_length": greedy.lengths.sum()}
         if models.gold_reward is not None:
             sums["eval/gold_reward"] = sum(models.gold_reward(batch["prompt"], greedy.texts(models.tokenizer)))
-        total = add_sums(total, sums)
+        total = add_sums(total, {**sums, **function_sums(greedy, "eval/")})
     total = sum_over_ranks(total, device)
     count = total.pop("sequences")
-    return {name: value / count for name, value in total.items()}
+    functions = function_means(total, "eval/")
+    return {**functions, **{name: value / count for name, value in total.items()}}
 
 
 class BestCheckpoint:

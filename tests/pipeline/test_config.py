@@ -67,6 +67,8 @@ def test_every_problem_is_reported_at_once_naming_field_value_and_fix(tmp_path):
     ("engine.micro_batch_size=-2", "`engine.micro_batch_size` is -2; it must be a positive integer"),
     ("engine.offload_optimizer=true", None),  # fine with ZeRO-3
     ("model.lora.r=4", "`model.lora.r` is set but `model.lora.enabled` is false"),
+    ("model.offload_activations=true", "`model.offload_activations` is true with `model.gradient_checkpointing` "
+                                       "false; what it offloads are the checkpointed layer inputs"),
     ("data.max_prompt_length=600", "`data.max_prompt_length` (600) must be below `data.max_length` (512)"),
     ("optim.betas=[0.9, 1.0]", "`optim.betas` is [0.9, 1.0]"),
     ("optim.betas=[a,b]", "`optim.betas[0]` is 'a'; expected float"),

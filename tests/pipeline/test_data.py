@@ -151,7 +151,7 @@ def test_conversational_pairs_take_the_shared_messages_as_prompt(chat_tokenizer,
 @pytest.mark.parametrize("name, fmt, columns", [
     ("rm_static.jsonl", "sft", ["input_ids", "labels"]),
     ("rm_static.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids", "prompt_length"]),
-    ("rm_static.jsonl", "prompt", ["prompt_input_ids", "prompt"]),
+    ("rm_static.jsonl", "prompt", ["prompt_input_ids", "prompt", "columns", "source"]),
     ("hh_pairs.jsonl", "pairwise", ["chosen_input_ids", "rejected_input_ids", "prompt_length"]),
     ("chat.jsonl", "chat", ["input_ids", "labels"]),
 ])

@@ -1,6 +1,7 @@
 """The public RLHF datasets in their own layouts, through the format each stage reads them in: rows kept,
 where the prompt ends, which tokens are learned (checked by decoding them) and the order of a pair;
 splits, subsets and data files of local snapshots and named datasets; the chat-template built-ins."""
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from pipeline.chat_templates import BUILTIN_TEMPLATES
 from pipeline.config import DataConfig
 from pipeline.data import DataError, prepare_dataset
+from pipeline.math_answers import reference_answer
 from tests import public_datasets as public
 from tests.public_datasets import assistant, hh, user
 
@@ -28,7 +30,9 @@ def snapshots(tmp_path_factory):
             "ultrafeedback": public.write_ultrafeedback(root / "ultrafeedback_binarized"),
             "ultrachat": public.write_ultrachat(root / "ultrachat_200k"),
             "trl": public.write_trl_preferences(root / "trl-ultrafeedback"),
-            "trl-prompt": public.write_trl_preferences(root / "trl-prompt", explicit_prompt=True)}
+            "trl-prompt": public.write_trl_preferences(root / "trl-prompt", explicit_prompt=True),
+            "gsm8k": public.write_gsm8k(root / "gsm8k"), "math": public.write_math(root / "MATH-lighteval"),
+            "math500": public.write_math500(root / "MATH-500")}
 
 
 def prepare(tok, path, **fields):
@@ -294,6 +298,36 @@ def test_a_named_dataset_loads_offline_from_the_datasets_cache(tok, snapshots, m
                 eval_split=None, format="pairwise", chat_template="chatml")
 
 
+# ---- openai/gsm8k and MATH: problems asked as user turns, the rows' answers carried ----------------------
+
+def test_gsm8k_questions_are_user_turns_and_their_answers_reach_the_reward_functions(tok, snapshots):
+    prompts, test, report = prepare(tok, snapshots["gsm8k"], subset="main", format="prompt", chat_template="chatml")
+    assert (report.kept_rows, len(test)) == (4, 1)
+    question = public.GSM8K_TRAIN[1]["question"]
+    assert prompts[1]["prompt"] == f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    assert decode(tok, prompts[1]["prompt_input_ids"]) == prompts[1]["prompt"]
+    # The row's own fields travel with it, and where it came from, for the reward functions' messages.
+    assert json.loads(prompts[1]["columns"]) == public.GSM8K_TRAIN[1]
+    assert prompts[1]["source"] == f"{snapshots['gsm8k'] / 'main' / 'train-00000-of-00001.parquet'} row 2"
+    references = [reference_answer(json.loads(row["columns"])) for row in prompts]
+    assert references == ["7", "1200", "4.5", "-3"]
+    assert reference_answer(json.loads(test[0]["columns"])) == "42"
+    with pytest.raises(DataError, match="row 1 is a conversation, but the tokenizer has no chat template; set "
+                                        "`data.chat_template`"):
+        prepare(public.byte_tokenizer(), snapshots["gsm8k"], subset="main", format="prompt")
+
+
+def test_math_problems_take_the_boxed_answer_of_the_solution_or_the_answer_column(tok, snapshots):
+    prompts, test, _ = prepare(tok, snapshots["math"], format="prompt", chat_template="zephyr")
+    assert prompts[0]["prompt"] == f"<|user|>\n{public.MATH_TRAIN[0]['problem']}</s>\n<|assistant|>\n"
+    assert [reference_answer(json.loads(row["columns"])) for row in prompts] == ["\\frac{3}{4}", "5"]
+    assert reference_answer(json.loads(test[0]["columns"])) == "4"
+    prompts, _, _ = prepare(tok, snapshots["math500"], split="test", eval_split="test", format="prompt",
+                            chat_template="zephyr")
+    columns = json.loads(prompts[0]["columns"])
+    assert columns["level"] == 1 and reference_answer(columns) == "9"
+
+
 # ---- the config keys ---------------------------------------------------------------------------------------
 
 def test_data_keys_are_checked_up_front(tmp_path):
@@ -316,9 +350,10 @@ def test_the_7b_configs_name_public_datasets_and_their_splits():
     import yaml
     splits = {"Anthropic/hh-rlhf": ("train", "test"), "Dahoas/rm-static": ("train", "test"),
               "Dahoas/full-hh-rlhf": ("train", "test"), "HuggingFaceH4/ultrafeedback_binarized": public.UF_SPLITS,
-              "HuggingFaceH4/ultrachat_200k": public.UC_SPLITS, "trl-lib/ultrafeedback_binarized": ("train", "test")}
+              "HuggingFaceH4/ultrachat_200k": public.UC_SPLITS, "trl-lib/ultrafeedback_binarized": ("train", "test"),
+              "openai/gsm8k": ("train", "test")}
     conversational = {"HuggingFaceH4/ultrafeedback_binarized", "HuggingFaceH4/ultrachat_200k",
-                      "trl-lib/ultrafeedback_binarized"}
+                      "trl-lib/ultrafeedback_binarized", "openai/gsm8k"}  # GSM8K's questions become user turns
     for config in sorted(Path(__file__).resolve().parents[2].glob("configs/llama2-7b/*.yaml")):
         data = yaml.safe_load(config.read_text())["data"]
         assert data["path"] in splits, config.name

@@ -151,8 +151,8 @@ def test_tokenizer_loads_with_special_tokens_and_round_trips_answers(tokenizer):
 @pytest.mark.parametrize("name, fmt, columns", [
     ("sft.jsonl", "sft", {"input_ids", "labels"}),
     ("pairs.jsonl", "pairwise", {"chosen_input_ids", "rejected_input_ids", "prompt_length"}),
-    ("prompts.jsonl", "prompt", {"prompt_input_ids", "prompt"}),
-    ("eval_prompts.jsonl", "prompt", {"prompt_input_ids", "prompt"}),
+    ("prompts.jsonl", "prompt", {"prompt_input_ids", "prompt", "columns", "source"}),
+    ("eval_prompts.jsonl", "prompt", {"prompt_input_ids", "prompt", "columns", "source"}),
 ])
 def test_files_load_through_prepare_dataset_without_skipped_rows(tokenizer, name, fmt, columns):
     path = str(SHIPPED / name)

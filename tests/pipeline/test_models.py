@@ -3,11 +3,13 @@ import json
 import logging
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import is_flash_attn_2_available
 
 from pipeline.config import LoraConfig, ModelConfig
@@ -139,6 +141,47 @@ def test_gradient_checkpointing_is_on_and_gives_the_same_gradients(model_dir, vo
     save_model(checkpointed, None, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
     assert checkpointed.config.use_cache is False
+
+
+def layer_inputs_kept(model, input_ids) -> tuple:
+    """(loss, gradients, which decoder layers' inputs the graph still holds once the forward is done): a
+    weak reference to each layer's input dies when nothing but the references is left."""
+    inputs = []
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+             for layer in layers]
+    loss = model(input_ids, labels=input_ids).loss
+    kept = [reference() is not None for reference in inputs]
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, kept
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_offloaded_activations_leave_the_graph_and_change_nothing(model_dir, vocab_size, lora):
+    """`model.offload_activations`: the checkpointed layer inputs are no longer held by the graph (its copies
+    in host memory are), and loss and gradients are the same bits as without offload (fp32)."""
+    input_ids = real_tokens(vocab_size, (2, 8))
+    results = {}
+    for offload in (False, True):
+        model = load_causal_lm(ModelConfig(path=str(model_dir), gradient_checkpointing=True,
+                                           offload_activations=offload))
+        if lora:
+            torch.manual_seed(0)  # the same lora_A in both
+            model = apply_lora(model, LoraConfig(enabled=True, r=4))
+            set_lora_b_nonzero(model)
+        results[offload] = layer_inputs_kept(model.train(), input_ids)
+    (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = results[False], results[True]
+    assert kept == [True, True]
+    # With LoRA the frozen embeddings' output is made a leaf that requires grad (transformers'
+    # enable_input_require_grads, so gradients reach the adapters through the checkpoints), and a leaf
+    # is held by its gradient accumulator: the first layer's input stays where it is.
+    assert offloaded_kept == [lora, False]
+    assert torch.equal(loss, offloaded_loss)
+    assert grads.keys() == offloaded_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.equal(grad, offloaded_grads[name]), name
 
 
 @pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn is usable here, so there is no fallback")

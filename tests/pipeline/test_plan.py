@@ -3,6 +3,7 @@ DeepSpeed's own estimators, ZeRO-3's gathered weights against a DeepSpeed engine
 7B table against the plan (tests/benchmarks/test_memory_vs_plan.py holds whole plans to measurement)."""
 import json
 import re
+import weakref
 
 import pytest
 import torch
@@ -158,6 +159,26 @@ def test_logits_kv_cache_and_workloads_by_hand():
     assert workload_of(config, "reward").seq_len == 3 * 500
 
 
+def test_a_run_rewarded_by_functions_alone_plans_no_reward_model():
+    from pipeline.config import load_config
+    from pipeline.plan import frozen_numels
+    from stages.grpo import GrpoConfig
+
+    base = ["model.config={model_type: llama}", "data.path=d", "data.format=prompt", "engine.micro_batch_size=2",
+            "grpo.max_new_tokens=32", "data.max_length=64", "data.max_prompt_length=32"]
+    with_model = load_config(GrpoConfig, None, [*base, "grpo.reward_model_path=r"])
+    functions = load_config(GrpoConfig, None, [*base, "reward.functions=[{name: math_answer}]"])
+    assert [name for name, *_ in workload_of(with_model, "grpo").frozen] == ["reference", "reward"]
+    assert [name for name, *_ in workload_of(functions, "grpo").frozen] == ["reference"]
+    assert set(frozen_numels(functions, "grpo")) == {"reference"}
+    model = tiny_llama()
+    numel = sum(p.numel() for p in model.parameters())
+    rows = {name: row(plan_rows(model, [2], "fp32", workload_of(config, "grpo")), "adam_mini", 2, 2)
+            for name, config in (("with_model", with_model), ("functions", functions))}
+    # Frozen at ZeRO-0, fp32: a whole copy each; the tiny model stands in for both (no sizes given).
+    assert rows["with_model"]["frozen_bytes"] == 2 * 4 * numel and rows["functions"]["frozen_bytes"] == 4 * numel
+
+
 def test_peak_adds_workload_to_what_persists():
     model = tiny_llama()
     config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=32),
@@ -176,6 +197,60 @@ def test_peak_adds_workload_to_what_persists():
     assert zero2["kept_bytes"] == zero2["params_bytes"] + zero2["optimizer_bytes"]
     assert zero2["reduction_bytes"] == 4 * numel
     assert zero2["optimizer_step_bytes"] == 8 * numel // 2
+
+
+def layer_input_bytes_kept(model, input_ids) -> int:
+    """Bytes of the decoder layers' inputs the graph still holds once the forward is done (a weak reference
+    to each dies when nothing but the reference is left)."""
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append((weakref.ref(args[0]),
+                                                                                  args[0].nbytes)))
+             for layer in model.model.layers]
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    kept = sum(nbytes for reference, nbytes in inputs if reference() is not None)
+    for hook in hooks:
+        hook.remove()
+    del loss
+    return kept
+
+
+def test_offloaded_activations_are_planned_in_host_memory():
+    """`model.offload_activations`: what leaves the graph (measured: the layer inputs it no longer holds) is
+    what the plan moves to the host, and the device keeps one layer's input, back for its recompute."""
+    rows, length, layers = 2, 24, 3
+    input_ids = torch.randint(0, 203, (rows, length), generator=torch.Generator().manual_seed(0))
+    freed = {}
+    for offload in (False, True):
+        model = tiny_llama(num_hidden_layers=layers).train()
+        enable_gradient_checkpointing(model, offload)
+        freed[offload] = layer_input_bytes_kept(model, input_ids)
+    plans = {}
+    for offload in (False, True):
+        config = RunConfig(model=ModelConfig(config={"model_type": "llama"}, gradient_checkpointing=True,
+                                             offload_activations=offload),
+                           data=DataConfig(path="x", max_length=length), engine=EngineConfig(micro_batch_size=rows))
+        plans[offload] = row(plan_rows(model, [1], "fp32", workload_of(config, "sft")), "adamw", 0, 1)
+    moved = freed[False] - freed[True]
+    assert moved == layers * 4 * 96 * rows * length  # every layer's fp32 input
+    assert plans[True]["host_bytes"] == moved and plans[False]["host_bytes"] == 0
+    assert plans[False]["activations_bytes"] - plans[True]["activations_bytes"] == moved - moved // layers
+    assert plans[False]["total_bytes"] - plans[True]["total_bytes"] == moved - moved // layers
+
+
+def test_offloaded_optimizer_by_hand():
+    """`engine.offload_optimizer`, bf16, ZeRO-2 on 2 ranks: fp32 master weights, AdamW's two states and the
+    fp32 gradient partition move to the host; the device keeps the bf16 weights and a bf16 buffer of the
+    largest parameter (the embedding), and its step casts nothing."""
+    model = tiny_llama()
+    numel = sum(p.numel() for p in model.parameters())
+    embedding = 203 * 96
+    config = RunConfig(model=ModelConfig(config={"model_type": "llama"}), data=DataConfig(path="x", max_length=32),
+                       engine=EngineConfig(micro_batch_size=2, precision="bf16", offload_optimizer=True))
+    offloaded = row(plan_rows(model, [2], "bf16", workload_of(config, "sft")), "adamw", 2, 2)
+    assert offloaded["optimizer_bytes"] == 0 and offloaded["optimizer_step_bytes"] == 0
+    assert offloaded["kept_bytes"] == 2 * numel + 2 * embedding
+    # master, exp_avg and exp_avg_sq (fp32, each rank's half, padded to a few elements) and the fp32 gradients
+    assert 16 * numel / 2 <= offloaded["host_bytes"] <= 16 * numel / 2 * 1.001
 
 
 def test_ppo_plans_its_critic_as_a_second_trained_model(capsys):

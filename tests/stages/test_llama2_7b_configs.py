@@ -13,7 +13,7 @@ from pipeline.run import run_as_main
 
 pytestmark = pytest.mark.slow
 CONFIGS = {"sft_full": "stages.sft", "sft_lora": "stages.sft", "reward": "stages.reward", "remax": "stages.remax",
-           "dpo": "stages.dpo", "rloo": "stages.rloo", "grpo": "stages.grpo",
+           "dpo": "stages.dpo", "rloo": "stages.rloo", "grpo": "stages.grpo", "grpo_gsm8k": "stages.grpo",
            "ppo": "stages.ppo"}
 
 
@@ -52,7 +52,8 @@ def test_config_dry_runs_with_a_plan(name, capsys, monkeypatch):
     else:
         assert total == trainable == 6_738_415_616
         assert 0.499 <= ratio <= 0.501  # printed to 3 decimals
-    assert ("adam_mini " in plan.split("<- chosen")[0].splitlines()[-1]) == (name in ("sft_full", "remax", "dpo", "rloo", "grpo", "ppo"))
+    chosen = plan.split("<- chosen")[0].splitlines()[-1]
+    assert ("adam_mini " in chosen) == (name in ("sft_full", "remax", "dpo", "rloo", "grpo", "grpo_gsm8k", "ppo"))
 
 
 def test_configs_carry_the_reference_settings():
@@ -75,6 +76,10 @@ def test_configs_carry_the_reference_settings():
     ppo = settings["ppo"]["ppo"]
     assert (ppo["num_samples"], ppo["critic_init"], ppo["updates_per_rollout"]) == (1, "reward", 2)
     assert all(section["ref_offload"] and section["reward_offload"] for section in (rloo, grpo, ppo))
+    gsm8k = settings["grpo_gsm8k"]  # verifiable rewards alone: the answers checked, no reward model
+    assert "reward_model_path" not in gsm8k["grpo"] and gsm8k["grpo"]["ref_offload"]
+    assert [f["name"] for f in gsm8k["reward"]["functions"]] == ["math_answer", "format"]
+    assert (gsm8k["data"]["path"], gsm8k["data"]["subset"]) == ("openai/gsm8k", "main")
 
 
 def test_memory_plan_runs_from_a_fresh_clone():

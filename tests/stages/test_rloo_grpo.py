@@ -1,6 +1,7 @@
 """RLOO, GRPO and PPO end to end on 2 real DeepSpeed CPU ranks, all in one launch: every metric logged,
 the reward rising, the KL moving off zero, the best checkpoint kept (GRPO with two updates per rollout
-at ZeRO-3, its frozen models sharded; PPO at ZeRO-2 with its critic's value loss falling)."""
+at ZeRO-3, its frozen models sharded; PPO at ZeRO-2 with its critic's value loss falling); and GRPO on a
+GSM8K-layout snapshot rewarded by reward functions alone (configs/tiny/grpo_gsm8k.yaml)."""
 import json
 import math
 import random
@@ -8,8 +9,9 @@ import random
 import pytest
 import yaml
 
-from tests.conftest import launch_ranks
-from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir
+from tests import public_datasets as public
+from tests.conftest import REPO_ROOT, launch_ranks
+from tests.tiny_models import save_tiny_model_dir, save_tiny_reward_dir, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +45,26 @@ def stage_values(name, root, run_dir, zero_stage, **section):
                           **section}})
 
 
+LENGTH_WEIGHT = 0.01  # configs/tiny/grpo_gsm8k.yaml's length penalty per token
+
+
+def gsm8k_values(root, run_dir):
+    """configs/tiny/grpo_gsm8k.yaml on a GSM8K-layout snapshot and a tiny policy with a byte-level tokenizer
+    (so digits and the chat markers are tokens), the length target at 0: its function is then minus the
+    response's token count."""
+    tokenizer = public.byte_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, max_position_embeddings=128).save_pretrained(root / "byte_model")
+    tokenizer.save_pretrained(root / "byte_model")
+    values = yaml.safe_load((REPO_ROOT / "configs/tiny/grpo_gsm8k.yaml").read_text())
+    [math_answer, length] = values["reward"]["functions"]
+    assert length["weight"] == LENGTH_WEIGHT
+    values["reward"]["functions"] = [math_answer, {**length, "args": {"target_tokens": 0}}]
+    return {**values, "output_dir": str(run_dir), "model": {"path": str(root / "byte_model")},
+            "data": {**values["data"], "path": str(public.write_gsm8k(root / "gsm8k", copies=4)),
+                     "cache_dir": str(root / "cache")}}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("po_runs")
@@ -52,12 +74,13 @@ def runs(tmp_path_factory):
     configs = {"rloo": stage_values("rloo", root, root / "rloo", 2),
                "grpo": stage_values("grpo", root, root / "grpo", 3, updates_per_rollout=2, kl_coef=0.01,
                                     ref_zero_stage=3, reward_zero_stage=3),
-               "ppo": stage_values("ppo", root, root / "ppo", 2, kl_coef=0.01, critic_lr=1e-3)}
+               "ppo": stage_values("ppo", root, root / "ppo", 2, kl_coef=0.01, critic_lr=1e-3),
+               "grpo_gsm8k": gsm8k_values(root, root / "grpo_gsm8k")}
     args = []
     for name, values in configs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(values))
-        args += [f"stages.{name}", path]
+        args += [f"stages.{name.split('_')[0]}", path]
     launch_ranks(2, ["tests/stages/po_worker.py", *args])
     return {name: [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
             for name in configs} | {"root": root}
@@ -109,3 +132,20 @@ def test_ppo_trains_its_critic_checkpoints_it_with_the_actor_and_exports_it(runs
     run_dir = runs["root"] / "ppo"
     assert list((run_dir / "checkpoints" / "step_8" / "critic").glob("*optim_states.pt"))
     assert (run_dir / "critic" / "v_head.safetensors").exists() and (run_dir / "critic" / "reward_model.json").exists()
+
+
+def test_grpo_on_gsm8k_rewarded_by_functions_alone_logs_each_function_over_both_ranks(runs):
+    """No reward model: the reward is math_answer + 0.01 x length, each function's mean logged; the length
+    function (minus the tokens each response holds, as the function was told them) agrees with the
+    response length the step counts from the masks, on both ranks together."""
+    metrics = runs["grpo_gsm8k"]
+    steps = [row for row in metrics if "reward" in row]
+    evals = [row for row in metrics if "eval/reward" in row]
+    assert [row["step"] for row in steps] == [1, 2] and [row["step"] for row in evals] == [0, 2]
+    for row, prefix in [(row, "") for row in steps] + [(row, "eval/") for row in evals]:
+        answered, length = row[f"{prefix}reward/math_answer"], row[f"{prefix}reward/length"]
+        assert 0 <= answered <= 1
+        assert length == pytest.approx(-row[f"{prefix}response_length"], abs=1e-9)
+        assert row[f"{prefix}reward"] == pytest.approx(answered + LENGTH_WEIGHT * length, abs=1e-5)
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["kl"]) for row in steps)
+    assert (runs["root"] / "grpo_gsm8k" / "final" / "model.safetensors").exists()
