@@ -52,7 +52,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 VLLM_ROLLOUT = {"engine": "vllm", "kv_cache_gib": 0.25}
 MIB = 2**20
 CHUNK = 64                # tokens of logits at once in the runs (model.logits_chunk)
-WHOLE_LOGITS = ", whole logits"  # names the twin of a run with `logits_chunk: 0`
+WHOLE_LOGITS = " whole logits"  # names the twin of a run with `logits_chunk: 0`
 WORDS = ("the cat sat on a mat dog ran to park red blue green big small one two three four five yes no good bad "
          "what is how why where when who which tree house river stone cloud rain").split()
 # glibc hands every block of 64 KiB or more back to the kernel when freed, so RssAnon follows live

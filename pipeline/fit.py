@@ -21,6 +21,8 @@ The cost model is a model, not a measurement: seconds per optimizer step on a no
                    Python: smaller micro-batches run less efficiently)
   activation       the checkpointed layer inputs to the host and back, over `HOST_LINK`
   offload
+  chunked logits   with `model.logits_chunk`, the LM head run again for each chunk in the backward
+                   (2 x its parameters x scored tokens)
   ZeRO traffic     over `INTERCONNECT`, (N - 1) / N of each collective: ZeRO-0 all-reduces the gradients
                    once a step (twice their bytes), ZeRO-1 reduces them and all-gathers the updated
                    weights once a step, ZeRO-2 reduces per micro-batch, ZeRO-3 all-gathers the weights
@@ -92,14 +94,14 @@ def frozen_model(prefix: str, needs: str):
     return choices
 
 
-# Each setting: the overrides it tries, from (config, stage, world size). The logits chunk size, once the
-# plan counts it, is one more line: "logits chunk": values("model.logits_chunk", 0, 1024, 4096).
+# Each setting: the overrides it tries, from (config, stage, world size); a new one is one more line.
 SEARCH = {
     "ZeRO stage": values("engine.zero_stage", 0, 1, 2, 3),
     "optimizer offload": values("engine.offload_optimizer", False, True),
     "micro-batch": micro_batches,
     "gradient checkpointing": values("model.gradient_checkpointing", False, True),
     "activation offload": values("model.offload_activations", False, True),
+    "logits chunk": values("model.logits_chunk", 0, 1024, 4096),
     "reference": frozen_model("ref", "reference"),
     "reward model": frozen_model("reward", "samples"),
 }
@@ -110,21 +112,22 @@ SEARCH = {
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """What the cost model reads of the models: elements of the actor (and of those trained), of the
-    critic, of each frozen model by name, and the bytes per token of every layer's input (what activation
-    offload copies: pipeline.plan.offloaded_activation_bytes)."""
+    critic, of each frozen model by name, the bytes per token of every layer's input (what activation
+    offload copies: pipeline.plan.offloaded_activation_bytes) and the LM head's elements."""
     parameters: int
     trainable: int
     critic: int
     frozen: dict
     layer_inputs_per_token: int
+    head: int
 
 
-def sizes_of(model, critic, numels: dict, layer_inputs_per_token: int) -> Sizes:
+def sizes_of(model, critic, numels: dict, layer_inputs_per_token: int, head: int) -> Sizes:
     """`numels`: the frozen models' `ModelSize`s by name (None: the trained model's)."""
     total, trainable = count_parameters(model)
     frozen = {name: (size.parameters if size is not None else total) for name, size in numels.items()}
     return Sizes(total, trainable, count_parameters(critic)[0] if critic is not None else 0, frozen,
-                 layer_inputs_per_token)
+                 layer_inputs_per_token, head)
 
 
 def step_seconds(config, stage: str, world_size: int, sizes: Sizes, workload) -> dict:
@@ -139,8 +142,11 @@ def step_seconds(config, stage: str, world_size: int, sizes: Sizes, workload) ->
     section = getattr(config, spec.section) if spec.section else None
     rollouts = micro / getattr(section, "updates_per_rollout", 1) if spec.samples else 0
     trained = [(sizes.parameters, sizes.trainable)] + ([(sizes.critic, sizes.critic)] if spec.critic else [])
-    cost = dict.fromkeys(("compute", "activation_offload", "zero_traffic", "optimizer_offload", "frozen_models",
-                          "generation"), 0.0)
+    cost = dict.fromkeys(("compute", "activation_offload", "logits_recompute", "zero_traffic", "optimizer_offload",
+                          "frozen_models", "generation"), 0.0)
+    if workload.logits_chunk:
+        scored = workload.rows * workload.logit_positions
+        cost["logits_recompute"] = micro * 2 * sizes.head * scored / DEVICE_FLOPS
     for parameters, trainable in trained:
         recompute = 4 / 3 if workload.gradient_checkpointing else 1
         cost["compute"] += micro * 6 * parameters * (tokens + MICRO_BATCH_OVERHEAD_TOKENS) * recompute / DEVICE_FLOPS

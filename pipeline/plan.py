@@ -841,7 +841,9 @@ def search(path: str, world_size: int, gpu_memory_gib: float, headroom: float, o
     model, critic = build_meta_model(config, stage), build_meta_critic(config) if STAGES[stage].critic else None
     numels, precision = frozen_numels(config, stage), config.engine.precision
     a = 2 if precision in ("bf16", "fp16") else 4
-    sizes = sizes_of(model, critic, numels, offloaded_activation_bytes(Geometry.of(model.config), 1, 1, a))
+    geometry = Geometry.of(model.config)
+    sizes = sizes_of(model, critic, numels, offloaded_activation_bytes(geometry, 1, 1, a),
+                     geometry.vocab * geometry.hidden)
     states = {state_key(row): row for row in model_state_rows(model, [world_size], precision)}
     critic_states = {} if critic is None else {state_key(row): row
                                                for row in model_state_rows(critic, [world_size], precision)}

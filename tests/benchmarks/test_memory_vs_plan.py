@@ -75,7 +75,7 @@ def test_measured_peaks_are_within_a_fifth_of_the_plan(tmp_path, monkeypatch):
     assert len(results) == 2 * len(runs) and all(result["exit"] == 0 for result in results), format_results(results)
     outside = [result for result in results if not 0.8 <= result["ratio"] <= 1.2]
     assert not outside, f"outside 0.8-1.2 of the plan:\n{format_results(outside)}"
-    # The chunked logits lower each rank's peak below the whole logits' run. By less than planned (measured 14-17
+    # The chunked logits lower each rank's peak below the whole logits' run. By less than planned (measured 14-21
     # MiB of 28): the chunked run's peak moves to the gradient reduction, which the plan puts 10-15% low here as
     # on the other narrow runs, while the whole-logits run's peak is its forward/backward, planned within 5%.
     drops = logits_drops(results)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.fit import HOST_LINK_BYTES_PER_S, HOST_STEP_ELEMENTS_PER_S, INTERCONNECT_BYTES_PER_S, sizes_of, step_seconds
+from pipeline.fit import (DEVICE_FLOPS, HOST_LINK_BYTES_PER_S, HOST_STEP_ELEMENTS_PER_S, INTERCONNECT_BYTES_PER_S,
+                          sizes_of, step_seconds)
 from pipeline.plan import GIB, build_meta_model, config_class, fit_markdown, main, search, workload_of
 from tests.conftest import REPO_ROOT
 
@@ -58,6 +59,7 @@ def test_fit_chooses_the_cheapest_fitting_settings_for_every_7b_config(capsys, m
         assert seen["engine.micro_batch_size"] == {size for size in range(1, samples + 1) if samples % size == 0}
         for flag in ("engine.offload_optimizer", "model.gradient_checkpointing", "model.offload_activations"):
             assert seen[flag] == {False, True}, (where, flag)
+        assert seen["model.logits_chunk"] == {0, 1024, 4096}, where
         assert all(candidate.settings["engine.micro_batch_size"] * candidate.settings[
             "engine.gradient_accumulation_steps"] == samples for candidate in fit.tried), where
     by_name = {(Path(fit.path).stem, fit.world_size): fit for fit in fits}
@@ -110,7 +112,8 @@ def test_cost_model_terms_by_hand():
 
     def cost(*overrides):
         config = load_config(config_class("sft"), path, [*base, *overrides])
-        sizes = sizes_of(build_meta_model(config, "sft"), None, {}, 32 * 4096 * 2)  # every layer's bf16 input
+        # every layer's bf16 input per token; the LM head
+        sizes = sizes_of(build_meta_model(config, "sft"), None, {}, 32 * 4096 * 2, 32000 * 4096)
         return step_seconds(config, "sft", 2, sizes, workload_of(config, "sft"))
 
     plain, checkpointed = cost("model.gradient_checkpointing=false"), cost()
@@ -128,3 +131,6 @@ def test_cost_model_terms_by_hand():
     assert optimizer == pytest.approx((5 * 4 + 2) * parameters / 2 / HOST_LINK_BYTES_PER_S
                                       + parameters / 2 / HOST_STEP_ELEMENTS_PER_S)
     assert plain["generation"] == plain["frozen_models"] == 0
+    # Chunked logits (the config's 1024): the LM head again in the backward, over the 4 x 1024 scored tokens.
+    assert plain["logits_recompute"] == pytest.approx(5 * 2 * 32000 * 4096 * 4 * 1024 / DEVICE_FLOPS)
+    assert cost("model.logits_chunk=0")["logits_recompute"] == 0
