@@ -25,12 +25,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.rollout_speed import LAUNCH_TIMEOUT_S, demo_model, log_tail, read_metrics
-from benchmarks.stage_throughput import REPO_ROOT, launch_script
+from benchmarks.stage_throughput import REPO_ROOT, launch_script, work_directory
 from pipeline.evaluate import seed_band
 from pipeline.seeds import compare_seeds, mean_std
 
@@ -202,12 +201,8 @@ def run_all(args, root: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        report = run_all(args, args.keep.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="compare_rewards-") as temp:
-            report = run_all(args, Path(temp))
+    with work_directory(args.keep, "compare_rewards-") as root:
+        report = run_all(args, root)
     text = table(report["rows"], report["runs"])
     print(f"\nGRPO on the demo, {report['max_steps']} steps, 2 ranks:\n\n{text}")
     figure(report["runs"], args.figure)

@@ -23,15 +23,13 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.stage_throughput import launch_script
+from benchmarks.stage_throughput import launch_script, work_directory
 from pipeline.seeds import compare_seeds, mean_std
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -202,18 +200,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lr_sweep_"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        rows = sweep(root, args.stages, args.factors, args.seeds)
+        with work_directory(args.keep, "lr_sweep-") as root:
+            rows = sweep(root, args.stages, args.factors, args.seeds)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     summary = summarize(rows)
     text = markdown(summary)
     (out / "lr_sweep.md").write_text(text, encoding="utf-8")

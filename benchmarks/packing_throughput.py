@@ -26,13 +26,13 @@ import json
 import math
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.stage_throughput import LAUNCH_TIMEOUT_S, MIB, TOKENIZER, launch, load_demo_tokenizer, read_steps
+from benchmarks.stage_throughput import (LAUNCH_TIMEOUT_S, MIB, TOKENIZER, launch, load_demo_tokenizer, read_steps,
+                                         work_directory)
 
 SEED = 0
 
@@ -190,13 +190,8 @@ def run_all(args, root: Path) -> list:
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    if args.keep:
-        root = Path(args.keep).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.keep, "packing_throughput-") as root:
         rows = run_all(args, root)
-    else:
-        with tempfile.TemporaryDirectory(prefix="packing_throughput-") as temp:
-            rows = run_all(args, Path(temp))
     print()
     print_table(rows)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")

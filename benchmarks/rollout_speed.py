@@ -46,13 +46,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Optional
 
 from benchmarks.stage_throughput import launch_script as launch
+from benchmarks.stage_throughput import work_directory
 from pipeline.seeds import compare_seeds, mean_std
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -555,12 +555,8 @@ def run_all(args, root: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        report = run_all(args, args.keep.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="rollout_speed-") as temp:
-            report = run_all(args, Path(temp))
+    with work_directory(args.keep, "rollout_speed-") as root:
+        report = run_all(args, root)
     report["wall_s"] = time.perf_counter() - started
     print(f"\ntotal wall time {report['wall_s']:.0f} s")
     if args.json:

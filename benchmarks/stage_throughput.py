@@ -16,6 +16,7 @@ that RSS follows live memory, see MALLOC_RETURNS_MEMORY) and rank 0's optimizer 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -161,6 +162,19 @@ def launch_script(script: str, config: str, overrides: list, log_path: Path, tim
     """Runs a stage script as the demo does (WORLD_SIZE ranks, this Python); returns None, or why it failed."""
     env = dict(os.environ, NUM_GPUS=str(WORLD_SIZE), PYTHON=sys.executable, TOKENIZERS_PARALLELISM="false")
     return run_in_own_session(["bash", script, config, *overrides], env, log_path, timeout_s)
+
+
+@contextlib.contextmanager
+def work_directory(keep, prefix: str):
+    """Where a benchmark's runs go: `keep` (created) when the caller keeps them, else a temporary
+    directory removed afterwards."""
+    if keep:
+        root = Path(keep).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as temp:
+            yield Path(temp)
 
 
 def run_in_own_session(command: list, env: dict, log_path: Path, timeout_s: int) -> Optional[str]:
@@ -352,13 +366,8 @@ def run_all(args, root: Path) -> tuple:
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    if args.keep:
-        root = Path(args.keep).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.keep, "stage_throughput-") as root:
         parameters, rows = run_all(args, root)
-    else:
-        with tempfile.TemporaryDirectory(prefix="stage_throughput-") as temp:
-            parameters, rows = run_all(args, Path(temp))
     verdicts = compare(rows)
     print()
     print_table(rows)
