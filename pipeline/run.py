@@ -6,6 +6,7 @@ turning known user errors into a short message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import random
@@ -99,6 +100,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def finish_collectives() -> None:
+    """Waits, on every rank, for the collectives still in flight, and keeps the wait's handle for the
+    rest of the process. ZeRO-3 prefetches parameters with all-gathers nobody waits for once the run
+    ends. Gloo's barrier waits for (and holds) all work queued before it, and whichever thread drops
+    a work last frees its tensors: one of gloo's worker threads doing so during interpreter
+    finalization needs the interpreter and aborts the rank ("terminate called without an active
+    exception", exit -6). Held here, the last reference is this thread's."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        barrier = dist.barrier(async_op=True)
+        barrier.wait()
+        _FINISHED_WORK.append(barrier)
+
+
+_FINISHED_WORK: list = []
+
+
+def leave_process_group() -> None:
+    """Shuts down this process's vLLM engines, then leaves torch's process group, while the interpreter
+    is whole (as finish_collectives, the group's threads must not outlive it). The engines go first
+    because their shutdown destroys the groups they made over the trainer's."""
+    if "pipeline.rl.vllm_engine" in sys.modules:  # imported only where a run asked for vLLM
+        sys.modules["pipeline.rl.vllm_engine"].shut_down_engines()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
     """Loads the config, checks the run directory and runs `stage(config)`; the training loop claims
     the directory once data and models have loaded.
@@ -117,8 +146,11 @@ def main(stage: Callable, config_class, argv: Optional[Sequence[str]] = None, de
             print(dry_run_plan(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         RunDirectory(config).check(int(os.environ.get("WORLD_SIZE", "1")))
+        atexit.unregister(leave_process_group)  # once, however many stages this process runs
+        atexit.register(leave_process_group)
         seed_everything(config.seed)
         stage(config)
+        finish_collectives()
     except user_errors() as error:
         if args.debug:
             raise

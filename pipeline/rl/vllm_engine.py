@@ -145,6 +145,13 @@ def create_llm(model_path: str, rollout, dtype: torch.dtype, max_model_len: int,
 _ENGINES: dict = {}
 
 
+def shut_down_engines() -> None:
+    """Shuts down every engine this process made (at its end: see pipeline.run.leave_process_group)."""
+    for llm in _ENGINES.values():
+        llm.llm_engine.engine_core.shutdown()
+    _ENGINES.clear()
+
+
 class VllmRollouts:
     """The rollout engine interface (pipeline.rl.rollout.RolloutEngine) on a vLLM engine (`create_llm`)
     that follows the training engine `actor`."""
