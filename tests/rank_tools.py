@@ -5,6 +5,8 @@ import json
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
+from pipeline.run import finish_collectives
+
 
 def worker_parser() -> argparse.ArgumentParser:
     """The arguments every worker takes: `--out` (where rank 0 writes its results) and the
@@ -29,13 +31,10 @@ def max_delta(a: dict, b: dict) -> float:
 
 
 def write_results(path, results: dict) -> None:
-    """Rank 0 writes the figures the test asserts on; all ranks wait so none exits early, then leave
-    the process group: one left to interpreter exit has aborted a 3-rank worker's rank now and then
-    ("terminate called without an active exception", exit -6)."""
+    """Rank 0 writes the figures the test asserts on; all ranks wait so none exits early (holding the
+    wait's handle, see pipeline.run.finish_collectives), then leave the process group."""
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
-    dist.barrier()
+    finish_collectives()
     dist.destroy_process_group()
-
-
