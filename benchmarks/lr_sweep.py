@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.provenance import provenance
 from benchmarks.stage_throughput import launch_script, work_directory
 from pipeline.seeds import compare_seeds, mean_std
 
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = summarize(rows)
-    text = markdown(summary)
+    text = markdown(summary) + f"\nFrom `python -m benchmarks.lr_sweep` ({len(rows)} runs), {provenance()}.\n"
     (out / "lr_sweep.md").write_text(text, encoding="utf-8")
     (out / "lr_sweep.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     plot(summary, out / "lr_sweep.png")
