@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    started, source = time.monotonic(), provenance()  # the code the runs start from
     try:
         with work_directory(args.keep, "lr_sweep-") as root:
             rows = sweep(root, args.stages, args.factors, args.seeds)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = summarize(rows)
-    text = markdown(summary) + f"\nFrom `python -m benchmarks.lr_sweep` ({len(rows)} runs), {provenance()}.\n"
+    text = markdown(summary) + f"\nFrom `python -m benchmarks.lr_sweep` ({len(rows)} runs), {source}.\n"
     (out / "lr_sweep.md").write_text(text, encoding="utf-8")
     (out / "lr_sweep.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     plot(summary, out / "lr_sweep.png")
