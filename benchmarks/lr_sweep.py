@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.provenance import provenance
+from pipeline.provenance import provenance
 from benchmarks.stage_throughput import launch_script, work_directory
 from pipeline.seeds import compare_seeds, mean_std
 

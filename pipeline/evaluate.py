@@ -30,6 +30,7 @@ from typing import Optional
 
 from pipeline.chunked_logits import LOGITS_CHUNK, chunk_problem
 from pipeline.config import ConfigError, load_config
+from pipeline.provenance import provenance
 from pipeline.seeds import compare_seeds, read_run_config, seed_groups
 from pipeline.seeds import mean_std as seed_mean_std
 
@@ -282,6 +283,7 @@ def write_summary(summaries: dict, problems: list, out_dir: Path, groups: Option
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
     if problems:
         lines += ["", "## Problems", ""] + [f"- {problem}" for problem in problems]
+    lines += ["", f"Written by `python -m pipeline.evaluate curves`, {provenance()}."]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -464,6 +466,7 @@ def algorithm_table(run_dirs: list, out: Path) -> str:
     lines += differences_beyond_seeds({label: [figures[run]["greedy"] for run in members
                                                if figures[run]["greedy"] is not None]
                                        for label, members in groups.items()}, "final greedy gold")
+    lines += ["", f"Written by `python -m pipeline.evaluate algorithms`, {provenance()}."]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

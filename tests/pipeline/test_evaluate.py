@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from pipeline.provenance import provenance
 from pipeline.evaluate import EvaluateError, algorithm_table, area_under, curves, main, smooth, wall_clock_series
 
 
@@ -96,6 +97,7 @@ def test_algorithm_table_rows_from_metrics_and_policy_scores(tmp_path):
     assert "| grpo | 1 | 0.55 | 0.4 | 0.9 | 2.5 | 0.6 (10) | 5 | 0.0009632 | 3 |" in text
     assert "| dpo | 1 | - | - | - | - | - | 2 | 2 | - |" in text  # no policy scores yet, no gold evaluations
     assert "greedy gold reward 0.08" in text
+    assert text.rstrip().endswith(f"Written by `python -m pipeline.evaluate algorithms`, {provenance()}.")
     assert (tmp_path / "report" / "algorithms.md").read_text() == text
 
 
