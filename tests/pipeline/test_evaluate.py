@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pipeline.provenance import provenance
 from pipeline.evaluate import EvaluateError, algorithm_table, area_under, curves, main, smooth, wall_clock_series
+from pipeline.provenance import provenance
 
 
 def write_run(directory, rows, extra_lines=()):
