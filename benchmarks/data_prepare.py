@@ -82,8 +82,9 @@ def worker(args) -> None:
     Path(args.ready).touch()
     while not Path(args.go).exists():
         time.sleep(0.005)
-    train, _, report = prepare_dataset(config, tokenizer, seed=0)
-    print(json.dumps({"end": time.time(), "rows": report.kept_rows, "from_cache": report.from_cache}))
+    train, evaluation, report = prepare_dataset(config, tokenizer, seed=0)
+    print(json.dumps({"end": time.time(), "rows": report.kept_rows, "from_cache": report.from_cache,
+                      "held": len(train) + len(evaluation)}))
 
 
 def measure(ranks: int, data: Path, layout: str, tokenizer: Path, cache: str, cache_dir: Path) -> dict:
@@ -102,7 +103,8 @@ def measure(ranks: int, data: Path, layout: str, tokenizer: Path, cache: str, ca
         go.touch()
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return {"seconds": max(r["end"] for r in results) - start,
-            "tokenised_by": sum(not r["from_cache"] for r in results), "rows": results[0]["rows"]}
+            "tokenised_by": sum(not r["from_cache"] for r in results), "rows": results[0]["rows"],
+            "rank_rows": [r["held"] for r in results]}
 
 
 def main() -> None:
@@ -133,7 +135,8 @@ def main() -> None:
                 warm = measure(ranks, data, layout, tokenizer, "on", cache_dir)
                 row = {"layout": layout, "ranks": ranks, "rows": every["rows"], "every_rank_s": every["seconds"],
                        "cache_cold_s": cold["seconds"], "cache_warm_s": warm["seconds"],
-                       "tokenised_by": [every["tokenised_by"], cold["tokenised_by"], warm["tokenised_by"]]}
+                       "tokenised_by": [every["tokenised_by"], cold["tokenised_by"], warm["tokenised_by"]],
+                       "rank_rows": [every["rank_rows"], cold["rank_rows"], warm["rank_rows"]]}
                 results.append(row)
                 print(f"{layout:<10} {ranks:>5} {every['seconds']:>13.2f} {cold['seconds']:>13.2f} "
                       f"{cold['seconds'] / every['seconds']:>6.2f} {warm['seconds']:>13.2f} "

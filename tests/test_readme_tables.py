@@ -31,14 +31,6 @@ PENDING = (
     "| training s | peak RSS / rank (MiB) |",
 )
 
-# Scripts behind README tables that no test runs yet: known gaps, listed so they stay visible. Remove an entry
-# once a test runs the script.
-UNTESTED_SCRIPTS = (
-    "benchmarks/data_prepare.py",  # tokenisation time, cache off / cached
-    "benchmarks/optimizer_step.py",  # optimizer step time and state bytes
-    "benchmarks/stage_throughput.py",  # SFT / ReMax steps, AdamW against Adam-mini
-)
-
 NUMBER = r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?"
 ONE_FIGURE = rf"{NUMBER}(?:\s*(?:x|%|s|ms|min|KiB|MiB|GiB|MB|GB))?"
 # A whole cell that is a figure: 0.55, 1.03 / 1.04, 0.547 ± 0.005, 25 s, 1.6x, 62.8 (no), 0.53 (50), 0.95-0.96.
@@ -220,19 +212,7 @@ def test_source_scripts_are_run_by_a_test():
         script = script_of(comment["command"])
         if script is None or not script.is_file():
             continue  # test_source_scripts_exist reports it
-        if script.relative_to(REPO).as_posix() not in UNTESTED_SCRIPTS and not run_by_a_test(script, tests_text):
+        if not run_by_a_test(script, tests_text):
             untested.append(f"{where(table)}: no test under tests/ names {script.relative_to(REPO)}")
     assert not untested, "\n".join(untested)
 
-
-def test_untested_scripts_list_is_current():
-    tests_text = read_test_sources()
-    table_scripts = {script_of(comment["command"]) for _, comment in SOURCED}
-    stale = []
-    for name in UNTESTED_SCRIPTS:
-        script = REPO / name
-        if script not in table_scripts:
-            stale.append(f"{name}: no README table comes from it; remove it from UNTESTED_SCRIPTS")
-        elif run_by_a_test(script, tests_text):
-            stale.append(f"{name}: a test runs it now; remove it from UNTESTED_SCRIPTS")
-    assert not stale, "\n".join(stale)
