@@ -22,11 +22,6 @@ THIS_FILE = Path(__file__).resolve()
 # Results tables whose source comment is still being written, by header line; each must then leave this list.
 PENDING = (
     "| stage | result |",
-    "| | SFT policy | DPO policy |",
-    "| | greedy gold reward | sampled gold reward | greedy reward-model score | win rate vs SFT "
-    "| KL to SFT (sampled, summed) |",
-    "| | greedy gold reward | sampled gold reward | greedy reward-model score | KL to SFT (sampled, summed) "
-    "| training time | per step | peak RSS per rank |",
     "| algorithm | greedy gold (held out) | sampled gold | win rate vs SFT | KL to SFT | best eval gold (step) "
     "| training s | peak RSS / rank (MiB) |",
 )
