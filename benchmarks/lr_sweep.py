@@ -139,18 +139,24 @@ def markdown(summary: dict) -> str:
         verdicts = []
         for lr, comparison in zip(found["lrs"], found["compared"]):
             if comparison["within_noise"] is not None:
-                verdicts.append(f"lr {lr:.3g}: Adam-mini {comparison['difference']:+.3g} "
+                verdicts.append(f"lr {lr:.3g}: Adam-mini {round(comparison['difference'], 12) + 0.0:+.3g} "
                                 f"({'within' if comparison['within_noise'] else 'beyond'} the seed spread)")
-        spread_mini, spread_adamw = found["spread"]["adam_mini"], found["spread"]["adamw"]
-        if len(found["factors"]) < 2:
-            across = "One learning rate: nothing to say about sensitivity."
-        elif spread_mini == spread_adamw:
-            across = f"Both vary alike across these rates ({spread_mini:.3g})."
-        else:
-            across = (f"{'Adam-mini' if spread_mini < spread_adamw else 'AdamW'} varies less across these rates "
-                      f"({spread_mini:.3g} against AdamW's {spread_adamw:.3g}).")
-        lines += ["", "; ".join(verdicts) + "." if verdicts else "One seed: no spread to compare with.", across, ""]
+        lines += ["", "; ".join(verdicts) + "." if verdicts else "One seed: no spread to compare with.",
+                  sensitivity(found), ""]
     return "\n".join(lines)
+
+
+def sensitivity(found: dict) -> str:
+    """Which optimizer's mean moves less across the rates; spreads closer than the largest seed std of
+    any cell are called alike, since the seeds alone move a mean about that much."""
+    spread_mini, spread_adamw = found["spread"]["adam_mini"], found["spread"]["adamw"]
+    if len(found["factors"]) < 2:
+        return "One learning rate: nothing to say about sensitivity."
+    said = f"Spread of the mean across these rates: Adam-mini {spread_mini:.3g}, AdamW {spread_adamw:.3g}"
+    noise = max(std for opt in OPTIMIZERS for _, std, _ in found["cells"][opt])
+    if abs(spread_mini - spread_adamw) <= noise:
+        return f"{said}; alike within the largest seed std ({noise:.2g})."
+    return f"{said}; {'Adam-mini' if spread_mini < spread_adamw else 'AdamW'} varies less."
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -169,6 +175,8 @@ def plot(summary: dict, path: Path) -> None:
             high = [mean + std for mean, std, _ in found["cells"][opt]]
             panel.fill_between(found["lrs"], low, high, alpha=0.2)
         panel.set_xscale("log")
+        panel.minorticks_off()  # log-scale minor labels overlap over a range this short
+        panel.set_xticks(found["lrs"], [f"{lr:.2g}" for lr in found["lrs"]])
         panel.set_xlabel("learning rate")
         panel.set_title(f"{stage}: final {found['metric']}")
         panel.grid(alpha=0.3)

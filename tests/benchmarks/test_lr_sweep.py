@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from benchmarks.lr_sweep import STAGES, markdown, parse_args, plot, summarize
+from benchmarks.lr_sweep import STAGES, markdown, parse_args, plot, sensitivity, summarize
 
 
 def rows_of(stage, values):
@@ -30,7 +30,11 @@ def test_each_rate_is_mean_and_std_over_seeds_and_the_spread_is_best_minus_worst
     text = markdown({"sft": summary})
     assert "final `eval/loss` (lower is better)" in text
     assert "| adamw | 1.32 ± 0.02 | 1.02 ± 0.02 | 1.7 ± 0.1 | 0.68 |" in text
-    assert "Adam-mini varies less across these rates (0.19 against AdamW's 0.68)." in text
+    assert "Spread of the mean across these rates: Adam-mini 0.19, AdamW 0.68; Adam-mini varies less." in text
+    # Spreads 0.05 apart with seed std up to 0.1 are not told apart.
+    summary["spread"]["adamw"] = 0.24
+    assert sensitivity(summary) == ("Spread of the mean across these rates: Adam-mini 0.19, AdamW 0.24; alike within "
+                                    "the largest seed std (0.1).")
     plot({"sft": summary}, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
