@@ -153,8 +153,9 @@ def test_sft_gold_starts_low_with_headroom_and_answers_end_within_twelve_tokens(
     assert 0.2 < stats["sft_repeat_share"] < 0.3
     assert stats["chosen_gold_mean"] > stats["rejected_gold_mean"]
     tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED / "tokenizer"))
-    longest = max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in shipped_rows()["sft"])
-    assert longest <= 11  # max_new_tokens is 12: room for the eos
+    answers = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in shipped_rows()["sft"]]
+    assert max(len(ids) for ids in answers) <= 11  # max_new_tokens is 12: room for the eos
+    assert not any(tokenizer.unk_token_id in ids for ids in answers)
 
 
 def test_make_rows_refuses_bad_sizes():
@@ -223,3 +224,15 @@ def test_stages_log_the_compare_gold_reward():
     assert load_gold_reward("demo") is demo_task.gold_reward_batch
     score = BUILTIN_REWARDS["compare_gold"].make({})
     assert score([CAT], [" the cat is good ."], [5], {}) == [pytest.approx(1 / 6 + 0.5)]
+
+
+@pytest.mark.slow
+def test_sft_config_dry_runs_with_a_plan(capsys, monkeypatch):
+    """The first stage needs no earlier export: its dry run builds the model from `model.config`."""
+    from pipeline.run import run_as_main
+
+    monkeypatch.chdir(REPO_ROOT)
+    code = run_as_main("stages.sft", ["--config", "configs/compare/sft_full.yaml", "--dry-run", "--world-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "<- chosen" in captured.out
