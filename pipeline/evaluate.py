@@ -516,7 +516,7 @@ class PolicyEvalConfig:
     num_samples: int = 1                        # sampled responses per prompt
     batch_size: int = 8                         # prompts per generate call
     seed: int = 0                               # seeds the sampling: the same config gives the same numbers
-    gold_reward: Optional[str] = None           # a programmatic true reward to report too: "demo"
+    gold_reward: Optional[str] = None           # a programmatic true reward to report too: "demo", "compare"
     # As in ReMax: subtracted from the reward of responses cut by max_new_tokens before their eos,
     # so the scores compare with a run's eval/reward.
     missing_eos_penalty: Optional[float] = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 from typing import Callable, Optional
@@ -26,7 +27,9 @@ from pipeline.data import collate_prompts
 
 logger = logging.getLogger(__name__)
 
-GOLD_REWARDS = ("demo",)
+# Gold reward name -> the task module whose `gold_reward_batch` it is.
+GOLD_REWARD_MODULES = {"demo": "pipeline.demo_task", "compare": "pipeline.compare_task"}
+GOLD_REWARDS = tuple(GOLD_REWARD_MODULES)
 
 
 # Every setting that changes which token is picked, at its neutral value: together with
@@ -76,13 +79,14 @@ def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optiona
     `field` names the config field in the warning."""
     if name is None:
         return None
+    module_name = GOLD_REWARD_MODULES[name]
     try:
-        from pipeline.demo_task import gold_reward_batch
+        module = importlib.import_module(module_name)
     except ImportError as error:
-        logger.warning("`%s` is %r but pipeline.demo_task cannot be imported (%s); "
-                       "gold_reward is not logged", field, name, error)
+        logger.warning("`%s` is %r but %s cannot be imported (%s); "
+                       "gold_reward is not logged", field, name, module_name, error)
         return None
-    return gold_reward_batch
+    return module.gold_reward_batch
 
 
 def collate_with_prompts(rows: list, pad_token_id: int) -> dict:

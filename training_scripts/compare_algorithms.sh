@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Policy optimisation side by side on the demo task: SFT and a reward model once, then every
+# Policy optimisation side by side on the comparison task: SFT and a reward model once, then every
 # algorithm from that same SFT policy (and reward model where it uses one), on NUM_GPUS ranks
 # (default 2) with Adam-mini. Writes to OUTPUT_ROOT/report: overlaid curves of held-out greedy gold
 # reward, reward-model score and KL against step and against training time (each algorithm's seeds as
@@ -9,7 +9,10 @@
 #   bash training_scripts/compare_algorithms.sh [--seeds N] [OUTPUT_ROOT] [key.sub=value ...]
 # --seeds: runs of each algorithm, seeds 0..N-1 (default 3), all from the same SFT policy and reward model.
 # OUTPUT_ROOT defaults to runs/algorithms and is replaced; overrides go to every stage.
-# ALGORITHMS="remax rloo grpo dpo" picks the algorithms (default: every one with a configs/tiny file).
+# ALGORITHMS="remax rloo grpo dpo" picks the algorithms (default: every one with a config file).
+# TASK picks the task: compare (default; data/compare, configs/compare: a gold reward with headroom and a
+# reward model that can be over-optimised, see pipeline/compare_task.py) or demo (the quick start's
+# data/demo, configs/tiny, where every algorithm plateaus at the same gold reward).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=3
@@ -21,6 +24,12 @@ if ! [[ "$seeds" =~ ^[1-9][0-9]*$ ]]; then
     echo "compare_algorithms.sh: --seeds is '$seeds'; give a positive whole number" >&2
     exit 2
 fi
+case "${TASK:-compare}" in
+    compare) configs=configs/compare ;;
+    demo) configs=configs/tiny ;;
+    *) echo "compare_algorithms.sh: TASK is '$TASK'; use compare or demo" >&2
+       exit 2 ;;
+esac
 root="${1:-runs/algorithms}"
 [ "$#" -gt 0 ] && shift
 export NUM_GPUS="${NUM_GPUS:-2}"
@@ -29,13 +38,13 @@ read -ra algorithms <<< "${ALGORITHMS:-remax rloo grpo ppo dpo}"
 start=$SECONDS
 sft="$root/sft/final"
 reward="$root/reward/final"
-bash training_scripts/sft/run_sft_full.sh configs/tiny/sft_full.yaml "output_dir=$root/sft" \
+bash training_scripts/sft/run_sft_full.sh "$configs/sft_full.yaml" "output_dir=$root/sft" \
     checkpoint.overwrite=true "$@"
-bash training_scripts/reward/run_reward.sh configs/tiny/reward.yaml "output_dir=$root/reward" \
+bash training_scripts/reward/run_reward.sh "$configs/reward.yaml" "output_dir=$root/reward" \
     "model.path=$sft" checkpoint.overwrite=true "$@"
 runs=()
 for algorithm in "${algorithms[@]}"; do
-    config="configs/tiny/$algorithm.yaml"
+    config="$configs/$algorithm.yaml"
     if [ ! -f "$config" ]; then
         echo "skipping $algorithm: no $config" >&2
         continue
@@ -52,7 +61,7 @@ for algorithm in "${algorithms[@]}"; do
             checkpoint.overwrite=true "$@"
         echo "$algorithm seed $seed trained in $((SECONDS - algorithm_start)) s"
         # Every final policy scored the same way: greedy and sampled gold reward, win rate and KL against SFT.
-        "$python" -m pipeline.evaluate policy --config configs/tiny/eval_policy.yaml "policy_path=$run/final" \
+        "$python" -m pipeline.evaluate policy --config "$configs/eval_policy.yaml" "policy_path=$run/final" \
             "reward_model_path=$reward" "baseline_policy_path=$sft" "ref_model_path=$sft" \
             "output=$run/eval_policy.json" > /dev/null
         runs+=("$run")

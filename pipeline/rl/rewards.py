@@ -22,6 +22,7 @@ or None to leave that response unscored by it. Built-ins (`BUILTIN_REWARDS`):
 - `format` (`args: {pattern}`): 1 when the regular expression is found in the response, else 0.
 - `length` (`args: {target_tokens}`): minus the tokens beyond the target (the weight is the penalty per token).
 - `demo_gold`: the demo task's gold reward (pipeline.demo_task).
+- `compare_gold`: the comparison task's gold reward (pipeline.compare_task).
 
 The reward a response is trained on is the reward model's score (when there is one) plus the sum of
 weight x value over the functions that scored it. A function that raises, returns something other
@@ -88,6 +89,14 @@ def demo_gold(args: dict) -> Callable:
     return score
 
 
+def compare_gold(args: dict) -> Callable:
+    from pipeline.compare_task import gold_reward_batch
+
+    def score(prompts, responses, response_lengths, columns) -> list:
+        return gold_reward_batch(prompts, responses)
+    return score
+
+
 def pattern_problem(value) -> Optional[str]:
     if not isinstance(value, str):
         return f"is {value!r}; give a regular expression (a string)"
@@ -115,6 +124,7 @@ BUILTIN_REWARDS = {
     "format": Builtin(format_match, {"pattern": pattern_problem}),
     "length": Builtin(length_penalty, {"target_tokens": target_problem}),
     "demo_gold": Builtin(demo_gold, {}),
+    "compare_gold": Builtin(compare_gold, {}),
 }
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 from pipeline.config import RunConfig
 from pipeline.rl.algos import KL_PENALTIES
 
-GOLD_REWARDS = ("demo",)
+GOLD_REWARDS = ("demo", "compare")  # as pipeline.generation.GOLD_REWARDS, without importing it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ class SamplingSection(ReferenceFields):
     top_p: float = 1.0
     max_new_tokens: int = 32
     eval_every_steps: Optional[int] = None    # also evaluated at step 0 and at the end
-    gold_reward: Optional[str] = None         # a programmatic true reward to log next to the model's: "demo"
+    gold_reward: Optional[str] = None         # a programmatic true reward logged beside the model's: "demo", "compare"
     # Subtracted from the reward of responses cut by max_new_tokens before their eos: a reward
     # model never saw such text and tends to over-score it, which a policy learns to exploit.
     missing_eos_penalty: Optional[float] = None

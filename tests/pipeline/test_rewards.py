@@ -174,7 +174,7 @@ def problems_of(config_class, *overrides) -> list:
     ((), "`grpo.reward_model_path` is not set and `reward.functions` is empty; give the directory of a trained "
          "reward model"),
     (("reward.functions=[{name: math_answr}]",), "`reward.functions[0].name` is 'math_answr', which is no built-in "
-                                                 "(math_answer, format, length, demo_gold) and not of the form "
+                                                 "(math_answer, format, length, demo_gold, compare_gold) and not of the form "
                                                  "module:function; did you mean 'math_answer'?"),
     (("reward.functions=[{name: 'no_such_module:score'}]",),
      "`reward.functions[0].name` is 'no_such_module:score': importing no_such_module failed: ModuleNotFoundError"),
