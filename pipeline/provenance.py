@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,15 @@ def cpu_model() -> str:
 
 
 def provenance() -> str:
-    """One line: date, commit, CPU and its cores, torch and DeepSpeed versions."""
-    import deepspeed
-    import torch
-
+    """One line: date, commit, CPU and its cores, torch and DeepSpeed versions (read from the installed
+    packages' metadata: importing DeepSpeed here would cost seconds and print its accelerator warning)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{datetime.date.today().isoformat()}, commit {commit()}, {cpu_model()} ({cores} cores), "
-            f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")
+            f"torch {installed('torch')}, deepspeed {installed('deepspeed')}")
+
+
+def installed(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
