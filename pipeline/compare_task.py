@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pipeline.demo_task import (ASSISTANT, DESCRIPTORS, FILES, HUMAN, NEGATIVE, NEGATIVE_VERBS, NEUTRAL_ADJECTIVES,
                                 POLITENESS, POSITIVE, POSITIVE_VERBS, PROMPT_TEMPLATES, RESPONSE_TEMPLATES, TOPICS,
-                                _adjective, _mean_std, _split_prompts, _write_jsonl, all_prompts, prompt_topic,
+                                _adjective, _mean_std, _write_jsonl, draw_rows, prompt_topic,
                                 read_jsonl, train_tokenizer, words)
 
 __all__ = ["gold_reward", "gold_reward_batch", "labeler_score", "make_rows", "write_compare_data", "data_stats",
@@ -173,23 +173,7 @@ def make_rows(seed: int = 0, n_sft: int = 2000, n_pairs: int = 2000, n_prompts: 
     negative = [f"{name} is {value}" for name, value in sizes.items() if value < 0]
     if negative:
         raise ValueError(f"{', '.join(negative)}; give 0 or more")
-    n_all = len(all_prompts())
-    if n_eval_prompts + n_prompts > n_all:
-        raise ValueError(f"n_prompts + n_eval_prompts is {n_prompts + n_eval_prompts}; the task has "
-                         f"{n_all} distinct prompts")
-    rng = random.Random(seed)
-    train_pool, eval_prompts = _split_prompts(rng, n_eval_prompts)
-    rows = {"sft": [], "pairs": []}
-    for _ in range(n_sft):
-        prompt = rng.choice(train_pool)
-        rows["sft"].append({"prompt": prompt, "response": sample_response(rng, prompt)})
-    for _ in range(n_pairs):
-        prompt = rng.choice(train_pool)
-        chosen, rejected = _pair(rng, prompt)
-        rows["pairs"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    rows["prompts"] = [{"prompt": p} for p in rng.sample(train_pool, n_prompts)]
-    rows["eval_prompts"] = [{"prompt": p} for p in eval_prompts]
-    return rows
+    return draw_rows(seed, sample_response, _pair, n_sft, n_pairs, n_prompts, n_eval_prompts)
 
 
 # ---- files ----------------------------------------------------------------------------------------------------

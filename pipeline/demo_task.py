@@ -25,6 +25,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 TOPICS = ("cat", "dog", "park", "sun", "rain", "book", "music", "food", "beach", "garden")
 POSITIVE = ("good", "great", "happy", "nice", "fun", "lovely", "love", "enjoy")
@@ -186,10 +187,20 @@ def _pair(rng: random.Random, prompt: str, max_tries: int = 100):
 def make_rows(seed: int = 0, n_sft: int = 2000, n_pairs: int = 2000, n_prompts: int = 500,
               n_eval_prompts: int = 64) -> dict:
     """The demo's rows: {"sft": [{prompt, response}], "pairs": [{prompt, chosen, rejected}],
-    "prompts": [{prompt}], "eval_prompts": [{prompt}]}.
+    "prompts": [{prompt}], "eval_prompts": [{prompt}]} (see `draw_rows`).
 
-    Eval prompts are prompt strings that no other file uses. RL prompts are distinct strings drawn
-    without replacement from the rest; SFT and pair prompts are drawn from the rest with replacement.
+    Raises:
+        ValueError: when more prompts are asked for than the task has (960 in all).
+    """
+    return draw_rows(seed, sample_response, _pair, n_sft, n_pairs, n_prompts, n_eval_prompts)
+
+
+def draw_rows(seed: int, sample: Callable, pair: Callable, n_sft: int, n_pairs: int, n_prompts: int,
+              n_eval_prompts: int) -> dict:
+    """A task's rows from its answer sampler `sample(rng, prompt)` and pair maker `pair(rng, prompt)`,
+    all drawn from one `random.Random(seed)`. Eval prompts are prompt strings that no other file uses.
+    RL prompts are distinct strings drawn without replacement from the rest; SFT and pair prompts are
+    drawn from the rest with replacement.
 
     Raises:
         ValueError: when more prompts are asked for than the task has (960 in all).
@@ -203,10 +214,10 @@ def make_rows(seed: int = 0, n_sft: int = 2000, n_pairs: int = 2000, n_prompts: 
     rows = {"sft": [], "pairs": []}
     for _ in range(n_sft):
         prompt = rng.choice(train_pool)
-        rows["sft"].append({"prompt": prompt, "response": sample_response(rng, prompt)})
+        rows["sft"].append({"prompt": prompt, "response": sample(rng, prompt)})
     for _ in range(n_pairs):
         prompt = rng.choice(train_pool)
-        chosen, rejected = _pair(rng, prompt)
+        chosen, rejected = pair(rng, prompt)
         rows["pairs"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     rows["prompts"] = [{"prompt": p} for p in rng.sample(train_pool, n_prompts)]
     rows["eval_prompts"] = [{"prompt": p} for p in eval_prompts]

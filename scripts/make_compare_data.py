@@ -5,29 +5,18 @@
 The files are reproducible: the same seed and sizes give byte-identical files, and
 tests/pipeline/test_compare_task.py checks that the shipped data/compare matches a fresh run.
 """
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 from pipeline.compare_task import data_stats, write_compare_data  # noqa: E402
+from scripts.make_demo_data import main as task_data_main  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/compare", help="directory to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-sft", type=int, default=2000)
-    parser.add_argument("--n-pairs", type=int, default=2000)
-    parser.add_argument("--n-prompts", type=int, default=500)
-    parser.add_argument("--n-eval-prompts", type=int, default=64)
-    args = parser.parse_args(argv)
-    rows = write_compare_data(args.out, seed=args.seed, n_sft=args.n_sft, n_pairs=args.n_pairs,
-                              n_prompts=args.n_prompts, n_eval_prompts=args.n_eval_prompts)
-    print(f"wrote {', '.join(f'{len(v)} {k}' for k, v in rows.items())} and tokenizer/ to {args.out}")
-    print(json.dumps({k: round(v, 4) for k, v in data_stats(rows).items()}, indent=2))
+    task_data_main(argv, write=write_compare_data, stats=data_stats, default_out="data/compare",
+                   description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
