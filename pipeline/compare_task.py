@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from pipeline import demo_task
 from pipeline.demo_task import (ASSISTANT, DESCRIPTORS, FILES, HUMAN, NEGATIVE, NEGATIVE_VERBS, NEUTRAL_ADJECTIVES,
                                 POLITENESS, POSITIVE, POSITIVE_VERBS, PROMPT_TEMPLATES, RESPONSE_TEMPLATES, TOPICS,
                                 _adjective, _mean_std, _write_jsonl, draw_rows, prompt_topic,
@@ -103,9 +104,7 @@ def gold_reward_batch(prompts: list, responses: list) -> list:
     Raises:
         ValueError: when the two lists differ in length.
     """
-    if len(prompts) != len(responses):
-        raise ValueError(f"gold_reward_batch got {len(prompts)} prompts and {len(responses)} responses")
-    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+    return demo_task.gold_reward_batch(prompts, responses, rule=gold_reward)
 
 
 def labeler_score(response: str) -> int:

@@ -25,7 +25,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 TOPICS = ("cat", "dog", "park", "sun", "rain", "book", "music", "food", "beach", "garden")
 POSITIVE = ("good", "great", "happy", "nice", "fun", "lovely", "love", "enjoy")
@@ -102,15 +102,16 @@ def gold_reward(prompt: str, response: str) -> float:
     return min(max(sentiment + bonus - penalty, low), high)
 
 
-def gold_reward_batch(prompts: list, responses: list) -> list:
-    """`gold_reward` of each (prompt, response) pair.
+def gold_reward_batch(prompts: list, responses: list, rule: Optional[Callable] = None) -> list:
+    """`rule(prompt, response)` of each pair: this task's `gold_reward` unless another task's is given.
 
     Raises:
         ValueError: when the two lists differ in length.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"gold_reward_batch got {len(prompts)} prompts and {len(responses)} responses")
-    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+    rule = rule or gold_reward
+    return [rule(p, r) for p, r in zip(prompts, responses)]
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

@@ -533,7 +533,7 @@ class PolicyEvalConfig:
     def problems(self) -> list:
         """Every problem at once, each naming the field, the value and the fix; paths are checked too,
         so a typo fails before minutes of loading."""
-        from pipeline.generation import GOLD_REWARDS
+        from pipeline.gold_rewards import GOLD_REWARDS
 
         problems = []
         for field, what in (("policy_path", "a Hugging Face policy directory"),

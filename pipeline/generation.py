@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 from typing import Callable, Optional
@@ -24,12 +23,9 @@ from transformers import GenerationConfig, GenerationMixin
 
 from pipeline.chunked_logits import LOGITS_CHUNK, next_token_targets, token_logprobs
 from pipeline.data import collate_prompts
+from pipeline.gold_rewards import GOLD_REWARD_MODULES, gold_reward_batch
 
 logger = logging.getLogger(__name__)
-
-# Gold reward name -> the task module whose `gold_reward_batch` it is.
-GOLD_REWARD_MODULES = {"demo": "pipeline.demo_task", "compare": "pipeline.compare_task"}
-GOLD_REWARDS = tuple(GOLD_REWARD_MODULES)
 
 
 # Every setting that changes which token is picked, at its neutral value: together with
@@ -79,14 +75,12 @@ def load_gold_reward(name: Optional[str], field: str = "gold_reward") -> Optiona
     `field` names the config field in the warning."""
     if name is None:
         return None
-    module_name = GOLD_REWARD_MODULES[name]
     try:
-        module = importlib.import_module(module_name)
+        return gold_reward_batch(name)
     except ImportError as error:
         logger.warning("`%s` is %r but %s cannot be imported (%s); "
-                       "gold_reward is not logged", field, name, module_name, error)
+                       "gold_reward is not logged", field, name, GOLD_REWARD_MODULES[name], error)
         return None
-    return module.gold_reward_batch
 
 
 def collate_with_prompts(rows: list, pad_token_id: int) -> dict:

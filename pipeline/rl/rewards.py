@@ -46,6 +46,7 @@ import weakref
 from multiprocessing.connection import Connection
 from typing import Callable, Optional
 
+from pipeline.gold_rewards import gold_reward_batch
 from pipeline.math_answers import math_answer_reward, reference_answer
 
 RESERVED = ("prompts", "responses", "response_lengths")  # the call's own arguments, never a column's name
@@ -81,20 +82,15 @@ def length_penalty(args: dict) -> Callable:
     return score
 
 
-def demo_gold(args: dict) -> Callable:
-    from pipeline.demo_task import gold_reward_batch
+def task_gold(task: str) -> Callable:
+    """The built-in for a synthetic task's gold reward (pipeline.gold_rewards)."""
+    def make(args: dict) -> Callable:
+        batch = gold_reward_batch(task)
 
-    def score(prompts, responses, response_lengths, columns) -> list:
-        return gold_reward_batch(prompts, responses)
-    return score
-
-
-def compare_gold(args: dict) -> Callable:
-    from pipeline.compare_task import gold_reward_batch
-
-    def score(prompts, responses, response_lengths, columns) -> list:
-        return gold_reward_batch(prompts, responses)
-    return score
+        def score(prompts, responses, response_lengths, columns) -> list:
+            return batch(prompts, responses)
+        return score
+    return make
 
 
 def pattern_problem(value) -> Optional[str]:
@@ -123,8 +119,8 @@ BUILTIN_REWARDS = {
     "math_answer": Builtin(math_answer, {}),
     "format": Builtin(format_match, {"pattern": pattern_problem}),
     "length": Builtin(length_penalty, {"target_tokens": target_problem}),
-    "demo_gold": Builtin(demo_gold, {}),
-    "compare_gold": Builtin(compare_gold, {}),
+    "demo_gold": Builtin(task_gold("demo"), {}),
+    "compare_gold": Builtin(task_gold("compare"), {}),
 }
 
 

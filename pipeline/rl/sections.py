@@ -11,9 +11,8 @@ import dataclasses
 from typing import ClassVar, Optional
 
 from pipeline.config import RunConfig
+from pipeline.gold_rewards import GOLD_REWARDS
 from pipeline.rl.algos import KL_PENALTIES
-
-GOLD_REWARDS = ("demo", "compare")  # as pipeline.generation.GOLD_REWARDS, without importing it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,8 @@ def test_eval_policy_config_scores_the_compare_gold():
 
 
 def test_stages_log_the_compare_gold_reward():
-    from pipeline.generation import GOLD_REWARDS, load_gold_reward
+    from pipeline.generation import load_gold_reward
+    from pipeline.gold_rewards import GOLD_REWARDS
     from pipeline.rl.rewards import BUILTIN_REWARDS
     from pipeline.rl.sections import GOLD_REWARDS as SECTION_GOLD_REWARDS
 
